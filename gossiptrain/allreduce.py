@@ -1,0 +1,86 @@
+"""One group's butterfly all-reduce, as plain data: shard plan, weighting, message checks.
+
+Each reducing member owns one contiguous shard of the flat parameter vector.  Every member
+sends its slice of shard ``j`` to the owner of ``j``; the owner combines the slices that arrived
+*whole* into a weighted mean (weights are the members' sample counts) and sends the mean back.
+A contribution that fails half-way is dropped, and the mean is renormalised over the rest; a
+shard whose owner failed keeps the member's own values.  Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gossiptrain.groups import group_digest
+
+
+def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
+    """Split ``range(numel)`` into ``num_shards`` contiguous, nearly equal slices."""
+    edges = [numel * i // num_shards for i in range(num_shards + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Who is in the group, who reduces which shard, and the digest that names the group."""
+
+    run_id: str
+    round_id: int
+    members: tuple[str, ...]
+    reducers: tuple[str, ...]
+    numel: int
+
+    @classmethod
+    def build(cls, run_id: str, round_id: int, members: list[str], numel: int, clients: frozenset[str] = frozenset()) -> GroupPlan:
+        members = sorted(members)
+        reducers = [peer for peer in members if peer not in clients]
+        return cls(run_id, round_id, tuple(members), tuple(reducers), numel)
+
+    @property
+    def digest(self) -> str:
+        return group_digest(self.run_id, self.round_id, self.members)
+
+    def shards(self) -> dict[str, tuple[int, int]]:
+        return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers))))
+
+
+def check_hello(hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str) -> str | None:
+    """Why a HELLO from ``sender`` must be refused by ``owner``, or None if it is acceptable."""
+    if hello.get("run_id") != plan.run_id:
+        return f"message for run {hello.get('run_id')!r}, this is run {plan.run_id!r}"
+    if hello.get("round_id") != plan.round_id:
+        return f"stale or future round {hello.get('round_id')}, expected {plan.round_id}"
+    if hello.get("sender") != sender:
+        return f"sender claims to be {hello.get('sender')!r} but the stream comes from {sender!r}"
+    if sender not in plan.members:
+        return f"sender {sender} is not in this round's group"
+    if hello.get("digest") != plan.digest:
+        return "sender computed a different group (membership views differ)"
+    start, end = plan.shards().get(owner, (0, 0))
+    if hello.get("start") != start or hello.get("end") != end:
+        return f"shard [{hello.get('start')}, {hello.get('end')}) does not match [{start}, {end})"
+    weight = hello.get("weight")
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        return f"invalid weight {weight!r}"
+    return None
+
+
+class ShardReduction:
+    """Weighted mean of one shard over the contributions that arrived whole."""
+
+    def __init__(self, own_values: torch.Tensor, own_weight: float):
+        self._sum = own_values.double() * own_weight
+        self.total_weight = own_weight
+        self.contributors = 0
+
+    def add(self, values: torch.Tensor, weight: float) -> None:
+        self._sum.add_(values.double(), alpha=weight)
+        self.total_weight += weight
+        self.contributors += 1
+
+    def mean(self) -> torch.Tensor:
+        return (self._sum / self.total_weight).float()

@@ -1,0 +1,252 @@
+"""Peer: the asyncio core.  Owns a libp2p daemon (hivemind P2P), a DHT node, and the rounds.
+
+Rounds are time slots: round ``r`` starts at ``r * round_interval`` seconds of DHT time (wall
+clock).  A peer that wants to average registers for the next slot in the DHT, reads the slot's
+participants when it starts, computes its group (``groups``) and runs the exchange
+(``exchange``).  No peer leads; every wait is bounded by ``Timeouts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, P2PDaemonError
+from hivemind.utils import get_dht_time
+
+from gossiptrain.allreduce import GroupPlan
+from gossiptrain.codecs import get_codec
+from gossiptrain.exchange import RoundExchange, RoundResult, Timeouts
+from gossiptrain.groups import group_of
+from gossiptrain.membership import Membership
+from gossiptrain.transport import ByteCounter, FrameKind, ProtocolError, read_message, write_message
+
+logger = logging.getLogger(__name__)
+
+
+class InitialPeersError(ConnectionError):
+    """None of the initial peers could be reached."""
+
+
+class ModelMismatchError(ValueError):
+    """Another peer of the same run trains a model of a different shape."""
+
+
+class Peer:
+    """A member of a gossiptrain swarm, used as ``async with Peer(...) as peer``.
+
+    Args:
+        run_id: name of the training run; peers of different runs never average together.
+        initial_peers: multiaddrs of any live peers of the swarm (empty for the first peer).
+        host_maddrs: where to listen for other peers.
+        announce_maddrs: addresses to tell others, if they differ from ``host_maddrs``.
+        target_group_size: peers per averaging group.
+        round_interval: seconds between round slots.
+        codec: name of the codec used on the wire.
+        timeouts: bounds on every network wait of a round.
+        client_mode: if True, this peer reduces no shard (it still contributes and receives).
+        model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
+        heartbeat_ttl: seconds a membership record lives without refresh.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] | None = None,
+        target_group_size: int = 4,
+        round_interval: float = 1.0,
+        codec: str = "none",
+        timeouts: Timeouts = Timeouts(),
+        client_mode: bool = False,
+        model_schema: str | None = None,
+        heartbeat_ttl: float = 6.0,
+    ):
+        if not run_id or "." in run_id:
+            raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
+        self.run_id, self.initial_peers = run_id, [str(m) for m in initial_peers]
+        self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
+        self.target_group_size, self.round_interval = target_group_size, round_interval
+        self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts, client_mode
+        self.model_schema, self.heartbeat_ttl = model_schema, heartbeat_ttl
+        self.protocol = f"gossiptrain.{run_id}.allreduce"
+        self.info: dict[str, Any] = {}
+        self.p2p: P2P | None = None
+        self.dht: DHTNode | None = None
+        self.membership: Membership | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._exchanges: dict[int, asyncio.Future[RoundExchange]] = {}
+
+    async def __aenter__(self) -> Peer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    async def maddrs(self) -> list[str]:
+        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+
+    async def start(self) -> None:
+        try:
+            self.p2p = await P2P.create(
+                initial_peers=self.initial_peers, host_maddrs=self.host_maddrs, announce_maddrs=self.announce_maddrs
+            )
+        except P2PDaemonError as e:
+            if self.initial_peers and "bootstrap" in str(e):
+                raise InitialPeersError(
+                    f"no peer answered at {', '.join(self.initial_peers)}: is the address right "
+                    f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
+                ) from None
+            raise RuntimeError(f"the libp2p daemon (p2pd) failed to start: {e}; check host_maddrs {self.host_maddrs}") from e
+        try:
+            self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers, client_mode=self.client_mode)
+            self.membership = Membership(self.dht, self.run_id, self.peer_id, self.heartbeat_ttl)
+            await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
+            await self._check_model_schema()
+            self._heartbeat = asyncio.create_task(self.membership.heartbeat(self._record))
+        except BaseException:
+            await self._shutdown_transport()
+            raise
+
+    async def stop(self) -> None:
+        """Leave the swarm at once (tombstone in the DHT) and stop the daemon."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+            try:
+                async with asyncio.timeout(self.timeouts.matchmaking):
+                    await self.membership.leave()
+            except Exception as e:
+                logger.warning("could not announce leaving (peers will see us expire): %r", e)
+        await self._shutdown_transport()
+
+    async def _shutdown_transport(self) -> None:
+        if self.dht is not None:
+            await self.dht.shutdown()
+            self.dht = None
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+
+    def _record(self) -> dict[str, Any]:
+        return {**self.info, "schema": self.model_schema, "client": self.client_mode, "time": get_dht_time()}
+
+    async def _check_model_schema(self) -> None:
+        if self.model_schema is None or not self.initial_peers:
+            return
+        for peer, record in (await self.membership.live_peers()).items():
+            theirs = record.get("schema")
+            if theirs is not None and theirs != self.model_schema:
+                raise ModelMismatchError(
+                    f"peer {peer} of run {self.run_id!r} trains a model with schema {theirs}, ours is "
+                    f"{self.model_schema}: every peer of a run must build the same model (or use another --run-id)"
+                )
+
+    async def live_peers(self) -> dict[str, dict[str, Any]]:
+        """Membership records of the live peers (including this one), by peer id."""
+        return await self.membership.live_peers()
+
+    async def wait_for_peers(self, count: int, timeout: float) -> dict[str, dict[str, Any]]:
+        """Wait until at least ``count`` live peers are visible (polling the DHT)."""
+        async with asyncio.timeout(timeout):
+            while len(peers := await self.live_peers()) < count:
+                await self.membership.publish(self._record())
+                await asyncio.sleep(0.2)
+        return peers
+
+    def round_start(self, round_id: int) -> float:
+        return round_id * self.round_interval
+
+    def next_round_id(self, lead: float = 0.3) -> int:
+        """The first round slot that starts at least ``lead`` seconds from now."""
+        return math.ceil((get_dht_time() + lead) / self.round_interval)
+
+    async def average(self, tensor: torch.Tensor, weight: float = 1.0, round_id: int | None = None) -> RoundResult:
+        """Average a flat float32 tensor with this round's group; returns the averaged copy.
+
+        The input is not modified.  If ``round_id`` is None, the next round slot is used.
+        """
+        if tensor.dim() != 1 or tensor.dtype != torch.float32:
+            raise ValueError(f"average() takes a flat float32 tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"weight must be positive and finite, got {weight}")
+        snapshot = tensor.detach().cpu()
+        round_id = self.next_round_id() if round_id is None else round_id
+        start = self.round_start(round_id)
+        record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel()}
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
+        except TimeoutError:
+            return self._failed(round_id, snapshot, "could not register for the round in the DHT")
+        if get_dht_time() > start:
+            return self._failed(round_id, snapshot, "registered after the round had started")
+        await asyncio.sleep(max(0.0, start - get_dht_time()))
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                participants = await self.membership.round_participants(round_id)
+        except TimeoutError:
+            return self._failed(round_id, snapshot, "could not read the round's participants from the DHT")
+        compatible = {
+            peer for peer, info in participants.items()
+            if info.get("schema") == self.model_schema and info.get("numel") == snapshot.numel()
+        }
+        compatible.add(self.peer_id)
+        members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)
+        clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
+        plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
+        exchange = RoundExchange(self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts)
+        slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
+        slot.set_result(exchange)
+        try:
+            result = await exchange.run()
+        finally:
+            self._exchanges.pop(round_id, None)
+            self._forget_old_rounds(round_id)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _failed(self, round_id: int, snapshot: torch.Tensor, reason: str) -> RoundResult:
+        logger.warning("round %s failed: %s", round_id, reason)
+        return RoundResult(round_id, "failed", [self.peer_id], snapshot.clone(), errors=[reason])
+
+    def _forget_old_rounds(self, round_id: int) -> None:
+        for stale in [r for r in self._exchanges if r < round_id]:
+            future = self._exchanges.pop(stale)
+            if not future.done():
+                future.cancel()
+
+    async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve a group member's upload of its slice of our shard."""
+        counter = ByteCounter()
+        sender = info.peer_id.to_base58()
+        try:
+            _, hello = await read_message(reader, counter, timeout=self.timeouts.join, expect=(FrameKind.HELLO,))
+            round_id = hello.get("round_id")
+            current = self.next_round_id(lead=0.0)
+            if not isinstance(round_id, int) or not current - 2 <= round_id <= current + 1:
+                await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id!r} is not current"}, counter)
+                return
+            slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
+            async with asyncio.timeout(self.timeouts.join):
+                exchange = await asyncio.shield(slot)
+            exchange.counter.received += counter.received
+            await exchange.handle_contribution(sender, hello, reader, writer)
+        except (ProtocolError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
+            logger.debug("stream from %s ended: %r", sender, e)
+        finally:
+            writer.close()
