@@ -155,6 +155,10 @@ class Peer:
                     f"{self.model_schema}: every peer of a run must build the same model (or use another --run-id)"
                 )
 
+    async def publish_info(self) -> None:
+        """Publish ``self.info`` now instead of at the next heartbeat."""
+        await self.membership.publish(self._record())
+
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         """Membership records of the live peers (including this one), by peer id."""
         return await self.membership.live_peers()

@@ -1,0 +1,3 @@
+from gossiptrain.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""The ``gossiptrain`` command: bootstrap | peer | status | demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from gossiptrain.metrics import RoundRecord, write_jsonl
+
+DEFAULT_RUN_ID = "gossiptrain-demo"
+DEFAULT_HOST = "/ip4/127.0.0.1/tcp/0"
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def _network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddr of any live peer of the swarm")
+    parser.add_argument("--host-maddrs", nargs="+", default=[DEFAULT_HOST], metavar="MADDR",
+                        help="where to listen (use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines)")
+    parser.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR", help="addresses to tell other peers")
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _bootstrap(args: argparse.Namespace) -> None:
+    from hivemind.dht.node import DHTNode
+    from hivemind.p2p import P2P
+
+    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers)
+    try:
+        _print(*[str(m) for m in await p2p.get_visible_maddrs()])
+        await _until_signalled()
+    finally:
+        await dht.shutdown()
+        await p2p.shutdown()
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> None:
+    asyncio.run(_bootstrap(args))
+
+
+def cmd_peer(args: argparse.Namespace) -> None:
+    import torch
+
+    from gossiptrain.optimizer import GossipOptimizer
+    from gossiptrain.tasks import TASKS
+
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.example]()
+    metrics = open(args.metrics_file, "a") if args.metrics_file else None
+
+    def on_round(record: RoundRecord) -> None:
+        _print(record.line())
+        if metrics is not None:
+            write_jsonl(record, metrics)
+
+    optimizer = GossipOptimizer(
+        torch.optim.Adam(task.model.parameters(), lr=args.lr), run_id=args.run_id, initial_peers=args.initial_peers,
+        average_every=args.average_every, samples_per_step=args.batch_size, on_round=on_round,
+        host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, target_group_size=args.group_size,
+        codec=args.codec,
+    )
+    with optimizer:
+        maddrs = optimizer.maddrs()
+        _print(*maddrs, f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}; to join from another terminal:",
+               f"  gossiptrain peer --run-id {args.run_id} --initial-peers {maddrs[0]}")
+        if args.wait_for_peers > 1:
+            optimizer.wait_for_peers(args.wait_for_peers, timeout=args.finish_timeout)
+        batches = task.batches(args.seed if args.seed is not None else os.getpid(), args.batch_size)
+        step = 0
+        while args.steps == 0 or step < args.steps:
+            loss = task.loss(task.model, next(batches))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            optimizer.report(loss.item())
+            step += 1
+        optimizer.finish(timeout=args.finish_timeout)
+        result = {"final": True, "peer": optimizer.peer.peer_id, "step": step, **task.evaluate(task.model),
+                  "rounds_done": optimizer.rounds_done, "rounds_failed": optimizer.rounds_failed,
+                  "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None}
+        _print(f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
+               f"{optimizer.rounds_done} rounds averaged, {optimizer.rounds_failed} failed")
+        if args.save_model:
+            torch.save(task.model.state_dict(), args.save_model)
+        if metrics is not None:
+            metrics.write(json.dumps(result) + "\n")
+            metrics.close()
+
+
+async def _status(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    from hivemind.dht.node import DHTNode
+    from hivemind.p2p import P2P
+
+    from gossiptrain.membership import Membership
+
+    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
+    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers, client_mode=True)
+    try:
+        return sorted((await Membership(dht, args.run_id, "status").live_peers()).items())
+    finally:
+        await dht.shutdown()
+        await p2p.shutdown()
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    peers = asyncio.run(_status(args))
+    _print(f"run {args.run_id!r}: {len(peers)} live peers")
+    _print(f"{'peer':<54} {'step':>7} {'loss':>8} {'rounds':>7} {'last round':>11}")
+    for peer, info in peers:
+        loss = "n/a" if info.get("loss") is None else f"{info['loss']:.4f}"
+        _print(f"{peer:<54} {info.get('step', 0):>7} {loss:>8} {info.get('rounds', 0):>7} {str(info.get('last_round')):>11}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from gossiptrain.demo import run_demo
+
+    run_demo(num_peers=args.peers, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gossiptrain", description="Decentralized training of PyTorch models over a DHT.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bootstrap = commands.add_parser("bootstrap", help="run a DHT-only node that peers can join through")
+    _network_args(bootstrap)
+    bootstrap.set_defaults(func=cmd_bootstrap)
+
+    peer = commands.add_parser("peer", help="run a training peer on an example task")
+    _network_args(peer)
+    peer.add_argument("--run-id", default=DEFAULT_RUN_ID)
+    peer.add_argument("--example", default="digits", choices=["digits"])
+    peer.add_argument("--steps", type=int, default=0, help="local steps before finishing (0: train until interrupted)")
+    peer.add_argument("--batch-size", type=int, default=32)
+    peer.add_argument("--lr", type=float, default=1e-3)
+    peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
+    peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
+    peer.add_argument("--codec", default="none")
+    peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
+    peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")
+    peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")
+    peer.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for the others at the end")
+    peer.add_argument("--wait-for-peers", type=int, default=1, metavar="N", help="start training once N peers are live")
+    peer.add_argument("--save-model", default=None, metavar="PATH", help="save the model's state_dict here at the end")
+    peer.set_defaults(func=cmd_peer)
+
+    status = commands.add_parser("status", help="show the live peers of a run")
+    _network_args(status)
+    status.add_argument("--run-id", default=DEFAULT_RUN_ID)
+    status.set_defaults(func=cmd_status)
+
+    demo = commands.add_parser("demo", help="train digits with a local swarm of peers")
+    demo.add_argument("--peers", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=3000)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # leave the swarm cleanly on SIGTERM too
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        pass
+    except (ConnectionError, ValueError) as e:
+        sys.exit(f"gossiptrain {args.command}: {e}")

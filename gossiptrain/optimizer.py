@@ -1,0 +1,263 @@
+"""GossipOptimizer: the synchronous facade over Peer for ordinary torch training loops."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gossiptrain.exchange import RoundResult
+from gossiptrain.metrics import RoundRecord
+from gossiptrain.peer import Peer
+
+logger = logging.getLogger(__name__)
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread.
+
+    Sync code and notebooks (whose main thread may already run a loop) drive the peer through
+    it, so nothing ever calls ``asyncio.run`` on a running loop and nothing forks.
+    """
+
+    def __init__(self, name: str = "gossiptrain-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None) -> Any:
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Cancel whatever still runs in the loop (e.g. hivemind's cache refreshers), then stop it."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.submit(cancel_all()).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def model_schema(params: Sequence[torch.Tensor]) -> str:
+    """A short name for the shapes and dtypes of a model's parameters."""
+    text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
+    numel = sum(p.numel() for p in params)
+    return f"{numel}params-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+class GossipOptimizer:
+    """Wraps any ``torch.optim.Optimizer``; averages parameters with the swarm in the background.
+
+    ``step()`` runs the wrapped optimizer's step and never waits for the network.  When it is
+    time to average, it hands a snapshot of the parameters to the peer's background loop; when
+    that round completes, the next ``step()`` adds ``average - snapshot`` to the live parameters,
+    so local steps taken meanwhile are kept (DESIGN: asynchronous).  A round that failed or found
+    no partner changes nothing.
+
+    Args:
+        optimizer: the local optimizer; its parameters are the ones averaged.
+        run_id: name of the training run.
+        initial_peers: multiaddrs of any live peers (empty for the first peer of a run).
+        average_every: seconds between averaging rounds (the round slot length).
+        average_every_steps: if set, also wait for this many local steps between rounds.
+        samples_per_step: samples in one local step; a peer's weight is its samples since the last round.
+        startup_timeout: seconds allowed to start the daemon and join the DHT.
+        on_round: called with each ``RoundRecord`` (from the training thread).
+        peer_options: passed to ``Peer`` (target_group_size, host_maddrs, codec, timeouts, ...).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        run_id: str,
+        initial_peers: Sequence[str] = (),
+        average_every: float = 1.0,
+        average_every_steps: int | None = None,
+        samples_per_step: int = 1,
+        startup_timeout: float = 30.0,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        **peer_options: Any,
+    ):
+        self.optimizer = optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.average_every_steps, self.samples_per_step, self.on_round = average_every_steps, samples_per_step, on_round
+        self.peer = Peer(
+            run_id, initial_peers=initial_peers, round_interval=average_every, model_schema=model_schema(self.params), **peer_options
+        )
+        self.local_step = 0
+        self.loss: float | None = None
+        self.rounds_done = self.rounds_failed = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.last_round: RoundRecord | None = None
+        self._samples_since_round = 0
+        self._steps_since_round = 0
+        self._inflight: concurrent.futures.Future | None = None
+        self._snapshot: torch.Tensor | None = None
+        self._loop = LoopThread()
+        try:
+            self._loop.run(self.peer.start(), timeout=startup_timeout)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def maddrs(self) -> list[str]:
+        return self._loop.run(self.peer.maddrs(), timeout=10)
+
+    def report(self, loss: float | None = None) -> None:
+        """Record the latest training loss (shown in the swarm status and the round records)."""
+        if loss is not None:
+            self.loss = float(loss)
+        self.peer.info = {**self.peer.info, "step": self.local_step, "loss": self.loss, "rounds": self.rounds_done,
+                          "last_round": self.last_round.round if self.last_round else None}
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        result = self.optimizer.step(closure)
+        self.local_step += 1
+        self._steps_since_round += 1
+        self._samples_since_round += self.samples_per_step
+        self._poll_round()
+        return result
+
+    def average_now(self, timeout: float = 60.0) -> RoundRecord:
+        """Block until the round in flight (if any) and one fresh round are applied; for a final sync."""
+        if self._inflight is not None:
+            concurrent.futures.wait([self._inflight], timeout=timeout)
+            self._poll_round(start_next=False)
+        self._start_round()
+        concurrent.futures.wait([self._inflight], timeout=timeout)
+        record = self._poll_round(start_next=False)
+        if record is None:
+            raise TimeoutError(f"no averaging round finished within {timeout}s")
+        return record
+
+    def finish(self, timeout: float = 60.0, rounds: int = 2) -> RoundRecord | None:
+        """End of training: keep averaging, without local steps, until every live peer has finished too.
+
+        Returns after ``rounds`` consecutive averaged rounds in which all live peers reported
+        done, so that the peers leave with the same parameters; or when ``timeout`` runs out.
+        """
+        self.peer.info = {**self.peer.info, "done": True}
+        self._loop.run(self.peer.publish_info(), timeout=10)
+        deadline, agreed, record = time.monotonic() + timeout, 0, None
+        while agreed < rounds and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                record = self.average_now(timeout=remaining)
+            except TimeoutError:
+                break
+            live = self._loop.run(self.peer.live_peers(), timeout=10)
+            if set(live) <= {self.peer.peer_id}:
+                break
+            everyone_done = all(info.get("done") for info in live.values())
+            agreed = agreed + 1 if everyone_done and record.status == "averaged" else 0
+        return record
+
+    def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:
+        """Block until ``count`` live peers (this one included) are in the run; returns how many."""
+        return len(self._loop.run(self.peer.wait_for_peers(count, timeout), timeout=timeout + 5))
+
+    def _poll_round(self, start_next: bool = True) -> RoundRecord | None:
+        record = None
+        if self._inflight is not None and self._inflight.done():
+            record = self._finish_round(self._inflight)
+            self._inflight = None
+        if start_next and self._inflight is None and (self.average_every_steps is None or self._steps_since_round >= self.average_every_steps):
+            self._start_round()
+        return record
+
+    def _start_round(self) -> None:
+        with torch.no_grad():
+            self._snapshot = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        weight = float(max(self._samples_since_round, 1))
+        self._samples_since_round = self._steps_since_round = 0
+        self._inflight = self._loop.submit(self.peer.average(self._snapshot, weight))
+
+    def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
+        try:
+            result: RoundResult = future.result()
+        except Exception as e:
+            logger.warning("averaging round crashed: %r", e)
+            result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
+        if result.status == "averaged":
+            self._apply_delta(result.averaged - self._snapshot)
+            self.rounds_done += 1
+        elif result.status == "failed":
+            self.rounds_failed += 1
+        self.bytes_sent += result.bytes_sent
+        self.bytes_received += result.bytes_received
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
+        record = RoundRecord(
+            peer=self.peer.peer_id, round=result.round_id, status=result.status, step=self.local_step,
+            group_size=result.group_size, loss=self.loss, bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received, round_seconds=result.seconds,
+            param_norm=flat.norm().item(), param_checksum=flat.sum().item(), errors=result.errors,
+        )
+        self.last_round = record
+        self.report()
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    def _apply_delta(self, delta: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.add_(delta[offset : offset + n].view_as(p).to(p.device, p.dtype))
+                offset += n
+
+    def shutdown(self) -> None:
+        """Leave the swarm and stop the background loop; safe to call twice."""
+        if self._loop is None:
+            return
+        if self._inflight is not None:
+            self._inflight.cancel()
+        try:
+            self._loop.run(self.peer.stop(), timeout=15)
+        finally:
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> GossipOptimizer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if getattr(self, "_loop", None) is not None:
+            logger.warning("GossipOptimizer was not shut down; call shutdown() or use it as a context manager")

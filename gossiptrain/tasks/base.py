@@ -1,0 +1,17 @@
+"""What an example task provides to the CLI, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Task:
+    name: str
+    model: torch.nn.Module
+    batches: Callable[[int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (seed, batch_size) -> endless batches
+    loss: Callable[[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]

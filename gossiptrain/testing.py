@@ -1,0 +1,141 @@
+"""LocalSwarm: peers as real processes on localhost, for tests, benchmarks and the demo.
+
+Every process is started in a session of its own, so that killing it also kills its libp2p
+daemon (as when a machine dies), and ``close()`` (or leaving the ``with`` block) kills whatever
+is still running, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+class ProcessOutput:
+    """Collects a child's stdout lines in a thread, so they can be awaited with a timeout."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.lines = process, []
+        self._new: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line.rstrip("\n"))
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        """The first line (seen from now on) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._new.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                if self.process.poll() is not None and self._new.empty():
+                    break
+                continue
+            if predicate(line):
+                return line
+        tail = "\n".join(self.lines[-20:])
+        raise TimeoutError(f"process {self.process.args} printed no expected line within {timeout}s; last lines:\n{tail}")
+
+
+def _run_in_own_session(target: Callable[..., Any], results: multiprocessing.Queue, key: Any, args: tuple) -> None:
+    os.setsid()
+    try:
+        results.put((key, "ok", target(*args)))
+    except BaseException:
+        results.put((key, "error", traceback.format_exc()))
+
+
+class LocalSwarm:
+    """Starts and owns a bootstrap node and any number of peer processes on 127.0.0.1."""
+
+    def __init__(self):
+        self._popen: list[subprocess.Popen] = []
+        self._processes: list[multiprocessing.Process] = []
+        self._context = multiprocessing.get_context("spawn")
+        self._results = self._context.Queue()
+        self.initial_peers: list[str] = []
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def run_cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
+        """Start ``gossiptrain <args>`` in its own session, its stdout captured line by line."""
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gossiptrain", *args], stdout=subprocess.PIPE, stderr=None, text=True,
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self._popen.append(process)
+        return process, ProcessOutput(process)
+
+    def start_bootstrap(self, timeout: float = 30.0) -> list[str]:
+        """Start a DHT-only node; its multiaddrs become ``initial_peers`` for the peers."""
+        _, output = self.run_cli("bootstrap", "--host-maddrs", LOOPBACK)
+        self.initial_peers = [output.wait_for(lambda line: line.startswith("/ip4/"), timeout)]
+        return self.initial_peers
+
+    def start_peer(self, *args: str) -> tuple[subprocess.Popen, ProcessOutput]:
+        """Start ``gossiptrain peer`` joined to this swarm's bootstrap node."""
+        return self.run_cli("peer", "--host-maddrs", LOOPBACK, "--initial-peers", *self.initial_peers, *args)
+
+    def spawn(self, key: Any, target: Callable[..., Any], *args: Any) -> multiprocessing.Process:
+        """Run ``target(*args)`` in a fresh process; its return value arrives through ``results``."""
+        process = self._context.Process(target=_run_in_own_session, args=(target, self._results, key, args), daemon=True)
+        process.start()
+        self._processes.append(process)
+        return process
+
+    def results(self, count: int, timeout: float) -> dict[Any, Any]:
+        """Wait for ``count`` spawned targets to return; raise if one failed or time ran out."""
+        deadline, collected = time.monotonic() + timeout, {}
+        while len(collected) < count:
+            try:
+                key, status, value = self._results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"only {len(collected)} of {count} peer processes finished within {timeout}s") from None
+            if status == "error":
+                raise RuntimeError(f"peer process {key!r} failed:\n{value}")
+            collected[key] = value
+        return collected
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        """SIGKILL a process and its whole session (its libp2p daemon too)."""
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        for process in self._popen:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for process in self._popen:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill(process.pid)
+        for process in self._processes:
+            if process.pid is not None:
+                self.kill(process.pid)
+            process.join(timeout=5)
+        self._results.close()
