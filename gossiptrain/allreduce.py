@@ -35,7 +35,9 @@ class GroupPlan:
     numel: int
 
     @classmethod
-    def build(cls, run_id: str, round_id: int, members: list[str], numel: int, clients: frozenset[str] = frozenset()) -> GroupPlan:
+    def build(
+        cls, run_id: str, round_id: int, members: list[str], numel: int, clients: frozenset[str] = frozenset()
+    ) -> GroupPlan:
         members = sorted(members)
         reducers = [peer for peer in members if peer not in clients]
         return cls(run_id, round_id, tuple(members), tuple(reducers), numel)

@@ -22,10 +22,19 @@ def _print(*lines: str) -> None:
 
 
 def _network_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddr of any live peer of the swarm")
-    parser.add_argument("--host-maddrs", nargs="+", default=[DEFAULT_HOST], metavar="MADDR",
-                        help="where to listen (use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines)")
-    parser.add_argument("--announce-maddrs", nargs="+", default=None, metavar="MADDR", help="addresses to tell other peers")
+    parser.add_argument(
+        "--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddr of any live peer of the swarm"
+    )
+    parser.add_argument(
+        "--host-maddrs",
+        nargs="+",
+        default=[DEFAULT_HOST],
+        metavar="MADDR",
+        help="where to listen (use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines)",
+    )
+    parser.add_argument(
+        "--announce-maddrs", nargs="+", default=None, metavar="MADDR", help="addresses to tell other peers"
+    )
 
 
 async def _until_signalled() -> None:
@@ -40,7 +49,9 @@ async def _bootstrap(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
     from hivemind.p2p import P2P
 
-    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs)
+    p2p = await P2P.create(
+        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
+    )
     dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers)
     try:
         _print(*[str(m) for m in await p2p.get_visible_maddrs()])
@@ -70,15 +81,24 @@ def cmd_peer(args: argparse.Namespace) -> None:
             write_jsonl(record, metrics)
 
     optimizer = GossipOptimizer(
-        torch.optim.Adam(task.model.parameters(), lr=args.lr), run_id=args.run_id, initial_peers=args.initial_peers,
-        average_every=args.average_every, samples_per_step=args.batch_size, on_round=on_round,
-        host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs, target_group_size=args.group_size,
+        torch.optim.Adam(task.model.parameters(), lr=args.lr),
+        run_id=args.run_id,
+        initial_peers=args.initial_peers,
+        average_every=args.average_every,
+        samples_per_step=args.batch_size,
+        on_round=on_round,
+        host_maddrs=args.host_maddrs,
+        announce_maddrs=args.announce_maddrs,
+        target_group_size=args.group_size,
         codec=args.codec,
     )
     with optimizer:
         maddrs = optimizer.maddrs()
-        _print(*maddrs, f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}; to join from another terminal:",
-               f"  gossiptrain peer --run-id {args.run_id} --initial-peers {maddrs[0]}")
+        _print(
+            *maddrs,
+            f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}; to join from another terminal:",
+            f"  gossiptrain peer --run-id {args.run_id} --initial-peers {maddrs[0]}",
+        )
         if args.wait_for_peers > 1:
             optimizer.wait_for_peers(args.wait_for_peers, timeout=args.finish_timeout)
         batches = task.batches(args.seed if args.seed is not None else os.getpid(), args.batch_size)
@@ -91,11 +111,19 @@ def cmd_peer(args: argparse.Namespace) -> None:
             optimizer.report(loss.item())
             step += 1
         optimizer.finish(timeout=args.finish_timeout)
-        result = {"final": True, "peer": optimizer.peer.peer_id, "step": step, **task.evaluate(task.model),
-                  "rounds_done": optimizer.rounds_done, "rounds_failed": optimizer.rounds_failed,
-                  "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None}
-        _print(f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
-               f"{optimizer.rounds_done} rounds averaged, {optimizer.rounds_failed} failed")
+        result = {
+            "final": True,
+            "peer": optimizer.peer.peer_id,
+            "step": step,
+            **task.evaluate(task.model),
+            "rounds_done": optimizer.rounds_done,
+            "rounds_failed": optimizer.rounds_failed,
+            "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None,
+        }
+        _print(
+            f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
+            f"{optimizer.rounds_done} rounds averaged, {optimizer.rounds_failed} failed"
+        )
         if args.save_model:
             torch.save(task.model.state_dict(), args.save_model)
         if metrics is not None:
@@ -124,7 +152,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     _print(f"{'peer':<54} {'step':>7} {'loss':>8} {'rounds':>7} {'last round':>11}")
     for peer, info in peers:
         loss = "n/a" if info.get("loss") is None else f"{info['loss']:.4f}"
-        _print(f"{peer:<54} {info.get('step', 0):>7} {loss:>8} {info.get('rounds', 0):>7} {str(info.get('last_round')):>11}")
+        step, rounds, last = info.get("step", 0), info.get("rounds", 0), str(info.get("last_round"))
+        _print(f"{peer:<54} {step:>7} {loss:>8} {rounds:>7} {last:>11}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -134,7 +163,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gossiptrain", description="Decentralized training of PyTorch models over a DHT.")
+    parser = argparse.ArgumentParser(
+        prog="gossiptrain", description="Decentralized training of PyTorch models over a DHT."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -175,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # leave the swarm cleanly on SIGTERM too
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -33,7 +33,8 @@ def _table(records: dict[int, list[dict]]) -> str:
             r = rounds[-1]
             loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
             sent = sum(x["bytes_sent"] for x in rounds) / 2**20
-            rows.append(f"{index:>4} {r['step']:>6} {r['round']:>11} {r['status']:>9} {r['group_size']:>5} {loss:>8} {sent:>9.2f}")
+            status = f"{r['round']:>11} {r['status']:>9} {r['group_size']:>5}"
+            rows.append(f"{index:>4} {r['step']:>6} {status} {loss:>8} {sent:>9.2f}")
         else:
             rows.append(f"{index:>4} {'starting':>6}")
     return "\n".join(rows)
@@ -45,15 +46,29 @@ def run_demo(num_peers: int = 4, steps: int = 3000, timeout: float = 300.0) -> d
         work = Path(workdir)
         print(f"bootstrap node at {swarm.start_bootstrap()[0]}", flush=True)
         peers = [
-            swarm.start_peer("--steps", str(steps), "--seed", str(i), "--average-every", "0.5", "--wait-for-peers", str(num_peers),
-                             "--metrics-file", str(work / f"peer{i}.jsonl"), "--save-model", str(work / f"peer{i}.pt"))[0]
+            swarm.start_peer(
+                "--steps",
+                str(steps),
+                "--seed",
+                str(i),
+                "--average-every",
+                "0.5",
+                "--wait-for-peers",
+                str(num_peers),
+                "--metrics-file",
+                str(work / f"peer{i}.jsonl"),
+                "--save-model",
+                str(work / f"peer{i}.pt"),
+            )[0]
             for i in range(num_peers)
         ]
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in peers) and time.monotonic() < deadline:
             time.sleep(1.0)
             print(_table({i: read_records(work / f"peer{i}.jsonl") for i in range(num_peers)}) + "\n", flush=True)
-        finals = [next((r for r in read_records(work / f"peer{i}.jsonl") if r.get("final")), None) for i in range(num_peers)]
+        finals = [
+            next((r for r in read_records(work / f"peer{i}.jsonl") if r.get("final")), None) for i in range(num_peers)
+        ]
         if any(f is None for f in finals):
             raise RuntimeError("some peers did not finish; see their output above")
         spread = parameter_spread([torch.load(work / f"peer{i}.pt") for i in range(num_peers)])

@@ -20,7 +20,15 @@ from hivemind.p2p import P2P, PeerID
 
 from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello
 from gossiptrain.codecs import Codec, CodecError
-from gossiptrain.transport import ByteCounter, FrameKind, ProtocolError, read_frame, read_message, write_frame, write_message
+from gossiptrain.transport import (
+    ByteCounter,
+    FrameKind,
+    ProtocolError,
+    read_frame,
+    read_message,
+    write_frame,
+    write_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +78,9 @@ async def _send_tensor(writer: asyncio.StreamWriter, values: torch.Tensor, codec
         await write_frame(writer, FrameKind.PART, codec.encode(values[start : start + PART_NUMEL]), counter)
 
 
-async def _receive_tensor(reader: asyncio.StreamReader, numel: int, codec: Codec, counter: ByteCounter, timeout: float) -> torch.Tensor:
+async def _receive_tensor(
+    reader: asyncio.StreamReader, numel: int, codec: Codec, counter: ByteCounter, timeout: float
+) -> torch.Tensor:
     """Read a whole tensor of ``numel`` values sent by ``_send_tensor`` (never a partial one)."""
     out = torch.empty(numel)
     for start in range(0, max(numel, 1), PART_NUMEL):
@@ -85,7 +95,17 @@ async def _receive_tensor(reader: asyncio.StreamReader, numel: int, codec: Codec
 class RoundExchange:
     """The state of one round at one peer: its plan, its snapshot, its own shard's reduction."""
 
-    def __init__(self, p2p: P2P, protocol: str, plan: GroupPlan, me: str, snapshot: torch.Tensor, weight: float, codec: Codec, timeouts: Timeouts):
+    def __init__(
+        self,
+        p2p: P2P,
+        protocol: str,
+        plan: GroupPlan,
+        me: str,
+        snapshot: torch.Tensor,
+        weight: float,
+        codec: Codec,
+        timeouts: Timeouts,
+    ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
         self.snapshot, self.weight, self.codec, self.timeouts = snapshot, weight, codec, timeouts
         self.counter = ByteCounter()
@@ -113,8 +133,16 @@ class RoundExchange:
             await asyncio.wait(self._replies, timeout=self.timeouts.result)
         status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
         return RoundResult(
-            self.plan.round_id, status, list(self.plan.members), averaged, combined, len(self._shards),
-            self.counter.sent, self.counter.received, time.perf_counter() - started, self.errors,
+            self.plan.round_id,
+            status,
+            list(self.plan.members),
+            averaged,
+            combined,
+            len(self._shards),
+            self.counter.sent,
+            self.counter.received,
+            time.perf_counter() - started,
+            self.errors,
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
@@ -133,12 +161,18 @@ class RoundExchange:
         self._mean.set_result(mean)
         return (self._own_shard, mean) if mean is not None else None
 
-    async def handle_contribution(self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_contribution(
+        self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         future = self._expected.get(sender)
         reason = check_hello(hello, self.plan, sender, self.me)
         if reason is None and (self._reduction is None or future is None or future.done()):
-            reason = "late: this shard was already reduced" if future is not None and future.done() else "not a reducer of this round"
+            reason = (
+                "late: this shard was already reduced"
+                if future is not None and future.done()
+                else "not a reducer of this round"
+            )
         if reason is not None:
             logger.warning("rejected round %s contribution from %s: %s", self.plan.round_id, sender, reason)
             await write_message(writer, FrameKind.REJECT, {"reason": reason}, self.counter)
@@ -177,11 +211,20 @@ class RoundExchange:
         try:
             async with asyncio.timeout(self.timeouts.join):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(owner), self.protocol)
-            hello = {"run_id": self.plan.run_id, "round_id": self.plan.round_id, "sender": self.me,
-                     "digest": self.plan.digest, "start": start, "end": end, "weight": self.weight}
+            hello = {
+                "run_id": self.plan.run_id,
+                "round_id": self.plan.round_id,
+                "sender": self.me,
+                "digest": self.plan.digest,
+                "start": start,
+                "end": end,
+                "weight": self.weight,
+            }
             await write_message(writer, FrameKind.HELLO, hello, self.counter)
             await _send_tensor(writer, self.snapshot[start:end], self.codec, self.counter)
-            kind, message = await read_message(reader, self.counter, timeout=self.timeouts.result, expect=(FrameKind.RESULT, FrameKind.REJECT))
+            kind, message = await read_message(
+                reader, self.counter, timeout=self.timeouts.result, expect=(FrameKind.RESULT, FrameKind.REJECT)
+            )
             if kind == FrameKind.REJECT:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
                 return None

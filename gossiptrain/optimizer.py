@@ -103,7 +103,11 @@ class GossipOptimizer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.average_every_steps, self.samples_per_step, self.on_round = average_every_steps, samples_per_step, on_round
         self.peer = Peer(
-            run_id, initial_peers=initial_peers, round_interval=average_every, model_schema=model_schema(self.params), **peer_options
+            run_id,
+            initial_peers=initial_peers,
+            round_interval=average_every,
+            model_schema=model_schema(self.params),
+            **peer_options,
         )
         self.local_step = 0
         self.loss: float | None = None
@@ -119,6 +123,7 @@ class GossipOptimizer:
             self._loop.run(self.peer.start(), timeout=startup_timeout)
         except BaseException:
             self._loop.close()
+            self._loop = None
             raise
 
     @property
@@ -141,8 +146,13 @@ class GossipOptimizer:
         """Record the latest training loss (shown in the swarm status and the round records)."""
         if loss is not None:
             self.loss = float(loss)
-        self.peer.info = {**self.peer.info, "step": self.local_step, "loss": self.loss, "rounds": self.rounds_done,
-                          "last_round": self.last_round.round if self.last_round else None}
+        self.peer.info = {
+            **self.peer.info,
+            "step": self.local_step,
+            "loss": self.loss,
+            "rounds": self.rounds_done,
+            "last_round": self.last_round.round if self.last_round else None,
+        }
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         result = self.optimizer.step(closure)
@@ -194,7 +204,11 @@ class GossipOptimizer:
         if self._inflight is not None and self._inflight.done():
             record = self._finish_round(self._inflight)
             self._inflight = None
-        if start_next and self._inflight is None and (self.average_every_steps is None or self._steps_since_round >= self.average_every_steps):
+        if (
+            start_next
+            and self._inflight is None
+            and (self.average_every_steps is None or self._steps_since_round >= self.average_every_steps)
+        ):
             self._start_round()
         return record
 
@@ -221,10 +235,18 @@ class GossipOptimizer:
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
         record = RoundRecord(
-            peer=self.peer.peer_id, round=result.round_id, status=result.status, step=self.local_step,
-            group_size=result.group_size, loss=self.loss, bytes_sent=result.bytes_sent,
-            bytes_received=result.bytes_received, round_seconds=result.seconds,
-            param_norm=flat.norm().item(), param_checksum=flat.sum().item(), errors=result.errors,
+            peer=self.peer.peer_id,
+            round=result.round_id,
+            status=result.status,
+            step=self.local_step,
+            group_size=result.group_size,
+            loss=self.loss,
+            bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received,
+            round_seconds=result.seconds,
+            param_norm=flat.norm().item(),
+            param_checksum=flat.sum().item(),
+            errors=result.errors,
         )
         self.last_round = record
         self.report()

@@ -19,6 +19,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PDaemonError
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from gossiptrain.allreduce import GroupPlan
 from gossiptrain.codecs import get_codec
@@ -36,6 +37,19 @@ class InitialPeersError(ConnectionError):
 
 class ModelMismatchError(ValueError):
     """Another peer of the same run trains a model of a different shape."""
+
+
+def _checked_maddr(text: str) -> str:
+    try:
+        complete = "p2p" in Multiaddr(text)
+    except Exception:
+        complete = False
+    if not complete:
+        raise ValueError(
+            f"initial peer {text!r} is not a full multiaddr such as /ip4/192.0.2.1/tcp/31337/p2p/12D3KooW...: "
+            f"copy the address that the peer or `gossiptrain bootstrap` printed"
+        )
+    return text
 
 
 class Peer:
@@ -65,17 +79,17 @@ class Peer:
         target_group_size: int = 4,
         round_interval: float = 1.0,
         codec: str = "none",
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts | None = None,
         client_mode: bool = False,
         model_schema: str | None = None,
         heartbeat_ttl: float = 6.0,
     ):
         if not run_id or "." in run_id:
             raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
-        self.run_id, self.initial_peers = run_id, [str(m) for m in initial_peers]
+        self.run_id, self.initial_peers = run_id, [_checked_maddr(str(m)) for m in initial_peers]
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
         self.target_group_size, self.round_interval = target_group_size, round_interval
-        self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts, client_mode
+        self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
         self.model_schema, self.heartbeat_ttl = model_schema, heartbeat_ttl
         self.protocol = f"gossiptrain.{run_id}.allreduce"
         self.info: dict[str, Any] = {}
@@ -110,9 +124,13 @@ class Peer:
                     f"no peer answered at {', '.join(self.initial_peers)}: is the address right "
                     f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
                 ) from None
-            raise RuntimeError(f"the libp2p daemon (p2pd) failed to start: {e}; check host_maddrs {self.host_maddrs}") from e
+            raise RuntimeError(
+                f"the libp2p daemon (p2pd) failed to start: {e}; check host_maddrs {self.host_maddrs}"
+            ) from e
         try:
-            self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=self.initial_peers, client_mode=self.client_mode)
+            self.dht = await DHTNode.create(
+                p2p=self.p2p, initial_peers=self.initial_peers, client_mode=self.client_mode
+            )
             self.membership = Membership(self.dht, self.run_id, self.peer_id, self.heartbeat_ttl)
             await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
             await self._check_model_schema()
@@ -206,14 +224,17 @@ class Peer:
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not read the round's participants from the DHT")
         compatible = {
-            peer for peer, info in participants.items()
+            peer
+            for peer, info in participants.items()
             if info.get("schema") == self.model_schema and info.get("numel") == snapshot.numel()
         }
         compatible.add(self.peer_id)
         members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
         plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
-        exchange = RoundExchange(self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts)
+        exchange = RoundExchange(
+            self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts
+        )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         slot.set_result(exchange)
         try:

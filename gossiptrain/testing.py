@@ -49,7 +49,9 @@ class ProcessOutput:
             if predicate(line):
                 return line
         tail = "\n".join(self.lines[-20:])
-        raise TimeoutError(f"process {self.process.args} printed no expected line within {timeout}s; last lines:\n{tail}")
+        raise TimeoutError(
+            f"process {self.process.args} printed no expected line within {timeout}s; last lines:\n{tail}"
+        )
 
 
 def _run_in_own_session(target: Callable[..., Any], results: multiprocessing.Queue, key: Any, args: tuple) -> None:
@@ -76,13 +78,26 @@ class LocalSwarm:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @property
+    def context(self) -> multiprocessing.context.SpawnContext:
+        """The multiprocessing context of spawned peers (for queues and events shared with them)."""
+        return self._context
+
+    def track(self, process: subprocess.Popen) -> None:
+        """Make the swarm own a process started elsewhere (it is killed on close)."""
+        self._popen.append(process)
+
     def run_cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
         """Start ``gossiptrain <args>`` in its own session, its stdout captured line by line."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "gossiptrain", *args], stdout=subprocess.PIPE, stderr=None, text=True,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            [sys.executable, "-m", "gossiptrain", *args],
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-        self._popen.append(process)
+        self.track(process)
         return process, ProcessOutput(process)
 
     def start_bootstrap(self, timeout: float = 30.0) -> list[str]:
@@ -97,7 +112,9 @@ class LocalSwarm:
 
     def spawn(self, key: Any, target: Callable[..., Any], *args: Any) -> multiprocessing.Process:
         """Run ``target(*args)`` in a fresh process; its return value arrives through ``results``."""
-        process = self._context.Process(target=_run_in_own_session, args=(target, self._results, key, args), daemon=True)
+        process = self._context.Process(
+            target=_run_in_own_session, args=(target, self._results, key, args), daemon=True
+        )
         process.start()
         self._processes.append(process)
         return process
@@ -109,7 +126,9 @@ class LocalSwarm:
             try:
                 key, status, value = self._results.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"only {len(collected)} of {count} peer processes finished within {timeout}s") from None
+                raise TimeoutError(
+                    f"only {len(collected)} of {count} peer processes finished within {timeout}s"
+                ) from None
             if status == "error":
                 raise RuntimeError(f"peer process {key!r} failed:\n{value}")
             collected[key] = value

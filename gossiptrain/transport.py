@@ -39,14 +39,18 @@ class ByteCounter:
     received: int = 0
 
 
-async def write_frame(writer: asyncio.StreamWriter, kind: FrameKind, payload: bytes | memoryview, counter: ByteCounter) -> None:
+async def write_frame(
+    writer: asyncio.StreamWriter, kind: FrameKind, payload: bytes | memoryview, counter: ByteCounter
+) -> None:
     writer.write(FRAME_PREFIX.pack(kind, len(payload)))
     writer.write(payload)
     counter.sent += FRAME_PREFIX.size + len(payload)
     await writer.drain()
 
 
-async def write_message(writer: asyncio.StreamWriter, kind: FrameKind, message: dict[str, Any], counter: ByteCounter) -> None:
+async def write_message(
+    writer: asyncio.StreamWriter, kind: FrameKind, message: dict[str, Any], counter: ByteCounter
+) -> None:
     await write_frame(writer, kind, msgpack.packb(message), counter)
 
 

@@ -1,7 +1,7 @@
 """Example tasks with data that ships inside packages (no downloads at run time)."""
 
-from gossiptrain.tasks.digits import digits_task
 from gossiptrain.tasks.base import Task
+from gossiptrain.tasks.digits import digits_task
 
 TASKS = {"digits": digits_task}
 

@@ -41,6 +41,9 @@ def digits_task(model_seed: int = 0, hidden: int = 128) -> Task:
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
         logits = model(x_test)
-        return {"loss": F.cross_entropy(logits, y_test).item(), "accuracy": (logits.argmax(1) == y_test).float().mean().item()}
+        return {
+            "loss": F.cross_entropy(logits, y_test).item(),
+            "accuracy": (logits.argmax(1) == y_test).float().mean().item(),
+        }
 
     return Task("digits", model, batches, loss, evaluate)

@@ -1,0 +1,162 @@
+"""Real peers as processes over real sockets on localhost."""
+
+import math
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gossiptrain.demo import run_demo
+from gossiptrain.testing import LocalSwarm, ProcessOutput
+from tests.peer_workers import average_rounds
+
+INTERVAL = 2.0
+
+
+def run_averaging(num_peers, group_size, numel, rounds, weights):
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        context = swarm.context
+        ready, go, start_round = context.Queue(), context.Event(), context.Value("q", 0)
+        for i in range(num_peers):
+            swarm.spawn(
+                i,
+                average_rounds,
+                swarm.initial_peers,
+                "avg",
+                i,
+                numel,
+                weights[i],
+                group_size,
+                INTERVAL,
+                num_peers,
+                ready,
+                go,
+                start_round,
+                rounds,
+            )
+        for _ in range(num_peers):
+            ready.get(timeout=120)
+        next_slot = math.ceil((time.time() + 1.5) / INTERVAL)
+        start_round.value = next_slot + next_slot % 2  # an even round: the first of a Moshpit epoch
+        go.set()
+        results = swarm.results(num_peers, timeout=120)
+    inputs = torch.stack([torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(num_peers)])
+    weights = torch.tensor(weights, dtype=torch.float64)
+    expected = (inputs.double() * weights[:, None]).sum(0) / weights.sum()
+    return results, expected.float()
+
+
+@pytest.mark.timeout(240)
+def test_four_peers_average_to_the_exact_weighted_mean():
+    results, expected = run_averaging(4, 4, 100_003, rounds=1, weights=[1.0, 2.0, 3.0, 10.0])
+    for result in results.values():
+        assert result["history"][0]["status"] == "averaged", result["history"]
+        assert len(result["history"][0]["group"]) == 4
+        assert (result["values"] - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_sixteen_peers_in_groups_of_four_reach_the_global_mean_in_two_rounds():
+    results, expected = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16)
+    for result in results.values():
+        assert [h["status"] for h in result["history"]] == ["averaged", "averaged"], result["history"]
+        assert all(len(h["group"]) == 4 for h in result["history"])
+        assert (result["values"] - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_four_peers_train_digits_to_high_accuracy_and_agree():
+    outcome = run_demo(num_peers=4, steps=2000, timeout=240)
+    assert min(outcome["accuracy"]) >= 0.9
+    assert outcome["spread"] < 1e-3
+
+
+@pytest.mark.timeout(240)
+def test_a_peer_killed_mid_training_does_not_stop_the_others():
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        peers = [swarm.start_peer("--average-every", "0.5", "--seed", str(i)) for i in range(4)]
+        for _, output in peers:
+            output.wait_for(lambda line: "averaged" in line and "group 4" in line, timeout=90)
+        victim, _ = peers.pop()
+        swarm.kill(victim.pid)
+        killed_at = time.monotonic()
+        for _, output in peers:
+            output.wait_for(lambda line: "averaged" in line and "group 3" in line, timeout=30)
+        assert time.monotonic() - killed_at < 30
+        assert all(process.poll() is None for process, _ in peers)
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_initial_peer_fails_fast_with_a_message_naming_it():
+    address = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY"
+    started = time.monotonic()
+    process = subprocess.run(
+        [sys.executable, "-m", "gossiptrain", "peer", "--initial-peers", address],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert process.returncode != 0
+    assert time.monotonic() - started < 20
+    assert address in process.stderr and "is the address right" in process.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_initial_peer_is_refused_with_a_clear_message():
+    process = subprocess.run(
+        [sys.executable, "-m", "gossiptrain", "peer", "--initial-peers", "127.0.0.1:4000"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert process.returncode != 0
+    assert "127.0.0.1:4000" in process.stderr and "multiaddr" in process.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_with_a_different_model_is_refused():
+    from gossiptrain.optimizer import GossipOptimizer
+    from gossiptrain.peer import ModelMismatchError
+
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        _, output = swarm.start_peer()
+        output.wait_for(lambda line: "joined run" in line, timeout=60)
+        small = torch.nn.Linear(3, 2)
+        with pytest.raises(ModelMismatchError, match="same model"):
+            GossipOptimizer(
+                torch.optim.SGD(small.parameters(), lr=0.1),
+                run_id="gossiptrain-demo",
+                initial_peers=swarm.initial_peers,
+                host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            )
+
+
+@pytest.mark.timeout(180)
+def test_peers_join_through_a_hivemind_dht_node_and_status_lists_them():
+    with LocalSwarm() as swarm:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hivemind.hivemind_cli.run_dht", "--host_maddrs", "/ip4/127.0.0.1/tcp/0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        swarm.track(process)
+        line = ProcessOutput(process).wait_for(lambda text: "/ip4/127.0.0.1" in text, timeout=60)
+        swarm.initial_peers = [re.search(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", line).group(0)]
+        peers = [swarm.start_peer("--average-every", "0.5", "--seed", str(i)) for i in range(2)]
+        for _, output in peers:
+            output.wait_for(lambda text: "averaged" in text and "group 2" in text, timeout=90)
+        status = subprocess.run(
+            [sys.executable, "-m", "gossiptrain", "status", "--initial-peers", *swarm.initial_peers],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "2 live peers" in status.stdout, status.stdout + status.stderr
