@@ -50,24 +50,26 @@ class GroupPlan:
         return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers))))
 
 
-def check_hello(hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str) -> str | None:
-    """Why a HELLO from ``sender`` must be refused by ``owner``, or None if it is acceptable."""
+def check_hello(hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str, codec: str) -> tuple[str, str] | None:
+    """``(kind, detail)`` saying why ``owner`` must refuse a HELLO from ``sender``, or None to accept it."""
     if hello.get("run_id") != plan.run_id:
-        return f"message for run {hello.get('run_id')!r}, this is run {plan.run_id!r}"
+        return "wrong_run", f"message for run {hello.get('run_id')!r}, this is run {plan.run_id!r}"
     if hello.get("round_id") != plan.round_id:
-        return f"stale or future round {hello.get('round_id')}, expected {plan.round_id}"
+        return "stale_round", f"round {hello.get('round_id')!r}, expected {plan.round_id}"
     if hello.get("sender") != sender:
-        return f"sender claims to be {hello.get('sender')!r} but the stream comes from {sender!r}"
+        return "not_in_group", f"sender claims to be {hello.get('sender')!r} but the stream comes from {sender}"
     if sender not in plan.members:
-        return f"sender {sender} is not in this round's group"
+        return "not_in_group", f"sender {sender} is not in this round's group"
     if hello.get("digest") != plan.digest:
-        return "sender computed a different group (membership views differ)"
+        return "view_mismatch", "sender computed a different group (membership views differ)"
+    if hello.get("codec") != codec:
+        return "wrong_dtype", f"values encoded as {hello.get('codec')!r}, this round uses {codec!r}"
     start, end = plan.shards().get(owner, (0, 0))
     if hello.get("start") != start or hello.get("end") != end:
-        return f"shard [{hello.get('start')}, {hello.get('end')}) does not match [{start}, {end})"
+        return "wrong_shape", f"shard [{hello.get('start')}, {hello.get('end')}) does not match [{start}, {end})"
     weight = hello.get("weight")
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        return f"invalid weight {weight!r}"
+        return "bad_weight", f"invalid weight {weight!r}"
     return None
 
 

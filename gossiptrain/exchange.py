@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import P2P, PeerID
 
 from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello
-from gossiptrain.codecs import Codec, CodecError
+from gossiptrain.codecs import Codec, CodecError, NonFiniteValues
 from gossiptrain.transport import (
     ByteCounter,
     FrameKind,
+    OversizedFrame,
     ProtocolError,
     read_frame,
     read_message,
@@ -34,6 +36,29 @@ logger = logging.getLogger(__name__)
 
 PART_NUMEL = 2**18
 EXCHANGE_ERRORS = (ProtocolError, CodecError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError)
+
+
+def classify(error: BaseException) -> str:
+    """The rejection kind counted for a failed read of a peer's data."""
+    if isinstance(error, NonFiniteValues):
+        return "non_finite"
+    if isinstance(error, OversizedFrame):
+        return "oversized"
+    if isinstance(error, CodecError):
+        return "wrong_shape"
+    if isinstance(error, TimeoutError):  # before OSError, its base class
+        return "timeout"
+    if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError)):
+        return "truncated"
+    return "garbage"
+
+
+class Rejections(Counter):
+    """Counts of refused inputs by kind; each refusal is also one warning line."""
+
+    def record(self, kind: str, sender: str, round_id: object, detail: str) -> None:
+        self[kind] += 1
+        logger.warning("rejected %s from %s in round %s: %s", kind, sender, round_id, detail)
 
 
 @dataclass(frozen=True)
@@ -105,8 +130,10 @@ class RoundExchange:
         weight: float,
         codec: Codec,
         timeouts: Timeouts,
+        rejections: Rejections,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
+        self.rejections = rejections
         self.snapshot, self.weight, self.codec, self.timeouts = snapshot, weight, codec, timeouts
         self.counter = ByteCounter()
         self.errors: list[str] = []
@@ -166,43 +193,66 @@ class RoundExchange:
     ) -> None:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         future = self._expected.get(sender)
-        reason = check_hello(hello, self.plan, sender, self.me)
-        if reason is None and (self._reduction is None or future is None or future.done()):
-            reason = (
-                "late: this shard was already reduced"
-                if future is not None and future.done()
-                else "not a reducer of this round"
-            )
-        if reason is not None:
-            logger.warning("rejected round %s contribution from %s: %s", self.plan.round_id, sender, reason)
-            await write_message(writer, FrameKind.REJECT, {"reason": reason}, self.counter)
+        refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name)
+        if refusal is None and future is not None and future.done():
+            refusal = "late", "this shard was already reduced"
+        if refusal is None and self._reduction is None:
+            refusal = "not_in_group", "we reduce no shard in this round"
+        if refusal is not None:
+            await self._refuse(writer, sender, *refusal)
             return
         self._joined.add(sender)
         start, end = self._own_shard
         try:
             values = await _receive_tensor(reader, end - start, self.codec, self.counter, self.timeouts.part)
         except EXCHANGE_ERRORS as e:
-            self.errors.append(f"slice from {sender} failed: {e!r}")
             future.set_result(False)
-            return
-        if not torch.isfinite(values).all():
-            self.errors.append(f"slice from {sender} has NaN/Inf: dropped")
-            future.set_result(False)
-            await write_message(writer, FrameKind.REJECT, {"reason": "non-finite values"}, self.counter)
+            await self._refuse(writer, sender, classify(e), f"slice dropped: {e!r}")
             return
         self._reduction.add(values, float(hello["weight"]))
-        future.set_result(True)
         replied = asyncio.get_running_loop().create_future()
         self._replies.append(replied)
+        future.set_result(True)
         try:
             mean = await self._mean
             if mean is not None:
-                await write_message(writer, FrameKind.RESULT, {"round_id": self.plan.round_id}, self.counter)
-                await _send_tensor(writer, mean, self.codec, self.counter)
+                async with asyncio.timeout(self._sending_time(mean.numel())):
+                    await write_message(writer, FrameKind.RESULT, {"round_id": self.plan.round_id}, self.counter)
+                    await _send_tensor(writer, mean, self.codec, self.counter)
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"reply to {sender} failed: {e!r}")
         finally:
             replied.set_result(None)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, sender: str, kind: str, detail: str) -> None:
+        self.rejections.record(kind, sender, self.plan.round_id, detail)
+        self.errors.append(f"refused {sender}: {kind}: {detail}")
+        try:
+            await write_message(writer, FrameKind.REJECT, {"reason": f"{kind}: {detail}"}, self.counter)
+        except EXCHANGE_ERRORS:
+            pass
+
+    def _sending_time(self, numel: int) -> float:
+        """A receiver that stops reading blocks our writes: allow one ``part`` timeout per part."""
+        return self.timeouts.part * (2 + numel // PART_NUMEL)
+
+    def hello(self, start: int, end: int) -> dict:
+        """The HELLO this peer sends to the owner of ``[start, end)``."""
+        return {
+            "run_id": self.plan.run_id,
+            "round_id": self.plan.round_id,
+            "sender": self.me,
+            "digest": self.plan.digest,
+            "codec": self.codec.name,
+            "start": start,
+            "end": end,
+            "weight": self.weight,
+        }
+
+    async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
+        """Send our slice of one owner's shard (testing.FaultyExchange overrides this to misbehave)."""
+        await write_message(writer, FrameKind.HELLO, self.hello(start, end), self.counter)
+        await _send_tensor(writer, self.snapshot[start:end], self.codec, self.counter)
 
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""
@@ -211,30 +261,27 @@ class RoundExchange:
         try:
             async with asyncio.timeout(self.timeouts.join):
                 _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(owner), self.protocol)
-            hello = {
-                "run_id": self.plan.run_id,
-                "round_id": self.plan.round_id,
-                "sender": self.me,
-                "digest": self.plan.digest,
-                "start": start,
-                "end": end,
-                "weight": self.weight,
-            }
-            await write_message(writer, FrameKind.HELLO, hello, self.counter)
-            await _send_tensor(writer, self.snapshot[start:end], self.codec, self.counter)
+            async with asyncio.timeout(self._sending_time(end - start)):
+                await self.upload(writer, start, end)
             kind, message = await read_message(
                 reader, self.counter, timeout=self.timeouts.result, expect=(FrameKind.RESULT, FrameKind.REJECT)
             )
             if kind == FrameKind.REJECT:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
                 return None
-            values = await _receive_tensor(reader, end - start, self.codec, self.counter, self.timeouts.part)
-            if not torch.isfinite(values).all():
-                raise ProtocolError("averaged shard has NaN/Inf")
-            return bounds, values
+            return bounds, await self._receive_mean(owner, reader, end - start)
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")
-            return None
         finally:
             if writer is not None:
                 writer.close()
+        return None
+
+    async def _receive_mean(self, owner: str, reader: asyncio.StreamReader, numel: int) -> torch.Tensor:
+        """The owner's averaged shard; malformed data is counted as a rejection of that owner."""
+        try:
+            values = await _receive_tensor(reader, numel, self.codec, self.counter, self.timeouts.part)
+        except (ProtocolError, CodecError) as e:
+            self.rejections.record(classify(e), owner, self.plan.round_id, f"averaged shard dropped: {e!r}")
+            raise
+        return values

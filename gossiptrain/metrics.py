@@ -24,6 +24,7 @@ class RoundRecord:
     param_norm: float
     param_checksum: float
     errors: list[str] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)  # refused network inputs so far, by kind
     time: float = field(default_factory=time.time)
 
     def line(self) -> str:

@@ -247,6 +247,7 @@ class GossipOptimizer:
             param_norm=flat.norm().item(),
             param_checksum=flat.sum().item(),
             errors=result.errors,
+            rejected=dict(self.peer.rejections),
         )
         self.last_round = record
         self.report()

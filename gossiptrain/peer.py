@@ -23,10 +23,10 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from gossiptrain.allreduce import GroupPlan
 from gossiptrain.codecs import get_codec
-from gossiptrain.exchange import RoundExchange, RoundResult, Timeouts
+from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
 from gossiptrain.membership import Membership
-from gossiptrain.transport import ByteCounter, FrameKind, ProtocolError, read_message, write_message
+from gossiptrain.transport import ByteCounter, FrameKind, read_message, write_message
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class Peer:
         heartbeat_ttl: seconds a membership record lives without refresh.
     """
 
+    exchange_class = RoundExchange  # gossiptrain.testing swaps in a misbehaving one
+
     def __init__(
         self,
         run_id: str,
@@ -98,6 +100,7 @@ class Peer:
         self.membership: Membership | None = None
         self._heartbeat: asyncio.Task | None = None
         self._exchanges: dict[int, asyncio.Future[RoundExchange]] = {}
+        self.rejections = Rejections()
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -232,10 +235,12 @@ class Peer:
         members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
         plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
-        exchange = RoundExchange(
-            self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts
+        exchange = self.exchange_class(
+            self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts, self.rejections
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
+        if slot.done():
+            raise RuntimeError(f"this peer is already averaging in round {round_id}")
         slot.set_result(exchange)
         try:
             result = await exchange.run()
@@ -264,6 +269,7 @@ class Peer:
             round_id = hello.get("round_id")
             current = self.next_round_id(lead=0.0)
             if not isinstance(round_id, int) or not current - 2 <= round_id <= current + 1:
+                self.rejections.record("stale_round", sender, round_id, f"the current round is {current}")
                 await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id!r} is not current"}, counter)
                 return
             slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
@@ -271,7 +277,7 @@ class Peer:
                 exchange = await asyncio.shield(slot)
             exchange.counter.received += counter.received
             await exchange.handle_contribution(sender, hello, reader, writer)
-        except (ProtocolError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
-            logger.debug("stream from %s ended: %r", sender, e)
+        except EXCHANGE_ERRORS as e:
+            self.rejections.record(classify(e), sender, "?", f"unreadable HELLO: {e!r}")
         finally:
             writer.close()

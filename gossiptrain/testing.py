@@ -7,17 +7,24 @@ is still running, even when a test fails.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from typing import Any
+
+from gossiptrain.exchange import RoundExchange
+from gossiptrain.peer import Peer
+from gossiptrain.transport import FRAME_PREFIX, FrameKind, write_frame, write_message
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -158,3 +165,69 @@ class LocalSwarm:
                 self.kill(process.pid)
             process.join(timeout=5)
         self._results.close()
+
+
+def _with_nan(payload: bytes) -> bytes:
+    """A ``none``-codec payload whose first value is NaN, re-sealed with a valid checksum."""
+    body = bytearray(payload[:-4])
+    body[12:16] = struct.pack("<f", float("nan"))
+    return bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+class FaultyExchange(RoundExchange):
+    """A round exchange that uploads bad data of one kind (``fault``), to test that peers refuse it."""
+
+    fault = "nan"
+    FAULTS = (
+        "nan",
+        "wrong_shape",
+        "wrong_dtype",
+        "truncated",
+        "oversized",
+        "garbage",
+        "stale_round",
+        "wrong_run",
+        "not_in_group",
+        "stall",
+    )
+
+    async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
+        hello, values = self.hello(start, end), self.snapshot[start:end].clone()
+        if self.fault == "garbage":
+            writer.write(FRAME_PREFIX.pack(FrameKind.HELLO, 16) + b"\xc1" * 16)  # 0xc1 is never valid msgpack
+            return await writer.drain()
+        hello.update(
+            {
+                "wrong_dtype": {"codec": "fp16"},
+                "stale_round": {"round_id": hello["round_id"] - 5},
+                "wrong_run": {"run_id": "another-run"},
+                "not_in_group": {"sender": "12D3KooWNotAMemberOfThisGroupxxxxxxxxxxxxxxxxxxxxx"},
+            }.get(self.fault, {})
+        )
+        await write_message(writer, FrameKind.HELLO, hello, self.counter)
+        if self.fault == "nan":
+            payload = _with_nan(self.codec.encode(values))
+            return await write_frame(writer, FrameKind.PART, payload, self.counter)
+        if self.fault == "wrong_shape":
+            values = values[:-1]
+        elif self.fault == "truncated":  # the frame announces the whole payload, the stream ends half-way
+            payload = self.codec.encode(values)
+            writer.write(FRAME_PREFIX.pack(FrameKind.PART, len(payload)) + payload[: len(payload) // 2])
+            await writer.drain()
+            return writer.close()
+        elif self.fault == "oversized":
+            writer.write(FRAME_PREFIX.pack(FrameKind.PART, 2**31))
+            return await writer.drain()
+        elif self.fault == "stall":
+            return await asyncio.sleep(3600)
+        await write_frame(writer, FrameKind.PART, self.codec.encode(values), self.counter)
+
+
+class FaultyPeer(Peer):
+    """A peer whose uploads are bad in one way; in client mode it reduces nothing, only sends."""
+
+    def __init__(self, *args: Any, fault: str, **kwargs: Any):
+        super().__init__(*args, client_mode=True, **kwargs)
+        if fault not in FaultyExchange.FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyExchange.FAULTS}")
+        self.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})

@@ -31,6 +31,10 @@ class ProtocolError(Exception):
     """The remote side sent something that does not follow the protocol."""
 
 
+class OversizedFrame(ProtocolError):
+    """A frame announced more bytes than the cap allows."""
+
+
 @dataclass
 class ByteCounter:
     """Bytes that crossed the wire (payload and framing) in each direction."""
@@ -62,7 +66,7 @@ async def read_frame(
         prefix = await reader.readexactly(FRAME_PREFIX.size)
         kind, length = FRAME_PREFIX.unpack(prefix)
         if length > max_bytes:
-            raise ProtocolError(f"frame of {length} bytes exceeds the cap of {max_bytes} bytes")
+            raise OversizedFrame(f"frame of {length} bytes exceeds the cap of {max_bytes} bytes")
         try:
             kind = FrameKind(kind)
         except ValueError:

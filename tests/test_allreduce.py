@@ -23,6 +23,7 @@ def hello(plan, sender, owner, **changes):
         "round_id": plan.round_id,
         "sender": sender,
         "digest": plan.digest,
+        "codec": "none",
         "start": start,
         "end": end,
         "weight": 2.0,
@@ -32,19 +33,20 @@ def hello(plan, sender, owner, **changes):
 
 def test_check_hello_accepts_a_good_message_and_names_every_bad_one():
     plan = GroupPlan.build("run", 7, ["a", "b", "c"], 100)
-    assert check_hello(hello(plan, "b", "a"), plan, "b", "a") is None
-    bad = {
-        "run": (hello(plan, "b", "a", run_id="other"), "b"),
-        "round": (hello(plan, "b", "a", round_id=6), "b"),
-        "spoofed sender": (hello(plan, "b", "a"), "c"),
-        "not in group": (hello(plan, "z", "a"), "z"),
-        "other view": (hello(plan, "b", "a", digest="0" * 16), "b"),
-        "wrong shard": (hello(plan, "b", "a", end=99), "b"),
-        "nan weight": (hello(plan, "b", "a", weight=float("nan")), "b"),
-        "negative weight": (hello(plan, "b", "a", weight=-1.0), "b"),
-    }
-    for name, (message, sender) in bad.items():
-        assert check_hello(message, plan, sender, "a") is not None, name
+    assert check_hello(hello(plan, "b", "a"), plan, "b", "a", "none") is None
+    bad = [
+        ("wrong_run", hello(plan, "b", "a", run_id="other"), "b"),
+        ("stale_round", hello(plan, "b", "a", round_id=6), "b"),
+        ("not_in_group", hello(plan, "b", "a"), "c"),  # spoofed sender
+        ("not_in_group", hello(plan, "z", "a"), "z"),
+        ("view_mismatch", hello(plan, "b", "a", digest="0" * 16), "b"),
+        ("wrong_dtype", hello(plan, "b", "a", codec="fp16"), "b"),
+        ("wrong_shape", hello(plan, "b", "a", end=99), "b"),
+        ("bad_weight", hello(plan, "b", "a", weight=float("nan")), "b"),
+        ("bad_weight", hello(plan, "b", "a", weight=-1.0), "b"),
+    ]
+    for kind, message, sender in bad:
+        assert check_hello(message, plan, sender, "a", "none")[0] == kind
 
 
 def test_shard_reduction_is_the_weighted_mean_of_whole_contributions():

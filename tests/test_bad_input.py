@@ -1,0 +1,59 @@
+"""Bad input from the network is refused, counted, and leaves the receiver's values bit-identical."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gossiptrain.exchange import Timeouts
+from gossiptrain.peer import Peer
+from gossiptrain.testing import LOOPBACK, FaultyExchange, FaultyPeer
+
+FAST = Timeouts(matchmaking=2.0, join=1.5, part=1.0, result=3.0)
+EXPECTED_KIND = {
+    "nan": "non_finite",
+    "wrong_shape": "wrong_shape",
+    "wrong_dtype": "wrong_dtype",
+    "truncated": "truncated",
+    "oversized": "oversized",
+    "garbage": "garbage",
+    "stale_round": "stale_round",
+    "wrong_run": "wrong_run",
+    "not_in_group": "not_in_group",
+    "stall": "timeout",
+}
+
+
+@pytest.mark.timeout(180)
+async def test_every_kind_of_bad_input_is_refused_counted_and_harmless():
+    assert set(EXPECTED_KIND) == set(FaultyExchange.FAULTS)
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=FAST)
+    async with Peer("bad-input", **options) as honest:
+        values = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+        for fault, kind in EXPECTED_KIND.items():
+            async with FaultyPeer("bad-input", initial_peers=await honest.maddrs(), fault=fault, **options) as faulty:
+                round_id = honest.next_round_id(lead=0.5)
+                before = honest.rejections[kind]
+                result, _ = await asyncio.gather(
+                    honest.average(values, 1.0, round_id), faulty.average(values + 1, 1.0, round_id)
+                )
+                assert result.group_size == 2, (fault, result)
+                assert result.status == "failed", (fault, result)
+                assert torch.equal(result.averaged, values), fault
+                assert honest.rejections[kind] == before + 1, (fault, dict(honest.rejections))
+
+
+@pytest.mark.timeout(120)
+async def test_a_well_behaved_client_mode_peer_is_averaged_with():
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=FAST)
+    async with Peer("client-ok", **options) as server:
+        async with Peer("client-ok", initial_peers=await server.maddrs(), client_mode=True, **options) as client:
+            values = torch.zeros(1000)
+            round_id = server.next_round_id(lead=0.5)
+            results = await asyncio.gather(
+                server.average(values, 1.0, round_id), client.average(values + 2, 3.0, round_id)
+            )
+    for result in results:
+        assert result.status == "averaged"
+        assert torch.allclose(result.averaged, torch.full((1000,), 1.5))
+    assert not server.rejections
