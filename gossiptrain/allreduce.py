@@ -50,7 +50,9 @@ class GroupPlan:
         return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers))))
 
 
-def check_hello(hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str, codec: str) -> tuple[str, str] | None:
+def check_hello(
+    hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str, codec: str, mode: str = "params"
+) -> tuple[str, str] | None:
     """``(kind, detail)`` saying why ``owner`` must refuse a HELLO from ``sender``, or None to accept it."""
     if hello.get("run_id") != plan.run_id:
         return "wrong_run", f"message for run {hello.get('run_id')!r}, this is run {plan.run_id!r}"
@@ -62,8 +64,9 @@ def check_hello(hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str,
         return "not_in_group", f"sender {sender} is not in this round's group"
     if hello.get("digest") != plan.digest:
         return "view_mismatch", "sender computed a different group (membership views differ)"
-    if hello.get("codec") != codec:
-        return "wrong_dtype", f"values encoded as {hello.get('codec')!r}, this round uses {codec!r}"
+    if hello.get("codec") != codec or hello.get("mode") != mode:
+        sent = f"{hello.get('mode')!r} as {hello.get('codec')!r}"
+        return "wrong_dtype", f"values sent are {sent}, this round uses {mode!r} as {codec!r}"
     start, end = plan.shards().get(owner, (0, 0))
     if hello.get("start") != start or hello.get("end") != end:
         return "wrong_shape", f"shard [{hello.get('start')}, {hello.get('end')}) does not match [{start}, {end})"

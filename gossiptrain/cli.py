@@ -91,6 +91,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         announce_maddrs=args.announce_maddrs,
         target_group_size=args.group_size,
         codec=args.codec,
+        sync_every=args.sync_every,
     )
     with optimizer:
         maddrs = optimizer.maddrs()
@@ -159,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from gossiptrain.demo import run_demo
 
-    run_demo(num_peers=args.peers, steps=args.steps)
+    run_demo(num_peers=args.peers, steps=args.steps, codec=args.codec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,13 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     peer = commands.add_parser("peer", help="run a training peer on an example task")
     _network_args(peer)
     peer.add_argument("--run-id", default=DEFAULT_RUN_ID)
-    peer.add_argument("--example", default="digits", choices=["digits"])
+    peer.add_argument("--example", default="digits", choices=["digits", "charlm"])
     peer.add_argument("--steps", type=int, default=0, help="local steps before finishing (0: train until interrupted)")
     peer.add_argument("--batch-size", type=int, default=32)
     peer.add_argument("--lr", type=float, default=1e-3)
     peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
     peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
-    peer.add_argument("--codec", default="none")
+    peer.add_argument("--codec", default="none", help="e.g. none, fp16, int8, int4, topk:0.01+int8, randomk:0.01+int8")
+    peer.add_argument("--sync-every", type=int, default=10, help="with sparse codecs, average parameters 1 round in N")
     peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
     peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")
     peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train digits with a local swarm of peers")
     demo.add_argument("--peers", type=int, default=4)
     demo.add_argument("--steps", type=int, default=3000)
+    demo.add_argument("--codec", default="none")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -368,6 +368,40 @@ class Codec:
     def spec_id(self) -> int:
         return zlib.crc32(self.name.encode())
 
+    @property
+    def is_dense(self) -> bool:
+        """True if every value is sent (cast or quantized); False for topk/randomk/lowrank chains."""
+        return isinstance(self.reducer, _Identity)
+
+    @property
+    def dense_stage(self) -> Codec:
+        """The chain's dense stage alone (``int8`` for ``topk:0.01+int8``): every value, quantized."""
+        return Codec(self.dense.name, self.dense)
+
+    def for_mean(self, contributions: int, union_fraction: float) -> Codec:
+        """The codec for a mean of ``contributions`` payloads of this codec, so that the mean loses no more.
+
+        A mean of sparse vectors has up to ``contributions`` times as many non-zeros (``union_fraction``
+        of the values at most, per part): it is sent as topk of that fraction, which keeps all of them.
+        A mean of rank-r matrices has rank up to ``contributions * r``.  Dense codecs are unchanged.
+        """
+        if isinstance(self.reducer, _Sparse):
+            reducer = _Sparse("topk", min(1.0, union_fraction))
+        elif isinstance(self.reducer, _LowRank):
+            reducer = _LowRank(self.reducer.rank * contributions)
+        else:
+            return self
+        name = reducer.name if self.dense.name == "none" else f"{reducer.name}+{self.dense.name}"
+        return Codec(name, self.dense, reducer)
+
+    def accepts_mean_codec(self, other: Codec) -> bool:
+        """Whether ``other`` is a codec that ``for_mean`` of this codec can produce (checked on receipt)."""
+        if other.dense != self.dense:
+            return False
+        if isinstance(self.reducer, _Sparse):
+            return isinstance(other.reducer, _Sparse) and other.reducer.kind == "topk"
+        return type(other.reducer) is type(self.reducer)
+
     def encode(self, tensor: torch.Tensor, seed: int | None = None) -> bytes:
         """Bytes for ``tensor``'s values (flattened); raises ``CodecError`` on NaN/Inf."""
         x = _values(tensor, self.name)

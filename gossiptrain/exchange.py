@@ -6,6 +6,12 @@ The stream from contributor ``i`` to owner ``j`` carries, in order: HELLO, ``i``
 out of the owner's mean (weights renormalised); an averaged shard that does not arrive whole is
 replaced by the peer's own values.  A round in which no shard was combined with another peer's
 data reports ``status="alone"`` or ``"failed"``, never ``"averaged"``.
+
+Compression: contributors encode their slices with the round's codec and error feedback (what
+the codec dropped stays in a residual and is added to the next round's values; a slice whose
+owner failed puts everything back).  The owner encodes the mean once, with a codec wide enough
+not to drop more (``Codec.for_mean``), sends the same bytes to every contributor and keeps their
+decoded values itself, so all members of a group end the round with identical values.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,7 +27,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 
 from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello
-from gossiptrain.codecs import Codec, CodecError, NonFiniteValues
+from gossiptrain.codecs import Codec, CodecError, NonFiniteValues, get_codec
 from gossiptrain.transport import (
     ByteCounter,
     FrameKind,
@@ -86,7 +93,7 @@ class RoundResult:
     status: str  # "averaged" | "alone" | "failed"
     group: list[str]
     averaged: torch.Tensor
-    shards_averaged: int = 0
+    combined: list[tuple[int, int]] = field(default_factory=list)  # slices that hold a group mean
     shards_total: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -98,23 +105,31 @@ class RoundResult:
         return len(self.group)
 
 
-async def _send_tensor(writer: asyncio.StreamWriter, values: torch.Tensor, codec: Codec, counter: ByteCounter) -> None:
-    for start in range(0, max(values.numel(), 1), PART_NUMEL):
-        await write_frame(writer, FrameKind.PART, codec.encode(values[start : start + PART_NUMEL]), counter)
+async def _send_payloads(writer: asyncio.StreamWriter, payloads: list[bytes], counter: ByteCounter) -> None:
+    for payload in payloads:
+        await write_frame(writer, FrameKind.PART, payload, counter)
+
+
+def _parts(start: int, end: int) -> list[tuple[int, int]]:
+    return [(a, min(a + PART_NUMEL, end)) for a in range(start, max(end, start + 1), PART_NUMEL)]
 
 
 async def _receive_tensor(
     reader: asyncio.StreamReader, numel: int, codec: Codec, counter: ByteCounter, timeout: float
 ) -> torch.Tensor:
-    """Read a whole tensor of ``numel`` values sent by ``_send_tensor`` (never a partial one)."""
+    """Read a whole tensor of ``numel`` values sent as codec parts (never a partial one)."""
     out = torch.empty(numel)
-    for start in range(0, max(numel, 1), PART_NUMEL):
+    for start, end in _parts(0, numel):
         kind, payload = await read_frame(reader, counter, timeout=timeout)
         if kind != FrameKind.PART:
             raise ProtocolError(f"expected a PART frame, got {kind.name}")
-        end = min(start + PART_NUMEL, numel)
         out[start:end] = codec.decode(payload, end - start)
     return out
+
+
+def _union_fraction(values: torch.Tensor) -> float:
+    """The largest share of non-zeros in any part, plus one value of slack for rounding."""
+    return max((int(torch.count_nonzero(values[a:b])) + 1) / max(b - a, 1) for a, b in _parts(0, values.numel()))
 
 
 class RoundExchange:
@@ -126,36 +141,39 @@ class RoundExchange:
         protocol: str,
         plan: GroupPlan,
         me: str,
-        snapshot: torch.Tensor,
+        values: torch.Tensor,
         weight: float,
         codec: Codec,
         timeouts: Timeouts,
         rejections: Rejections,
+        residual: torch.Tensor | None = None,
+        mode: str = "params",
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
-        self.rejections = rejections
-        self.snapshot, self.weight, self.codec, self.timeouts = snapshot, weight, codec, timeouts
+        self.rejections, self.residual, self.mode = rejections, residual, mode
+        self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
         self.errors: list[str] = []
         self._shards = plan.shards()
         self._own_shard = self._shards.get(me)
-        self._reduction = ShardReduction(snapshot[slice(*self._own_shard)], weight) if self._own_shard else None
+        self._reduction = ShardReduction(values[slice(*self._own_shard)], weight) if self._own_shard else None
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
-        self._mean: asyncio.Future[torch.Tensor | None] = asyncio.get_running_loop().create_future()
+        self._mean: asyncio.Future[tuple[str, list[bytes]] | None] = asyncio.get_running_loop().create_future()
+        self._targets: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
         self._joined: set[str] = set()
         self._replies: list[asyncio.Future[None]] = []
 
     async def run(self) -> RoundResult:
         started = time.perf_counter()
-        averaged = self.snapshot.clone()
+        averaged = self.values.clone()
         uploads = [self._contribute(owner, bounds) for owner, bounds in self._shards.items() if owner != self.me]
         outcomes = await asyncio.gather(self._reduce_own_shard(), *uploads)
-        combined = 0
+        combined = []
         for outcome in outcomes:
             if outcome is not None:
                 (start, end), values = outcome
                 averaged[start:end] = values
-                combined += 1
+                combined.append((start, end))
         if self._replies:
             await asyncio.wait(self._replies, timeout=self.timeouts.result)
         status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
@@ -164,7 +182,7 @@ class RoundExchange:
             status,
             list(self.plan.members),
             averaged,
-            combined,
+            sorted(combined),
             len(self._shards),
             self.counter.sent,
             self.counter.received,
@@ -184,16 +202,22 @@ class RoundExchange:
                     future.set_result(False)
                     self.errors.append(f"{peer} did not send its slice of our shard within join={self.timeouts.join}s")
             await asyncio.wait(waiting)
-        mean = self._reduction.mean() if self._reduction.contributors else None
-        self._mean.set_result(mean)
-        return (self._own_shard, mean) if mean is not None else None
+        if not self._reduction.contributors:
+            self._mean.set_result(None)
+            return None
+        mean = self._reduction.mean()
+        codec = self.codec.for_mean(self._reduction.contributors + 1, _union_fraction(mean))
+        payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
+        self._mean.set_result((codec.name, payloads))
+        decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
+        return self._own_shard, decoded
 
     async def handle_contribution(
         self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         future = self._expected.get(sender)
-        refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name)
+        refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name, self.mode)
         if refusal is None and future is not None and future.done():
             refusal = "late", "this shard was already reduced"
         if refusal is None and self._reduction is None:
@@ -216,9 +240,11 @@ class RoundExchange:
         try:
             mean = await self._mean
             if mean is not None:
-                async with asyncio.timeout(self._sending_time(mean.numel())):
-                    await write_message(writer, FrameKind.RESULT, {"round_id": self.plan.round_id}, self.counter)
-                    await _send_tensor(writer, mean, self.codec, self.counter)
+                spec, payloads = mean
+                async with asyncio.timeout(self._sending_time(len(payloads) * PART_NUMEL)):
+                    message = {"round_id": self.plan.round_id, "codec": spec}
+                    await write_message(writer, FrameKind.RESULT, message, self.counter)
+                    await _send_payloads(writer, payloads, self.counter)
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"reply to {sender} failed: {e!r}")
         finally:
@@ -232,6 +258,15 @@ class RoundExchange:
         except EXCHANGE_ERRORS:
             pass
 
+    def _mean_codec(self, spec: object) -> Codec:
+        try:
+            codec = get_codec(spec) if isinstance(spec, str) else None
+        except ValueError:
+            codec = None
+        if codec is None or not self.codec.accepts_mean_codec(codec):
+            raise CodecError(f"the mean is encoded as {spec!r}, which {self.codec.name!r} never produces")
+        return codec
+
     def _sending_time(self, numel: int) -> float:
         """A receiver that stops reading blocks our writes: allow one ``part`` timeout per part."""
         return self.timeouts.part * (2 + numel // PART_NUMEL)
@@ -244,6 +279,7 @@ class RoundExchange:
             "sender": self.me,
             "digest": self.plan.digest,
             "codec": self.codec.name,
+            "mode": self.mode,
             "start": start,
             "end": end,
             "weight": self.weight,
@@ -252,7 +288,32 @@ class RoundExchange:
     async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
         """Send our slice of one owner's shard (testing.FaultyExchange overrides this to misbehave)."""
         await write_message(writer, FrameKind.HELLO, self.hello(start, end), self.counter)
-        await _send_tensor(writer, self.snapshot[start:end], self.codec, self.counter)
+        await _send_payloads(writer, self.payloads(start, end), self.counter)
+
+    def payloads(self, start: int, end: int) -> list[bytes]:
+        """Encode our slice ``[start, end)`` part by part, with error feedback into ``residual``.
+
+        Parts share a seed across the group (round and offset), so randomk picks the same indices
+        at every member and the owner's mean stays as sparse as one contribution.
+        """
+        payloads, targets = [], []
+        for a, b in _parts(start, end):
+            target = self.values[a:b] if self.residual is None else self.values[a:b] + self.residual[a:b]
+            payload = self.codec.encode(target, seed=zlib.crc32(f"{self.plan.round_id}:{a}".encode()))
+            if self.residual is not None:
+                self.residual[a:b] = target - self.codec.decode(payload, b - a)
+            payloads.append(payload)
+            targets.append((a, b, target))
+        self._targets[(start, end)] = targets
+        return payloads
+
+    def _undo_error_feedback(self, bounds: tuple[int, int]) -> None:
+        """A slice that never came back averaged: the round did not happen for it, so its residual
+        returns to what it was before (its values are sent afresh next round)."""
+        if self.residual is None:
+            return
+        for a, b, target in self._targets.pop(bounds, []):
+            self.residual[a:b] = target - self.values[a:b]
 
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""
@@ -268,19 +329,21 @@ class RoundExchange:
             )
             if kind == FrameKind.REJECT:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
-                return None
-            return bounds, await self._receive_mean(owner, reader, end - start)
+            else:
+                return bounds, await self._receive_mean(owner, message, reader, end - start)
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")
         finally:
             if writer is not None:
                 writer.close()
+        self._undo_error_feedback(bounds)
         return None
 
-    async def _receive_mean(self, owner: str, reader: asyncio.StreamReader, numel: int) -> torch.Tensor:
+    async def _receive_mean(self, owner: str, result: dict, reader: asyncio.StreamReader, numel: int) -> torch.Tensor:
         """The owner's averaged shard; malformed data is counted as a rejection of that owner."""
         try:
-            values = await _receive_tensor(reader, numel, self.codec, self.counter, self.timeouts.part)
+            codec = self._mean_codec(result.get("codec"))
+            values = await _receive_tensor(reader, numel, codec, self.counter, self.timeouts.part)
         except (ProtocolError, CodecError) as e:
             self.rejections.record(classify(e), owner, self.plan.round_id, f"averaged shard dropped: {e!r}")
             raise

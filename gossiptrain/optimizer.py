@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from gossiptrain.codecs import get_codec
 from gossiptrain.exchange import RoundResult
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.peer import Peer
+from gossiptrain.wire import WireState
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,10 @@ class GossipOptimizer:
         samples_per_step: samples in one local step; a peer's weight is its samples since the last round.
         startup_timeout: seconds allowed to start the daemon and join the DHT.
         on_round: called with each ``RoundRecord`` (from the training thread).
-        peer_options: passed to ``Peer`` (target_group_size, host_maddrs, codec, timeouts, ...).
+        codec: codec spec for the wire, e.g. ``"int8"`` or ``"topk:0.01+int8"`` (see ``gossiptrain.codecs``).
+        sync_every: with a sparse or low-rank codec, one round in this many averages the parameters
+            with the codec's dense stage (see ``gossiptrain.wire``).
+        peer_options: passed to ``Peer`` (target_group_size, host_maddrs, timeouts, ...).
     """
 
     def __init__(
@@ -97,11 +102,14 @@ class GossipOptimizer:
         samples_per_step: int = 1,
         startup_timeout: float = 30.0,
         on_round: Callable[[RoundRecord], None] | None = None,
+        codec: str = "none",
+        sync_every: int = 10,
         **peer_options: Any,
     ):
         self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.average_every_steps, self.samples_per_step, self.on_round = average_every_steps, samples_per_step, on_round
+        self.wire = WireState(get_codec(codec), sync_every)
         self.peer = Peer(
             run_id,
             initial_peers=initial_peers,
@@ -118,6 +126,7 @@ class GossipOptimizer:
         self._steps_since_round = 0
         self._inflight: concurrent.futures.Future | None = None
         self._snapshot: torch.Tensor | None = None
+        self._mode = "params"
         self._loop = LoopThread()
         try:
             self._loop.run(self.peer.start(), timeout=startup_timeout)
@@ -162,12 +171,19 @@ class GossipOptimizer:
         self._poll_round()
         return result
 
-    def average_now(self, timeout: float = 60.0) -> RoundRecord:
-        """Block until the round in flight (if any) and one fresh round are applied; for a final sync."""
+    def average_now(self, timeout: float = 60.0, params: bool = False) -> RoundRecord:
+        """Block until the round in flight (if any) and one fresh round are applied; for a final sync.
+
+        With ``params=True`` the fresh round is the next one that averages the parameters
+        themselves (not deltas), which is what brings peers to agreement (``gossiptrain.wire``).
+        """
         if self._inflight is not None:
             concurrent.futures.wait([self._inflight], timeout=timeout)
             self._poll_round(start_next=False)
-        self._start_round()
+        round_id = self.peer.next_round_id()
+        while params and self.wire.mode(round_id) != "params":
+            round_id += 1
+        self._start_round(round_id)
         concurrent.futures.wait([self._inflight], timeout=timeout)
         record = self._poll_round(start_next=False)
         if record is None:
@@ -185,7 +201,7 @@ class GossipOptimizer:
         deadline, agreed, record = time.monotonic() + timeout, 0, None
         while agreed < rounds and (remaining := deadline - time.monotonic()) > 0:
             try:
-                record = self.average_now(timeout=remaining)
+                record = self.average_now(timeout=remaining, params=True)
             except TimeoutError:
                 break
             live = self._loop.run(self.peer.live_peers(), timeout=10)
@@ -212,12 +228,17 @@ class GossipOptimizer:
             self._start_round()
         return record
 
-    def _start_round(self) -> None:
+    def _start_round(self, round_id: int | None = None) -> None:
         with torch.no_grad():
             self._snapshot = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
         weight = float(max(self._samples_since_round, 1))
         self._samples_since_round = self._steps_since_round = 0
-        self._inflight = self._loop.submit(self.peer.average(self._snapshot, weight))
+        round_id = self.peer.next_round_id() if round_id is None else round_id
+        wire = self.wire.contribution(self._snapshot, round_id)
+        self._mode = wire.mode
+        self._inflight = self._loop.submit(
+            self.peer.average(wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec)
+        )
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
         try:
@@ -226,7 +247,7 @@ class GossipOptimizer:
             logger.warning("averaging round crashed: %r", e)
             result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
         if result.status == "averaged":
-            self._apply_delta(result.averaged - self._snapshot)
+            self._apply_delta(self.wire.combine(result, self._snapshot, self._mode) - self._snapshot)
             self.rounds_done += 1
         elif result.status == "failed":
             self.rounds_failed += 1

@@ -22,7 +22,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from gossiptrain.allreduce import GroupPlan
-from gossiptrain.codecs import get_codec
+from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
 from gossiptrain.membership import Membership
@@ -199,10 +199,22 @@ class Peer:
         """The first round slot that starts at least ``lead`` seconds from now."""
         return math.ceil((get_dht_time() + lead) / self.round_interval)
 
-    async def average(self, tensor: torch.Tensor, weight: float = 1.0, round_id: int | None = None) -> RoundResult:
+    async def average(
+        self,
+        tensor: torch.Tensor,
+        weight: float = 1.0,
+        round_id: int | None = None,
+        *,
+        residual: torch.Tensor | None = None,
+        mode: str = "params",
+        codec: Codec | None = None,
+    ) -> RoundResult:
         """Average a flat float32 tensor with this round's group; returns the averaged copy.
 
         The input is not modified.  If ``round_id`` is None, the next round slot is used.
+        ``residual`` is the error-feedback state of what is averaged (updated in place), and
+        ``mode`` names what the tensor is ("params" or "delta") and ``codec`` overrides the peer's
+        codec for this round: all members of a round must agree on both.
         """
         if tensor.dim() != 1 or tensor.dtype != torch.float32:
             raise ValueError(f"average() takes a flat float32 tensor, got {tuple(tensor.shape)} {tensor.dtype}")
@@ -236,7 +248,17 @@ class Peer:
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
         plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
         exchange = self.exchange_class(
-            self.p2p, self.protocol, plan, self.peer_id, snapshot, weight, self.codec, self.timeouts, self.rejections
+            self.p2p,
+            self.protocol,
+            plan,
+            self.peer_id,
+            snapshot,
+            weight,
+            codec or self.codec,
+            self.timeouts,
+            self.rejections,
+            residual,
+            mode,
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():

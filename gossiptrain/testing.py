@@ -192,7 +192,7 @@ class FaultyExchange(RoundExchange):
     )
 
     async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
-        hello, values = self.hello(start, end), self.snapshot[start:end].clone()
+        hello, values = self.hello(start, end), self.values[start:end].clone()
         if self.fault == "garbage":
             writer.write(FRAME_PREFIX.pack(FrameKind.HELLO, 16) + b"\xc1" * 16)  # 0xc1 is never valid msgpack
             return await writer.drain()
