@@ -374,6 +374,11 @@ class Codec:
         return isinstance(self.reducer, _Identity)
 
     @property
+    def lossless(self) -> bool:
+        """True for ``none``: what is decoded is exactly what was encoded (no error feedback needed)."""
+        return self.is_dense and self.dense.name == "none"
+
+    @property
     def dense_stage(self) -> Codec:
         """The chain's dense stage alone (``int8`` for ``topk:0.01+int8``): every value, quantized."""
         return Codec(self.dense.name, self.dense)

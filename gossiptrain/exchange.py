@@ -150,7 +150,8 @@ class RoundExchange:
         mode: str = "params",
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
-        self.rejections, self.residual, self.mode = rejections, residual, mode
+        self.rejections, self.mode = rejections, mode
+        self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
         self.errors: list[str] = []
@@ -209,6 +210,8 @@ class RoundExchange:
         codec = self.codec.for_mean(self._reduction.contributors + 1, _union_fraction(mean))
         payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
         self._mean.set_result((codec.name, payloads))
+        if codec.lossless:
+            return self._own_shard, mean
         decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
         return self._own_shard, decoded
 

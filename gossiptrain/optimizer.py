@@ -17,6 +17,7 @@ from gossiptrain.codecs import get_codec
 from gossiptrain.exchange import RoundResult
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.peer import Peer
+from gossiptrain.state import NoStateDonors, download_state
 from gossiptrain.wire import WireState
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,16 @@ class GossipOptimizer:
     so local steps taken meanwhile are kept (DESIGN: asynchronous).  A round that failed or found
     no partner changes nothing.
 
+    Joining: before the constructor returns (so before any round), the peer downloads the training
+    state of a live peer of the run (``gossiptrain.state``): parameters, the wrapped optimizer's
+    state dict (its hyperparameters too, e.g. a scheduled learning rate) and ``local_step``.  If no
+    live peer serves its state, this peer is the first of its run (or starts together with the
+    others) and keeps its own initialisation.  A donor that fails mid-download is replaced by the
+    next one; if none works, the constructor raises ``StateDownloadError`` and leaves the swarm.
+    Only the optimizer's parameters travel, not module buffers (e.g. BatchNorm statistics).  Once
+    ready, every GossipOptimizer serves its own state to later joiners; the snapshot is taken
+    under a lock that ``step()`` holds while it updates the parameters.
+
     Args:
         optimizer: the local optimizer; its parameters are the ones averaged.
         run_id: name of the training run.
@@ -88,6 +99,9 @@ class GossipOptimizer:
         codec: codec spec for the wire, e.g. ``"int8"`` or ``"topk:0.01+int8"`` (see ``gossiptrain.codecs``).
         sync_every: with a sparse or low-rank codec, one round in this many averages the parameters
             with the codec's dense stage (see ``gossiptrain.wire``).
+        load_state: download the training state from a live peer before taking part (see Joining);
+            False keeps this peer's own initialisation even when others are training.
+        state_timeout: seconds allowed for the whole state download, over all donors tried.
         peer_options: passed to ``Peer`` (target_group_size, host_maddrs, timeouts, ...).
     """
 
@@ -104,6 +118,8 @@ class GossipOptimizer:
         on_round: Callable[[RoundRecord], None] | None = None,
         codec: str = "none",
         sync_every: int = 10,
+        load_state: bool = True,
+        state_timeout: float = 300.0,
         **peer_options: Any,
     ):
         self.optimizer = optimizer
@@ -127,12 +143,21 @@ class GossipOptimizer:
         self._inflight: concurrent.futures.Future | None = None
         self._snapshot: torch.Tensor | None = None
         self._mode = "params"
+        self._state_lock = threading.Lock()  # guards params, optimizer state and local_step against snapshots
+        self.state_download_seconds: float | None = None
         self._loop = LoopThread()
         try:
             self._loop.run(self.peer.start(), timeout=startup_timeout)
         except BaseException:
             self._loop.close()
             self._loop = None
+            raise
+        try:
+            if load_state:
+                self._download_state(state_timeout)
+            self._loop.run(self.peer.serve_state(self._state_snapshot), timeout=startup_timeout)
+        except BaseException:
+            self.shutdown()
             raise
 
     @property
@@ -171,16 +196,17 @@ class GossipOptimizer:
         self._poll_round()
         return result
 
-    def average_now(self, timeout: float = 60.0, params: bool = False) -> RoundRecord:
+    def average_now(self, timeout: float = 60.0, params: bool = False, round_id: int | None = None) -> RoundRecord:
         """Block until the round in flight (if any) and one fresh round are applied; for a final sync.
 
         With ``params=True`` the fresh round is the next one that averages the parameters
         themselves (not deltas), which is what brings peers to agreement (``gossiptrain.wire``).
+        ``round_id`` picks the round explicitly (peers that agree on it average together).
         """
         if self._inflight is not None:
             concurrent.futures.wait([self._inflight], timeout=timeout)
             self._poll_round(start_next=False)
-        round_id = self.peer.next_round_id()
+        round_id = self.peer.next_round_id() if round_id is None else round_id
         while params and self.wire.mode(round_id) != "params":
             round_id += 1
         self._start_round(round_id)

@@ -26,6 +26,7 @@ from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
 from gossiptrain.membership import Membership
+from gossiptrain.state import StateProvider, StateServer, state_protocol
 from gossiptrain.transport import ByteCounter, FrameKind, read_message, write_message
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Peer:
     """
 
     exchange_class = RoundExchange  # gossiptrain.testing swaps in a misbehaving one
+    state_server_class = StateServer  # likewise
 
     def __init__(
         self,
@@ -101,6 +103,7 @@ class Peer:
         self._heartbeat: asyncio.Task | None = None
         self._exchanges: dict[int, asyncio.Future[RoundExchange]] = {}
         self.rejections = Rejections()
+        self.state_server: StateServer | None = None
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -144,6 +147,7 @@ class Peer:
 
     async def stop(self) -> None:
         """Leave the swarm at once (tombstone in the DHT) and stop the daemon."""
+        await self._stop_serving_state()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -163,7 +167,37 @@ class Peer:
             await self.p2p.shutdown()
 
     def _record(self) -> dict[str, Any]:
-        return {**self.info, "schema": self.model_schema, "client": self.client_mode, "time": get_dht_time()}
+        return {
+            **self.info,
+            "schema": self.model_schema,
+            "client": self.client_mode,
+            "serves_state": self.state_server is not None,
+            "time": get_dht_time(),
+        }
+
+    async def serve_state(self, provider: StateProvider, **options: Any) -> None:
+        """Serve this peer's training state to joiners (``gossiptrain.state``) and say so in our record.
+
+        Call it once this peer's state is worth copying (after its own download, if any).  ``options`` go
+        to ``StateServer`` (chunk_bytes, max_concurrent).  ``stop()`` unregisters it.
+        """
+        if self.state_server is not None:
+            raise RuntimeError("this peer already serves its state")
+        server = self.state_server_class(provider, self.run_id, self.timeouts, **options)
+        await self.p2p.add_binary_stream_handler(state_protocol(self.run_id), server.handle)
+        self.state_server = server
+        await self.publish_info()
+
+    async def _stop_serving_state(self) -> None:
+        server, self.state_server = self.state_server, None
+        if server is None:
+            return
+        try:
+            async with asyncio.timeout(self.timeouts.join):
+                await self.p2p.remove_binary_stream_handler(state_protocol(self.run_id))
+        except Exception as e:  # the daemon stops next anyway, which drops the handler too
+            logger.warning("could not unregister the state handler: %r", e)
+        await server.close()
 
     async def _check_model_schema(self) -> None:
         if self.model_schema is None or not self.initial_peers:

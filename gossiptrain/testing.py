@@ -175,7 +175,11 @@ def _with_nan(payload: bytes) -> bytes:
 
 
 class FaultyExchange(RoundExchange):
-    """A round exchange that uploads bad data of one kind (``fault``), to test that peers refuse it."""
+    """A round exchange that uploads bad data of one kind (``fault``), to test that peers refuse it.
+
+    ``die`` sends half of its slice and then SIGKILLs its own process session (the daemon too),
+    as a machine that dies in the middle of an exchange; use it only in a ``LocalSwarm.spawn`` child.
+    """
 
     fault = "nan"
     FAULTS = (
@@ -189,6 +193,7 @@ class FaultyExchange(RoundExchange):
         "wrong_run",
         "not_in_group",
         "stall",
+        "die",
     )
 
     async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
@@ -220,14 +225,19 @@ class FaultyExchange(RoundExchange):
             return await writer.drain()
         elif self.fault == "stall":
             return await asyncio.sleep(3600)
+        elif self.fault == "die":
+            payloads = self.payloads(start, end)
+            for payload in payloads[: max(1, len(payloads) // 2)]:
+                await write_frame(writer, FrameKind.PART, payload, self.counter)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         await write_frame(writer, FrameKind.PART, self.codec.encode(values), self.counter)
 
 
 class FaultyPeer(Peer):
-    """A peer whose uploads are bad in one way; in client mode it reduces nothing, only sends."""
+    """A peer whose uploads are bad in one way; in client mode (the default) it reduces nothing."""
 
-    def __init__(self, *args: Any, fault: str, **kwargs: Any):
-        super().__init__(*args, client_mode=True, **kwargs)
+    def __init__(self, *args: Any, fault: str, client_mode: bool = True, **kwargs: Any):
+        super().__init__(*args, client_mode=client_mode, **kwargs)
         if fault not in FaultyExchange.FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyExchange.FAULTS}")
         self.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})

@@ -25,6 +25,7 @@ class FrameKind(IntEnum):
     PART = 2  # a slice of tensor data, codec-encoded
     RESULT = 3  # owner -> contributor: the averaged shard follows as PART frames
     REJECT = 4  # owner -> contributor: refused, with a reason
+    STATE = 5  # state donor -> joiner: size, sha256 and chunk size of the state; PART frames follow
 
 
 class ProtocolError(Exception):

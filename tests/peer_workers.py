@@ -1,27 +1,31 @@
 """Functions that run inside spawned peer processes (importable by the children)."""
 
 import asyncio
+import math
+import time
+from functools import partial
 
 import torch
 
 from gossiptrain.peer import Peer
-from gossiptrain.testing import LOOPBACK
+from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
 
 def average_rounds(
-    initial_peers, run_id, seed, numel, weight, group_size, interval, num_peers, ready, go, start_round, rounds
+    initial_peers, run_id, seed, numel, weight, group_size, interval, num_peers, ready, go, start_round, rounds, fault
 ):
-    """Join, signal ready, wait for the parent's start round, then average ``rounds`` consecutive rounds."""
+    """Join, signal ready, wait for the parent's start round, then average ``rounds`` consecutive rounds.
+
+    With a ``fault``, this peer is a ``FaultyPeer`` that owns a shard like any other member.
+    """
     torch.set_num_threads(1)
+    options = dict(
+        initial_peers=initial_peers, host_maddrs=[LOOPBACK], target_group_size=group_size, round_interval=interval
+    )
 
     async def main():
-        async with Peer(
-            run_id,
-            initial_peers=initial_peers,
-            host_maddrs=[LOOPBACK],
-            target_group_size=group_size,
-            round_interval=interval,
-        ) as peer:
+        peer_class = Peer if fault is None else partial(FaultyPeer, fault=fault, client_mode=False)
+        async with peer_class(run_id, **options) as peer:
             await peer.wait_for_peers(num_peers, timeout=60)
             ready.put(peer.peer_id)
             await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
@@ -30,7 +34,85 @@ def average_rounds(
             for round_id in range(start_round.value, start_round.value + rounds):
                 result = await peer.average(values, weight, round_id)
                 values = result.averaged
-                history.append({"status": result.status, "group": result.group, "errors": result.errors})
+                history.append(
+                    {
+                        "status": result.status,
+                        "group": result.group,
+                        "errors": result.errors,
+                        "seconds": result.seconds,
+                        "combined": result.combined,
+                        "peer": peer.peer_id,
+                    }
+                )
             return {"values": values, "history": history}
 
     return asyncio.run(main())
+
+
+def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_round, rounds):
+    """A GossipOptimizer that takes no local steps and only averages: returns its parameters per round."""
+    from gossiptrain.optimizer import GossipOptimizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)  # every peer starts from different parameters
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    options = dict(target_group_size=2, average_every=1.0, sync_every=2, codec=codec, host_maddrs=[LOOPBACK])
+    with GossipOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        run_id="consensus",
+        initial_peers=initial_peers,
+        load_state=False,
+        **options,
+    ) as optimizer:
+        optimizer.wait_for_peers(num_peers, timeout=60)
+        ready.put(seed)
+        go.wait(120)
+        history = []
+        for round_id in range(start_round.value, start_round.value + rounds):
+            record = optimizer.average_now(timeout=30, round_id=round_id)
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            history.append((round_id, record.status, flat.clone()))
+        return history
+
+
+def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0):
+    """Spawn peers that average seeded random tensors; returns the healthy ones' results and the
+    exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault)."""
+    faults = faults or {}
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready, go, start_round = swarm.context.Queue(), swarm.context.Event(), swarm.context.Value("q", 0)
+        for i in range(num_peers):
+            swarm.spawn(
+                i,
+                average_rounds,
+                swarm.initial_peers,
+                "avg",
+                i,
+                numel,
+                weights[i],
+                group_size,
+                interval,
+                num_peers,
+                ready,
+                go,
+                start_round,
+                rounds,
+                faults.get(i),
+            )
+        for _ in range(num_peers):
+            ready.get(timeout=120)
+        next_slot = math.ceil((time.time() + 1.5) / interval)
+        start_round.value = next_slot + next_slot % 2  # an even round: the first of a Moshpit epoch
+        go.set()
+        results = swarm.results(num_peers - len(faults), timeout=120)
+    return results, seeded_inputs(num_peers, numel)
+
+
+def seeded_inputs(num_peers, numel):
+    return torch.stack([torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(num_peers)])
+
+
+def weighted_mean(inputs, weights):
+    weights = torch.tensor(weights, dtype=torch.float64)
+    return ((inputs.double() * weights[:, None]).sum(0) / weights.sum()).float()

@@ -1,6 +1,5 @@
 """Real peers as processes over real sockets on localhost."""
 
-import math
 import re
 import subprocess
 import sys
@@ -11,48 +10,14 @@ import torch
 
 from gossiptrain.demo import run_demo
 from gossiptrain.testing import LocalSwarm, ProcessOutput
-from tests.peer_workers import average_rounds
-
-INTERVAL = 2.0
-
-
-def run_averaging(num_peers, group_size, numel, rounds, weights):
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        context = swarm.context
-        ready, go, start_round = context.Queue(), context.Event(), context.Value("q", 0)
-        for i in range(num_peers):
-            swarm.spawn(
-                i,
-                average_rounds,
-                swarm.initial_peers,
-                "avg",
-                i,
-                numel,
-                weights[i],
-                group_size,
-                INTERVAL,
-                num_peers,
-                ready,
-                go,
-                start_round,
-                rounds,
-            )
-        for _ in range(num_peers):
-            ready.get(timeout=120)
-        next_slot = math.ceil((time.time() + 1.5) / INTERVAL)
-        start_round.value = next_slot + next_slot % 2  # an even round: the first of a Moshpit epoch
-        go.set()
-        results = swarm.results(num_peers, timeout=120)
-    inputs = torch.stack([torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(num_peers)])
-    weights = torch.tensor(weights, dtype=torch.float64)
-    expected = (inputs.double() * weights[:, None]).sum(0) / weights.sum()
-    return results, expected.float()
+from tests.peer_workers import run_averaging, weighted_mean
 
 
 @pytest.mark.timeout(240)
 def test_four_peers_average_to_the_exact_weighted_mean():
-    results, expected = run_averaging(4, 4, 100_003, rounds=1, weights=[1.0, 2.0, 3.0, 10.0])
+    weights = [1.0, 2.0, 3.0, 10.0]
+    results, inputs = run_averaging(4, 4, 100_003, rounds=1, weights=weights)
+    expected = weighted_mean(inputs, weights)
     for result in results.values():
         assert result["history"][0]["status"] == "averaged", result["history"]
         assert len(result["history"][0]["group"]) == 4
@@ -61,7 +26,8 @@ def test_four_peers_average_to_the_exact_weighted_mean():
 
 @pytest.mark.timeout(300)
 def test_sixteen_peers_in_groups_of_four_reach_the_global_mean_in_two_rounds():
-    results, expected = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16)
+    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16)
+    expected = inputs.mean(0)
     for result in results.values():
         assert [h["status"] for h in result["history"]] == ["averaged", "averaged"], result["history"]
         assert all(len(h["group"]) == 4 for h in result["history"])
