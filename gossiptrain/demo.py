@@ -40,14 +40,16 @@ def _table(records: dict[int, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def run_demo(num_peers: int = 4, steps: int = 3000, timeout: float = 300.0, codec: str = "none") -> dict:
+def run_demo(
+    num_peers: int = 4, steps: int = 3000, timeout: float = 300.0, codec: str = "none", average_every: float = 0.5
+) -> dict:
     """Train digits with ``num_peers`` local peers; returns the peers' final accuracy and spread."""
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm() as swarm:
         work = Path(workdir)
         print(f"bootstrap node at {swarm.start_bootstrap()[0]}", flush=True)
         peers = [
             swarm.start_peer(
-                *("--steps", str(steps), "--seed", str(i), "--average-every", "0.5", "--codec", codec),
+                *("--steps", str(steps), "--seed", str(i), "--average-every", str(average_every), "--codec", codec),
                 *("--wait-for-peers", str(num_peers), "--metrics-file", str(work / f"peer{i}.jsonl")),
                 *("--save-model", str(work / f"peer{i}.pt")),
             )[0]

@@ -157,10 +157,10 @@ class RoundExchange:
         self.errors: list[str] = []
         self._shards = plan.shards()
         self._own_shard = self._shards.get(me)
-        self._reduction = ShardReduction(values[slice(*self._own_shard)], weight) if self._own_shard else None
+        self._targets: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
+        self._reduction = ShardReduction(self._own_contribution(), weight) if self._own_shard else None
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes]] | None] = asyncio.get_running_loop().create_future()
-        self._targets: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
         self._joined: set[str] = set()
         self._replies: list[asyncio.Future[None]] = []
 
@@ -205,6 +205,7 @@ class RoundExchange:
             await asyncio.wait(waiting)
         if not self._reduction.contributors:
             self._mean.set_result(None)
+            self._undo_error_feedback(self._own_shard)
             return None
         mean = self._reduction.mean()
         codec = self.codec.for_mean(self._reduction.contributors + 1, _union_fraction(mean))
@@ -214,6 +215,15 @@ class RoundExchange:
             return self._own_shard, mean
         decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
         return self._own_shard, decoded
+
+    def _own_contribution(self) -> torch.Tensor:
+        """Our values for our own shard, through the codec like everyone else's: a mean of sparse
+        contributions stays sparse, and what the codec drops goes to our residual too."""
+        start, end = self._own_shard
+        if self.codec.lossless:
+            return self.values[start:end]
+        parts = zip(self.payloads(start, end), _parts(start, end))
+        return torch.cat([self.codec.decode(payload, b - a) for payload, (a, b) in parts])
 
     async def handle_contribution(
         self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -101,7 +101,7 @@ class Peer:
         self.dht: DHTNode | None = None
         self.membership: Membership | None = None
         self._heartbeat: asyncio.Task | None = None
-        self._exchanges: dict[int, asyncio.Future[RoundExchange]] = {}
+        self._exchanges: dict[int, asyncio.Future[RoundExchange | None]] = {}
         self.rejections = Rejections()
         self.state_server: StateServer | None = None
 
@@ -229,7 +229,7 @@ class Peer:
     def round_start(self, round_id: int) -> float:
         return round_id * self.round_interval
 
-    def next_round_id(self, lead: float = 0.3) -> int:
+    def next_round_id(self, lead: float = 0.5) -> int:
         """The first round slot that starts at least ``lead`` seconds from now."""
         return math.ceil((get_dht_time() + lead) / self.round_interval)
 
@@ -263,8 +263,8 @@ class Peer:
                 await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not register for the round in the DHT")
-        if get_dht_time() > start:
-            return self._failed(round_id, snapshot, "registered after the round had started")
+        if get_dht_time() > start:  # others may have seen us already: take part, late, rather than let them wait
+            logger.info("registered for round %s %.3fs after it started", round_id, get_dht_time() - start)
         await asyncio.sleep(max(0.0, start - get_dht_time()))
         started = time.perf_counter()
         try:
@@ -314,7 +314,7 @@ class Peer:
         for stale in [r for r in self._exchanges if r < round_id]:
             future = self._exchanges.pop(stale)
             if not future.done():
-                future.cancel()
+                future.set_result(None)
 
     async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve a group member's upload of its slice of our shard."""
@@ -331,6 +331,10 @@ class Peer:
             slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
             async with asyncio.timeout(self.timeouts.join):
                 exchange = await asyncio.shield(slot)
+            if exchange is None:  # that round is over here and we never took part in it
+                self.rejections.record("stale_round", sender, round_id, "this peer did not take part in that round")
+                await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id} is over"}, counter)
+                return
             exchange.counter.received += counter.received
             await exchange.handle_contribution(sender, hello, reader, writer)
         except EXCHANGE_ERRORS as e:
