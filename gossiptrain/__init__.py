@@ -4,6 +4,7 @@ from gossiptrain.exchange import RoundResult, Timeouts
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.peer import InitialPeersError, ModelMismatchError, Peer
+from gossiptrain.state import StateDownloadError
 
 __all__ = [
     "GossipOptimizer",
@@ -12,5 +13,6 @@ __all__ = [
     "Peer",
     "RoundRecord",
     "RoundResult",
+    "StateDownloadError",
     "Timeouts",
 ]

@@ -68,6 +68,28 @@ def model_schema(params: Sequence[torch.Tensor]) -> str:
     return f"{numel}params-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def _copied(obj: Any) -> Any:
+    """A copy of nested dicts/lists/tuples in which every tensor is a detached CPU copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _copied(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(value) for value in obj)
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _tensors(value)]
+    return []
+
+
 class GossipOptimizer:
     """Wraps any ``torch.optim.Optimizer``; averages parameters with the swarm in the background.
 
@@ -171,7 +193,8 @@ class GossipOptimizer:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
+        with self._state_lock:
+            self.optimizer.load_state_dict(state_dict)
 
     def maddrs(self) -> list[str]:
         return self._loop.run(self.peer.maddrs(), timeout=10)
@@ -189,8 +212,9 @@ class GossipOptimizer:
         }
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        result = self.optimizer.step(closure)
-        self.local_step += 1
+        with self._state_lock:
+            result = self.optimizer.step(closure)
+            self.local_step += 1
         self._steps_since_round += 1
         self._samples_since_round += self.samples_per_step
         self._poll_round()
@@ -304,11 +328,66 @@ class GossipOptimizer:
 
     def _apply_delta(self, delta: torch.Tensor) -> None:
         offset = 0
-        with torch.no_grad():
+        with self._state_lock, torch.no_grad():
             for p in self.params:
                 n = p.numel()
                 p.add_(delta[offset : offset + n].view_as(p).to(p.device, p.dtype))
                 offset += n
+
+    def _download_state(self, timeout: float) -> None:
+        """Load a live peer's training state, unless this peer is the first of its run (see Joining)."""
+        started = time.perf_counter()
+        try:
+            state = self._loop.run(
+                download_state(self.peer, timeout=timeout, validate=self._check_state), timeout=timeout + 10
+            )
+        except NoStateDonors:
+            logger.info("no live peer of run %r serves its state: keeping our own initialisation", self.peer.run_id)
+            return
+        with self._state_lock, torch.no_grad():
+            self.optimizer.load_state_dict(state["optimizer"])  # checks the groups before it changes anything
+            for p, value in zip(self.params, state["params"]):
+                p.copy_(value)
+            self.local_step = state["local_step"]
+        self.state_download_seconds = time.perf_counter() - started
+        self.report()
+        logger.info(
+            "joined run %r at step %d with a downloaded state in %.2fs",
+            self.peer.run_id,
+            self.local_step,
+            self.state_download_seconds,
+        )
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if a downloaded state cannot be loaded here (called before anything is loaded)."""
+        params, optimizer, local_step = state.get("params"), state.get("optimizer"), state.get("local_step")
+        if not isinstance(params, list) or len(params) != len(self.params):
+            raise ValueError(f"expected a list of {len(self.params)} parameters, got {type(params).__name__}")
+        for i, (ours, theirs) in enumerate(zip(self.params, params)):
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape or theirs.dtype != ours.dtype:
+                got = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, torch.Tensor) else repr(theirs)
+                raise ValueError(f"parameter {i} should be {tuple(ours.shape)} {ours.dtype}, got {got}")
+        if not isinstance(local_step, int) or isinstance(local_step, bool) or local_step < 0:
+            raise ValueError(f"local_step should be a non-negative int, got {local_step!r}")
+        groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("the optimizer state is not a torch.optim state_dict")
+        theirs = [len(g.get("params", ())) for g in groups]
+        ours = [len(g["params"]) for g in self.optimizer.param_groups]
+        if theirs != ours:
+            raise ValueError(f"the optimizer's parameter groups hold {theirs} parameters, ours {ours}")
+        if not all(torch.isfinite(t).all() for t in [*params, *_tensors(optimizer)] if t.is_floating_point()):
+            raise ValueError("the state holds NaN or Inf values")
+
+    def _state_snapshot(self) -> dict[str, Any]:
+        """What a joiner needs, copied under the state lock (the state server calls it from a worker thread)."""
+        with self._state_lock:
+            return {
+                "params": [p.detach().to("cpu", copy=True) for p in self.params],
+                "optimizer": _copied(self.optimizer.state_dict()),
+                "local_step": self.local_step,
+                "extra": {"schema": self.peer.model_schema, "rounds_done": self.rounds_done},
+            }
 
     def shutdown(self) -> None:
         """Leave the swarm and stop the background loop; safe to call twice."""

@@ -30,6 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,7 +63,7 @@ It is called in a worker thread, once per request, and must return a consistent 
 change afterwards (copies of the live tensors, taken under the lock that guards training)."""
 
 
-class StateDownloadError(RuntimeError):
+class StateDownloadError(ConnectionError):
     """No live peer could give this peer the run's training state."""
 
 
@@ -160,7 +161,7 @@ class StateServer:
         self.served = 0
         self._streams: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self._busy = 0
-        self._closed = False
+        self.closed = asyncio.Event()
 
     def snapshot(self) -> tuple[memoryview, str]:
         """Take and serialize one snapshot (in a worker thread); returns the bytes and their sha256."""
@@ -175,7 +176,9 @@ class StateServer:
             _, hello = await read_message(reader, counter, timeout=self.timeouts.join, expect=(FrameKind.HELLO,))
             if hello.get("run_id") != self.run_id:
                 return await self._reject(writer, counter, f"this peer trains run {self.run_id!r}")
-            if self._closed or self._busy >= self.max_concurrent:
+            if self.closed.is_set():
+                return await self._reject(writer, counter, "this peer is leaving the run")
+            if self._busy >= self.max_concurrent:
                 return await self._reject(writer, counter, f"busy: serving {self._busy} joiners already")
             self._busy += 1
             try:
@@ -200,9 +203,7 @@ class StateServer:
             await write_message(writer, FrameKind.STATE, header, counter)
         await self.send_parts(writer, data, counter)
         self.served += 1
-        logger.info(
-            "served %d bytes of state to %s in %.2fs", len(data), joiner, time.perf_counter() - started
-        )
+        logger.info("served %d bytes of state to %s in %.2fs", len(data), joiner, time.perf_counter() - started)
 
     async def send_parts(self, writer: asyncio.StreamWriter, data: memoryview, counter: ByteCounter) -> None:
         """Send ``data`` as PART frames, each within ``timeouts.part`` (testing overrides this to misbehave)."""
@@ -216,16 +217,26 @@ class StateServer:
 
     async def close(self) -> None:
         """Refuse new requests and end the downloads in progress (their joiners try another donor)."""
-        self._closed = True
+        self.closed.set()
         for writer in self._streams.values():
             writer.close()
         if self._streams:
             await asyncio.wait(list(self._streams), timeout=self.timeouts.part)
 
 
-async def fetch_state(peer: Peer, donor: str, *, header_timeout: float, max_bytes: int) -> bytearray:
+@dataclass
+class Progress:
+    """How far one download got: the size the donor announced and the bytes received so far."""
+
+    size: int | None = None
+    received: int = 0
+
+
+async def fetch_state(
+    peer: Peer, donor: str, *, header_timeout: float, max_bytes: int, progress: Progress | None = None
+) -> bytearray:
     """Download the serialized state from one donor and check its size and sha256; raise on any failure."""
-    counter = ByteCounter()
+    counter, progress = ByteCounter(), progress or Progress()
     async with asyncio.timeout(peer.timeouts.join):
         _, reader, writer = await peer.p2p.call_binary_stream_handler(
             PeerID.from_base58(donor), state_protocol(peer.run_id)
@@ -244,7 +255,7 @@ async def fetch_state(peer: Peer, donor: str, *, header_timeout: float, max_byte
             raise ProtocolError(f"the donor announced a malformed sha256 digest {digest!r}")
         if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= MAX_FRAME_BYTES:
             raise ProtocolError(f"the donor announced chunks of {chunk_bytes!r} bytes")
-        data, hasher = bytearray(), hashlib.sha256()
+        data, hasher, progress.size = bytearray(), hashlib.sha256(), size
         while len(data) < size:
             kind, part = await read_frame(
                 reader, counter, timeout=peer.timeouts.part, max_bytes=min(chunk_bytes, size - len(data))
@@ -253,11 +264,22 @@ async def fetch_state(peer: Peer, donor: str, *, header_timeout: float, max_byte
                 raise ProtocolError(f"expected a non-empty PART frame, got {kind.name} of {len(part)} bytes")
             hasher.update(part)
             data += part
+            progress.received = len(data)
         if hasher.hexdigest() != digest:
             raise ChecksumMismatch(f"sha256 of the {size} bytes received is {hasher.hexdigest()}, not {digest}")
         return data
     finally:
         writer.close()
+
+
+def _loaded(data: bytearray, validate: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    state = deserialize_state(data)
+    if validate is not None:
+        try:
+            validate(state)
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidState(str(e)) from None
+    return state
 
 
 def _rejection_kind(error: BaseException) -> str:
@@ -271,8 +293,10 @@ def _rejection_kind(error: BaseException) -> str:
         return "state_refused"
     if isinstance(error, TimeoutError):  # before OSError, its base class
         return "state_timeout"
-    if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError, P2PDaemonError)):
-        return "state_unreachable_or_truncated"
+    if isinstance(error, P2PDaemonError):
+        return "state_unreachable"
+    if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError)):
+        return "state_truncated"
     return "state_garbage"
 
 
@@ -306,21 +330,21 @@ async def download_state(
             if not donors:
                 raise NoStateDonors(f"no live peer of run {peer.run_id!r} serves its training state")
             for donor in donors:
+                progress = Progress()
                 try:
-                    data = await fetch_state(peer, donor, header_timeout=header_timeout, max_bytes=max_bytes)
-                    state = await asyncio.to_thread(deserialize_state, data)
-                    if validate is not None:
-                        try:
-                            validate(state)
-                        except (ValueError, TypeError, KeyError) as e:
-                            raise InvalidState(str(e)) from None
+                    data = await fetch_state(
+                        peer, donor, header_timeout=header_timeout, max_bytes=max_bytes, progress=progress
+                    )
+                    state = await asyncio.to_thread(_loaded, data, validate)
                 except DOWNLOAD_ERRORS as e:
                     kind = _rejection_kind(e)
                     peer.rejections[kind] += 1
                     failures.append(f"{donor}: {e!r}")
                     logger.warning(
-                        "could not download the state from %s (%s: %r); %s",
+                        "could not download the state from %s after %d of %s bytes (%s: %r); %s",
                         donor,
+                        progress.received,
+                        progress.size,
                         kind,
                         e,
                         "trying the next donor" if donor != donors[-1] else "it was the last donor",

@@ -24,7 +24,8 @@ from typing import Any
 
 from gossiptrain.exchange import RoundExchange
 from gossiptrain.peer import Peer
-from gossiptrain.transport import FRAME_PREFIX, FrameKind, write_frame, write_message
+from gossiptrain.state import StateServer
+from gossiptrain.transport import FRAME_PREFIX, ByteCounter, FrameKind, write_frame, write_message
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -241,3 +242,41 @@ class FaultyPeer(Peer):
         if fault not in FaultyExchange.FAULTS:
             raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyExchange.FAULTS}")
         self.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
+
+
+class FaultyStateServer(StateServer):
+    """A state donor that fails in one way (``fault``) half-way through the state, to test that joiners
+    drop it and download from the next donor.  Use it as ``peer.state_server_class = faulty_state_server(...)``
+    before ``peer.serve_state``.
+
+    ``corrupt`` flips one byte (the checksum fails), ``stall`` stops sending but keeps the stream open,
+    ``close`` closes the stream, ``die`` SIGKILLs its own process session (the daemon too), as a machine
+    that dies mid-download: use ``die`` only in a ``LocalSwarm.spawn`` child.
+    """
+
+    fault = "corrupt"
+    FAULTS = ("corrupt", "stall", "close", "die")
+
+    async def send_parts(self, writer: asyncio.StreamWriter, data: memoryview, counter: ByteCounter) -> None:
+        chunks = [data[start : start + self.chunk_bytes] for start in range(0, len(data), self.chunk_bytes)]
+        for index, chunk in enumerate(chunks):
+            if index == len(chunks) // 2:
+                if self.fault == "corrupt":
+                    chunk = bytes([chunk[0] ^ 0xFF]) + bytes(chunk[1:])
+                elif self.fault == "stall":
+                    await self.closed.wait()
+                    raise ConnectionAbortedError("stalled on purpose until the server was closed")
+                elif self.fault == "close":
+                    writer.close()
+                    raise ConnectionAbortedError("closed the stream on purpose")
+                elif self.fault == "die":
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+            async with asyncio.timeout(self.timeouts.part):
+                await write_frame(writer, FrameKind.PART, chunk, counter)
+
+
+def faulty_state_server(fault: str) -> type[StateServer]:
+    """A ``FaultyStateServer`` class with ``fault`` (one of ``FaultyStateServer.FAULTS``)."""
+    if fault not in FaultyStateServer.FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyStateServer.FAULTS}")
+    return type(f"FaultyStateServer[{fault}]", (FaultyStateServer,), {"fault": fault})
