@@ -1,0 +1,58 @@
+"""Compressed averaging over real peer processes: consensus and accuracy with int8 and top-k."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from gossiptrain.demo import run_demo
+from gossiptrain.testing import LocalSwarm
+from tests.peer_workers import consensus_rounds
+
+
+def spread(flats: list[torch.Tensor]) -> float:
+    stacked = torch.stack(flats).double()
+    mean = stacked.mean(0)
+    return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("codec", ["int8", "topk:0.01+int8"])
+def test_compressed_peers_reach_consensus_without_local_steps(codec):
+    """Peers that only average (groups of 2 out of 4) pull together round over round.
+
+    A group ends each round in exact agreement; what is left between groups shrinks at every
+    round that mixes them, down to the codec's resolution (the int8 step of a value, about 0.4% of
+    its block's largest value), where error feedback keeps each peer's rounding in its residual.
+    For the sparse chain only the dense rounds (every second one here) average the parameters.
+    """
+    num_peers, rounds = 4, 12
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready, go, start_round = swarm.context.Queue(), swarm.context.Event(), swarm.context.Value("q", 0)
+        for seed in range(num_peers):
+            swarm.spawn(
+                seed, consensus_rounds, swarm.initial_peers, seed, codec, num_peers, ready, go, start_round, rounds
+            )
+        for _ in range(num_peers):
+            ready.get(timeout=120)
+        start_round.value = math.ceil((time.time() + 2.0) / 1.0)
+        go.set()
+        histories = swarm.results(num_peers, timeout=240)
+    per_round = [spread([histories[p][i][2] for p in range(num_peers)]) for i in range(rounds)]
+    statuses = [histories[p][i][1] for p in range(num_peers) for i in range(rounds)]
+    assert statuses.count("averaged") >= 0.9 * len(statuses), statuses
+    resolution = 1e-2 * per_round[0]
+    assert per_round[-1] < resolution, per_round
+    dense_rounds = [s for i, s in enumerate(per_round) if (histories[0][i][0] % 2 == 0 or codec == "int8")]
+    assert all(b <= max(a * 1.01, resolution) for a, b in zip(dense_rounds, dense_rounds[1:])), per_round
+
+
+@pytest.mark.timeout(420)
+def test_compressed_training_on_digits_is_as_accurate_as_uncompressed():
+    baseline = min(run_demo(num_peers=4, steps=2000, timeout=240)["accuracy"])
+    for codec in ("int8", "topk:0.01+int8"):
+        outcome = run_demo(num_peers=4, steps=2000, timeout=240, codec=codec)
+        assert min(outcome["accuracy"]) >= baseline - 0.02, (codec, outcome, baseline)
+        assert outcome["spread"] < 1e-2, (codec, outcome)  # within the codec's resolution, see above
