@@ -1,0 +1,553 @@
+"""Round-time benchmark: one averaging round of gossiptrain vs hivemind's DecentralizedAverager.
+
+For every configuration (number of peers x number of fp32 parameters) it runs, one after the
+other in the same invocation, a fresh local swarm of each system: one process per peer on
+127.0.0.1 (``gossiptrain.testing.LocalSwarm``), one bootstrap DHT node per swarm, every peer with
+``torch.set_num_threads(1)`` and the same group size (= the number of peers).  Each swarm runs
+``--rounds`` rounds, the first ``--warmup`` of which are not counted.
+
+Before every round the peers meet at a barrier (``multiprocessing.Barrier``), so that each round
+starts from idle peers and its time is not polluted by the previous round's stragglers:
+
+- gossiptrain: peer 0 picks the round slot ``peer.next_round_id(lead)`` and every peer calls
+  ``peer.average(tensor, round_id=R)``; the round time is ``RoundResult.seconds``: from the slot's
+  start to the result (the DHT read of the participants + the exchange).  Registering for the
+  slot (one DHT store, done before the slot starts) is not in it; it is reported separately as
+  ``registration_s``, and the DHT read at the slot's start (which is in it) as ``participants_s``.
+- hivemind: peer 0 picks a start time ``--hivemind-lead`` seconds ahead; every peer sleeps until
+  then and times ``averager.step(timeout=...)``, which includes matchmaking (DHT declare, leader
+  election, joining) and the butterfly all-reduce, as the user of ``step`` sees it.  Settings as in
+  HIVEMIND_NOTES.md: ``target_group_size = min_group_size = N``, ``min_matchmaking_time = 1.5``
+  (a full group starts as soon as the N-th peer joins, so this only bounds a group that does not
+  fill), ``request_timeout = 1.0`` (must be below min_matchmaking_time), no compression.
+
+Per round the time of the round is the **max over peers** (when the last peer has its result: the
+honest "round done" time); the figure reported is the median of that over the measured rounds.
+The JSON also keeps the median over peers, and every peer's every time.
+
+Correctness: peer ``i`` averages ``randn(numel)`` drawn from seed ``(i, round)``; every peer also
+draws all peers' tensors and computes the true mean (in float64), and after the round compares:
+``max_abs_error`` is the largest |averaged - true mean| over all peers, rounds (warm-up included)
+and elements, among the peer-rounds that reported success (a success that averaged nothing shows
+here).  A round that did not average the whole group at every peer (gossiptrain status other
+than "averaged" or a smaller group; hivemind ``step`` raising, returning None or a smaller group)
+is counted in ``incomplete_rounds`` and left out of the round times.
+
+Bytes: gossiptrain's ``RoundResult.bytes_sent`` (payload + framing, both directions of its own
+streams: its slices to the owners and its shard's mean back to the contributors), median over
+peers and measured rounds; the ideal for no compression is ``2 * 4 * numel * (N - 1) / N``.
+hivemind does not report it.
+
+CPU: ``cpu_s`` is the user + system CPU time, during the round, of every process of the peer's
+session (its Python process, its p2pd daemon and, for hivemind, the DHT and averager processes it
+forks), read from /proc.  Unlike wall time it hardly depends on what else runs on the machine; on
+a machine with C cores and N peers, a round takes at least about N * cpu_s / C seconds.
+
+    python benchmarks/round_time.py                         # 2,4 peers x 1M,10M (~3 min on 2 cores)
+    python benchmarks/round_time.py --peers 4 --sizes 10M --rounds 8 --warmup 2
+    python benchmarks/round_time.py --peers 4 --sizes 10M --systems gossiptrain --profile
+
+``--profile`` runs cProfile in gossiptrain's peer 0 around its measured rounds and writes the
+stats next to the JSON (``round_time-profile-<config>.pstats``); profiled times are slower and
+are marked as such.  Writes ``benchmarks/results/round_time.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import datetime
+import importlib.metadata
+import io
+import json
+import multiprocessing
+import os
+import platform
+import pstats
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gossiptrain.testing import LOOPBACK, LocalSwarm
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_time.json"
+SYSTEMS = ("gossiptrain", "hivemind")
+BARRIER_TIMEOUT = 120.0
+
+
+# ----------------------------------------------------------------------------- data and checks
+
+
+def peer_tensor(index: int, round_index: int, numel: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1_000_003 * (index + 1) + round_index)
+    return torch.randn(numel, generator=generator)
+
+
+def true_mean(num_peers: int, round_index: int, numel: int) -> torch.Tensor:
+    total = torch.zeros(numel, dtype=torch.float64)
+    for index in range(num_peers):
+        total += peer_tensor(index, round_index, numel)
+    return total / num_peers
+
+
+def max_abs_error(averaged: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((averaged.double() - expected).abs().max())
+
+
+def session_cpu_seconds() -> float:
+    """User + system CPU time so far of every process in this process's session: the peer's Python
+    process, its libp2p daemon and, for hivemind, its DHT and averager processes."""
+    session, ticks, total = os.getsid(0), os.sysconf("SC_CLK_TCK"), 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # fields[3]: session; [11], [12]: utime, stime
+            if int(fields[3]) == session:
+                total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+class Sync:
+    """The peers of one swarm meet before every round; peer 0 publishes a number to all."""
+
+    def __init__(self, context: multiprocessing.context.SpawnContext, num_peers: int):
+        self.barrier = context.Barrier(num_peers)
+        self.value = context.Value("d", 0.0)
+
+    def meet(self, index: int, choose) -> float:
+        """Blocking: wait for every peer, let peer 0 set the value with ``choose()``, return it."""
+        self.barrier.wait(BARRIER_TIMEOUT)
+        if index == 0:
+            self.value.value = float(choose())
+        self.barrier.wait(BARRIER_TIMEOUT)
+        return self.value.value
+
+
+# ----------------------------------------------------------------------------- gossiptrain peer
+
+
+def gossiptrain_peer(
+    index: int,
+    num_peers: int,
+    numel: int,
+    rounds: int,
+    initial_peers: list[str],
+    run_id: str,
+    sync: Sync,
+    options: dict,
+) -> dict:
+    torch.set_num_threads(1)
+    return asyncio.run(_gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_id, sync, options))
+
+
+async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_id, sync, options) -> dict:
+    from gossiptrain.peer import Peer
+
+    records = []
+    profiler = cProfile.Profile() if options.get("profile_path") and index == 0 else None
+    async with Peer(
+        run_id,
+        initial_peers=initial_peers,
+        host_maddrs=[LOOPBACK],
+        target_group_size=num_peers,
+        round_interval=options["round_interval"],
+    ) as peer:
+        join_round, registration = peer.membership.join_round, []
+
+        async def timed_join_round(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await join_round(*args, **kwargs)
+            finally:
+                registration.append(time.perf_counter() - started)
+
+        peer.membership.join_round = timed_join_round
+        round_participants, reading = peer.membership.round_participants, []
+
+        async def timed_round_participants(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return await round_participants(*args, **kwargs)
+            finally:
+                reading.append(time.perf_counter() - started)
+
+        peer.membership.round_participants = timed_round_participants
+        await peer.wait_for_peers(num_peers, timeout=60)
+        for k in range(rounds):
+            values, expected = peer_tensor(index, k, numel), true_mean(num_peers, k, numel)
+            round_id = int(
+                await asyncio.to_thread(sync.meet, index, lambda: peer.next_round_id(lead=options["gossip_lead"]))
+            )
+            measured = profiler is not None and k >= options["warmup"]
+            cpu = session_cpu_seconds()
+            if measured:
+                profiler.enable()
+            result = await peer.average(values, round_id=round_id)
+            if measured:
+                profiler.disable()
+            cpu = session_cpu_seconds() - cpu
+            records.append(
+                {
+                    "round": k,
+                    "seconds": result.seconds,
+                    "cpu_s": cpu,
+                    "registration_s": registration[-1] if registration else None,
+                    "participants_s": reading[-1] if reading else None,
+                    "status": result.status,
+                    "group_size": result.group_size,
+                    "bytes_sent": result.bytes_sent,
+                    "bytes_received": result.bytes_received,
+                    "max_abs_error": max_abs_error(result.averaged, expected),
+                    "errors": result.errors[:3],
+                }
+            )
+        # Leave together: a peer that stops its daemon while a slower one still reads from it would fail that round.
+        await asyncio.to_thread(sync.meet, index, lambda: 0)
+    if profiler is not None:
+        profiler.dump_stats(options["profile_path"])
+    return {"peer": index, "rounds": records}
+
+
+# ----------------------------------------------------------------------------- hivemind peer
+
+
+def hivemind_peer(
+    index: int,
+    num_peers: int,
+    numel: int,
+    rounds: int,
+    initial_peers: list[str],
+    prefix: str,
+    sync: Sync,
+    options: dict,
+) -> dict:
+    import hivemind
+    from hivemind.averaging import DecentralizedAverager
+
+    torch.set_num_threads(1)
+    # LocalSwarm children are daemonic, and daemonic processes may not start processes; hivemind's DHT
+    # and averager are processes.  They stay in this child's session, so LocalSwarm still kills them.
+    multiprocessing.current_process()._config["daemon"] = False
+    multiprocessing.set_start_method("fork", force=True)  # a spawned child inherits "spawn"; hivemind needs fork
+    dht = hivemind.DHT(start=True, initial_peers=initial_peers, host_maddrs=[LOOPBACK])
+    tensor = torch.zeros(numel)
+    averager = DecentralizedAverager(
+        averaged_tensors=[tensor],
+        dht=dht,
+        prefix=prefix,
+        target_group_size=num_peers,
+        min_group_size=num_peers,
+        min_matchmaking_time=options["min_matchmaking_time"],
+        request_timeout=options["request_timeout"],
+        start=True,
+    )
+    records = []
+    try:
+        for k in range(rounds):
+            values, expected = peer_tensor(index, k, numel), true_mean(num_peers, k, numel)
+            with averager.get_tensors() as tensors:
+                tensors[0].copy_(values)
+            start = sync.meet(index, lambda: time.time() + options["hivemind_lead"])
+            cpu = session_cpu_seconds()
+            time.sleep(max(0.0, start - time.time()))
+            started = time.perf_counter()
+            try:
+                gathered, error_text = averager.step(timeout=options["step_timeout"]), None
+            except Exception as e:  # hivemind raises AllreduceException when no group was found in time
+                gathered, error_text = None, repr(e)
+            seconds = time.perf_counter() - started
+            cpu = session_cpu_seconds() - cpu
+            with averager.get_tensors() as tensors:
+                error = max_abs_error(tensors[0], expected)
+                unchanged = bool(torch.equal(tensors[0], values))
+            records.append(
+                {
+                    "round": k,
+                    "seconds": seconds,
+                    "cpu_s": cpu,
+                    "status": "averaged" if gathered is not None else "failed",
+                    "group_size": len(gathered) if gathered is not None else 1,
+                    "max_abs_error": error,
+                    "unchanged": unchanged,  # the tensor still holds this peer's own values after the step
+                    "errors": [error_text] if error_text else [],
+                }
+            )
+        # Leave together: a peer that shuts down while a slower one still downloads its averaged part makes
+        # that peer keep its own values for the part, and hivemind still reports the step as a success.
+        sync.meet(index, lambda: 0)
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+    return {"peer": index, "rounds": records}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_swarm(system: str, num_peers: int, numel: int, args: argparse.Namespace, profile_path: Path | None) -> dict:
+    """Start a bootstrap node and ``num_peers`` peer processes of ``system``; return their records."""
+    options = {
+        "warmup": args.warmup,
+        "round_interval": args.round_interval,
+        "gossip_lead": args.gossip_lead,
+        "hivemind_lead": args.hivemind_lead,
+        "min_matchmaking_time": args.min_matchmaking_time,
+        "request_timeout": args.request_timeout,
+        "step_timeout": args.step_timeout,
+        "profile_path": str(profile_path) if profile_path else None,
+    }
+    name = f"bench{os.getpid()}x{num_peers}x{numel}x{int(time.time())}"
+    target = gossiptrain_peer if system == "gossiptrain" else hivemind_peer
+    started = time.monotonic()
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        sessions = {process.pid for process in swarm._popen}
+        sync = Sync(swarm.context, num_peers)
+        for index in range(num_peers):
+            process = swarm.spawn(
+                index, target, index, num_peers, numel, args.rounds, swarm.initial_peers, name, sync, options
+            )
+            sessions.add(process.pid)
+        per_round = 2 * args.hivemind_lead + args.round_interval + args.gossip_lead + numel / 2e6 * num_peers
+        collected = swarm.results(num_peers, timeout=90 + args.rounds * per_round)
+    leftovers = left_behind(sessions)
+    if leftovers:
+        print(f"  WARNING: processes left behind by the {system} swarm: {leftovers}", flush=True)
+    return {
+        "peers": [collected[i] for i in range(num_peers)],
+        "wall_s": time.monotonic() - started,
+        "left_behind": leftovers,
+    }
+
+
+def left_behind(sessions: set[int], grace: float = 5.0) -> list[str]:
+    """Processes still alive in the sessions of a closed swarm (each peer and the bootstrap has its own)."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                    fields = stat[stat.rindex(")") + 2 :].split()
+                    if int(fields[3]) in sessions and fields[0] != "Z":  # field 3 after the name: session id
+                        command = (entry / "cmdline").read_bytes().split(bytes(1))[0].decode(errors="replace")
+                        alive.append(f"{entry.name} {command}")
+                except (OSError, ValueError):
+                    pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def summarize(system: str, num_peers: int, numel: int, swarm: dict, warmup: int) -> dict:
+    """Round times over the measured rounds that averaged the whole group at every peer."""
+    peers = swarm["peers"]
+    rounds = len(peers[0]["rounds"])
+    per_round = [[p["rounds"][k] for p in peers] for k in range(rounds)]
+    complete = [all(r["status"] == "averaged" and r["group_size"] == num_peers for r in rs) for rs in per_round]
+    measured = [k for k in range(warmup, rounds) if complete[k]]
+    round_max = [max(r["seconds"] for r in per_round[k]) for k in measured]
+    round_median = [statistics.median(r["seconds"] for r in per_round[k]) for k in measured]
+    incomplete = complete.count(False)
+    summary = {
+        "median_round_s": statistics.median(round_max) if measured else None,
+        "median_round_s_median_over_peers": statistics.median(round_median) if measured else None,
+        "measured_rounds": measured,
+        "median_cpu_s_per_peer_round": statistics.median(r["cpu_s"] for k in measured for r in per_round[k])
+        if measured
+        else None,
+        "round_s_max_over_peers": round_max,
+        "max_abs_error": max(
+            (r["max_abs_error"] for k in range(rounds) for r in per_round[k] if r["status"] == "averaged"), default=None
+        ),
+        "incomplete_rounds": incomplete,
+        "rounds_total": rounds,
+        "wall_s": swarm["wall_s"],
+        "left_behind": swarm["left_behind"],
+        "errors": sorted({e for k in range(rounds) for r in per_round[k] for e in r["errors"]})[:10],
+        "per_peer": peers,
+    }
+    if system == "gossiptrain" and measured:
+        summary["bytes_sent_per_peer_round"] = statistics.median_low(
+            r["bytes_sent"] for k in measured for r in per_round[k]
+        )
+        summary["ideal_bytes_per_peer_round"] = round(2 * 4 * numel * (num_peers - 1) / num_peers)
+        for name in ("registration_s", "participants_s"):
+            summary[f"median_{name}"] = statistics.median(
+                r[name] for k in measured for r in per_round[k] if r[name] is not None
+            )
+    return summary
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * scale)
+
+
+def size_name(numel: int) -> str:
+    return f"{numel // 10**6}M" if numel % 10**6 == 0 else f"{numel // 10**3}K" if numel % 10**3 == 0 else str(numel)
+
+
+def machine_info() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hivemind": importlib.metadata.version("hivemind"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict]) -> str:
+    columns = [
+        ("config", 7, lambda r, g, h: r["config"]),
+        ("gossip s", 9, lambda r, g, h: _fmt(g and g["median_round_s"], ".3f")),
+        ("hivemind s", 10, lambda r, g, h: _fmt(h and h["median_round_s"], ".3f")),
+        ("ratio g/h", 9, lambda r, g, h: _fmt(r.get("ratio_gossiptrain_over_hivemind"), ".2f")),
+        ("g bytes/peer/rnd", 16, lambda r, g, h: _fmt(g and g.get("bytes_sent_per_peer_round"), ",d")),
+        ("ideal", 10, lambda r, g, h: _fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
+        ("g max err", 9, lambda r, g, h: _fmt(g and g["max_abs_error"], ".1e")),
+        ("h max err", 9, lambda r, g, h: _fmt(h and h["max_abs_error"], ".1e")),
+        ("g cpu s", 7, lambda r, g, h: _fmt(g and g["median_cpu_s_per_peer_round"], ".2f")),
+        ("h cpu s", 7, lambda r, g, h: _fmt(h and h["median_cpu_s_per_peer_round"], ".2f")),
+        (
+            "incomplete g/h",
+            14,
+            lambda r, g, h: f"{g['incomplete_rounds'] if g else '-'}/{h['incomplete_rounds'] if h else '-'}",
+        ),
+    ]
+    header = " ".join(f"{name:>{width}}" for name, width, _ in columns)
+    lines = [header, "-" * len(header)]
+    for row in results:
+        g, h = row.get("gossiptrain"), row.get("hivemind")
+        lines.append(" ".join(f"{cell(row, g, h):>{width}}" for _, width, cell in columns))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", default="2,4", help="comma-separated numbers of peers (= group size)")
+    parser.add_argument("--sizes", default="1M,10M", help="comma-separated numbers of fp32 parameters (1M, 10M, 250K)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per swarm, warm-up included")
+    parser.add_argument("--warmup", type=int, default=1, help="first rounds not counted")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="gossiptrain,hivemind or one of them")
+    parser.add_argument("--round-interval", type=float, default=1.0, help="gossiptrain slot length (s)")
+    parser.add_argument(
+        "--gossip-lead", type=float, default=0.5, help="gossiptrain: pick a slot at least this far ahead"
+    )
+    parser.add_argument("--hivemind-lead", type=float, default=0.3, help="hivemind: common start this far ahead")
+    parser.add_argument("--min-matchmaking-time", type=float, default=1.5)
+    parser.add_argument("--request-timeout", type=float, default=1.0)
+    parser.add_argument("--step-timeout", type=float, default=30.0, help="hivemind step(timeout=...)")
+    parser.add_argument("--profile", action="store_true", help="cProfile gossiptrain peer 0 (slows it down)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    if not 0 <= args.warmup < args.rounds:
+        parser.error("--warmup must be smaller than --rounds")
+    systems = [s for s in args.systems.split(",") if s]
+    if not set(systems) <= set(SYSTEMS):
+        parser.error(f"--systems takes {', '.join(SYSTEMS)}")
+    configs = [(int(n), parse_size(s)) for n in args.peers.split(",") for s in args.sizes.split(",")]
+
+    started, load_start = time.monotonic(), list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for num_peers, numel in configs:
+        config = f"{num_peers}x{size_name(numel)}"
+        row: dict = {"config": config, "peers": num_peers, "numel": numel}
+        for system in systems:
+            profile_path = None
+            if args.profile and system == "gossiptrain":
+                profile_path = args.out.with_name(f"{args.out.stem}-profile-{config}.pstats")
+            load = os.getloadavg()[0]
+            print(f"{config} {system} ... (load average {load:.1f})", flush=True)
+            swarm = run_swarm(system, num_peers, numel, args, profile_path)
+            summary = row[system] = summarize(system, num_peers, numel, swarm, args.warmup)
+            summary["load_average_before"] = load
+            if profile_path:
+                summary["profiled"] = str(profile_path)
+                stream = io.StringIO()
+                pstats.Stats(str(profile_path), stream=stream).sort_stats("cumulative").print_stats(25)
+                print(stream.getvalue())
+            times = [round(t, 3) for t in summary["round_s_max_over_peers"]]
+            print(
+                f"  median {_fmt(summary['median_round_s'], '.3f')}s  rounds {times}"
+                f"  max err {_fmt(summary['max_abs_error'], '.1e')}  incomplete {summary['incomplete_rounds']}"
+                f"  wall {summary['wall_s']:.0f}s  errors {summary['errors'][:2]}",
+                flush=True,
+            )
+        if row.get("gossiptrain", {}).get("median_round_s") and row.get("hivemind", {}).get("median_round_s"):
+            row["ratio_gossiptrain_over_hivemind"] = (
+                row["gossiptrain"]["median_round_s"] / row["hivemind"]["median_round_s"]
+            )
+        results.append(row)
+
+    print()
+    print(
+        f"round time: median over {args.rounds - args.warmup} measured rounds of the per-round max over peers; "
+        "cpu s: median CPU seconds per peer per round (all its processes: Python, p2pd, hivemind's DHT/averager)"
+    )
+    print(table(results))
+    report = {
+        "benchmark": "round_time",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "machine": {
+            **machine_info(),
+            "load_average_at_start": load_start,
+            "load_average_at_end": list(os.getloadavg()),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "round_time_definition": "per round: max over peers of the round's time; reported: median over measured rounds",
+        "wall_s": time.monotonic() - started,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({report['wall_s']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
