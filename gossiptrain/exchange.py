@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello
 from gossiptrain.codecs import Codec, CodecError, NonFiniteValues, get_codec
@@ -42,7 +42,15 @@ from gossiptrain.transport import (
 logger = logging.getLogger(__name__)
 
 PART_NUMEL = 2**18
-EXCHANGE_ERRORS = (ProtocolError, CodecError, ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError)
+EXCHANGE_ERRORS = (
+    ProtocolError,
+    CodecError,
+    ConnectionError,
+    asyncio.IncompleteReadError,
+    TimeoutError,
+    OSError,
+    P2PDaemonError,  # the daemon could not dial a member (e.g. it died after registering for the round)
+)
 
 
 def classify(error: BaseException) -> str:

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from gossiptrain.exchange import RoundExchange
+from gossiptrain.exchange import RoundExchange, RoundResult
 from gossiptrain.peer import Peer
 from gossiptrain.state import StateServer
 from gossiptrain.transport import FRAME_PREFIX, ByteCounter, FrameKind, write_frame, write_message
@@ -179,7 +179,9 @@ class FaultyExchange(RoundExchange):
     """A round exchange that uploads bad data of one kind (``fault``), to test that peers refuse it.
 
     ``die`` sends half of its slice and then SIGKILLs its own process session (the daemon too),
-    as a machine that dies in the middle of an exchange; use it only in a ``LocalSwarm.spawn`` child.
+    as a machine that dies in the middle of an exchange; ``die_before`` does so as the round starts,
+    after registering for it, so that the others fail to dial it.  Use both only in a
+    ``LocalSwarm.spawn`` child.
     """
 
     fault = "nan"
@@ -195,7 +197,13 @@ class FaultyExchange(RoundExchange):
         "not_in_group",
         "stall",
         "die",
+        "die_before",
     )
+
+    async def run(self) -> RoundResult:
+        if self.fault == "die_before":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        return await super().run()
 
     async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
         hello, values = self.hello(start, end), self.values[start:end].clone()

@@ -8,9 +8,11 @@ from tests.peer_workers import run_averaging, weighted_mean
 
 
 @pytest.mark.timeout(240)
-def test_survivors_finish_a_round_whose_member_was_killed_mid_exchange():
+@pytest.mark.parametrize("fault", ["die", "die_before"])
+def test_survivors_finish_a_round_whose_member_was_killed(fault):
+    """Killed mid-exchange (``die``) or as the round starts, after registering (``die_before``)."""
     numel, weights, victim = 4 * 2**20, [1.0, 2.0, 3.0, 4.0], 3
-    results, inputs = run_averaging(4, 4, numel, rounds=1, weights=weights, faults={victim: "die"})
+    results, inputs = run_averaging(4, 4, numel, rounds=1, weights=weights, faults={victim: fault})
     survivors = [i for i in range(4) if i != victim]
     expected = weighted_mean(inputs[survivors], [weights[i] for i in survivors])
     limit = Timeouts().join + Timeouts().part + 2.0
