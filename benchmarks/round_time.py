@@ -58,21 +58,19 @@ import argparse
 import asyncio
 import cProfile
 import datetime
-import importlib.metadata
 import io
 import json
 import multiprocessing
 import os
-import platform
 import pstats
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from environment import machine_info
 
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 
@@ -397,43 +395,6 @@ def parse_size(text: str) -> int:
 
 def size_name(numel: int) -> str:
     return f"{numel // 10**6}M" if numel % 10**6 == 0 else f"{numel // 10**3}K" if numel % 10**3 == 0 else str(numel)
-
-
-def machine_info() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in _read("/proc/cpuinfo").splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hivemind": importlib.metadata.version("hivemind"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _fmt(value: float | None, spec: str) -> str:

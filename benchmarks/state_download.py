@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
+from environment import machine_info
 
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.state import serialize_state
@@ -85,7 +85,7 @@ def main() -> None:
         measure("wide-mlp-40MB", wide_mlp, args.repeats, "bench-state-wide"),
     ]
     if args.out:
-        machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
+        machine = machine_info()
         with open(args.out, "w") as f:
             json.dump({"machine": machine, "load_average": os.getloadavg(), "results": results}, f, indent=2)
 

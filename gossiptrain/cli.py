@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
+import time
 
 from gossiptrain.metrics import RoundRecord, write_jsonl
+from gossiptrain.peer import dialable_first
 
 DEFAULT_RUN_ID = "gossiptrain-demo"
-DEFAULT_HOST = "/ip4/127.0.0.1/tcp/0"
+DEFAULT_HOST = "/ip4/0.0.0.0/tcp/0"  # every interface: other machines of the LAN can dial us
 
 
 def _print(*lines: str) -> None:
@@ -30,10 +33,14 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[DEFAULT_HOST],
         metavar="MADDR",
-        help="where to listen (use /ip4/0.0.0.0/tcp/PORT to be reachable from other machines)",
+        help="where to listen (default: every interface, a random port; /ip4/127.0.0.1/tcp/0 for this machine only)",
     )
     parser.add_argument(
-        "--announce-maddrs", nargs="+", default=None, metavar="MADDR", help="addresses to tell other peers"
+        "--announce-maddrs",
+        nargs="+",
+        default=None,
+        metavar="MADDR",
+        help="addresses to tell other peers, e.g. /ip4/<public ip>/tcp/<forwarded port> behind a NAT",
     )
 
 
@@ -54,7 +61,8 @@ async def _bootstrap(args: argparse.Namespace) -> None:
     )
     dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers)
     try:
-        _print(*[str(m) for m in await p2p.get_visible_maddrs()])
+        maddrs = dialable_first([str(m) for m in await p2p.get_visible_maddrs()])
+        _print(*maddrs, f"peers join with: gossiptrain peer --initial-peers {maddrs[0]}")
         await _until_signalled()
     finally:
         await dht.shutdown()
@@ -92,19 +100,29 @@ def cmd_peer(args: argparse.Namespace) -> None:
         target_group_size=args.group_size,
         codec=args.codec,
         sync_every=args.sync_every,
+        client_mode=args.client_mode,
     )
     with optimizer:
-        maddrs = optimizer.maddrs()
-        _print(
-            *maddrs,
-            f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}; to join from another terminal:",
-            f"  gossiptrain peer --run-id {args.run_id} --initial-peers {maddrs[0]}",
-        )
+        maddrs = optimizer.maddrs()  # another machine's address first, if there is one
+        startup = f"ready in {optimizer.startup_seconds:.2f}s (daemon and DHT {optimizer.peer.startup_seconds:.2f}s)"
+        joined = f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}, {startup}"
+        if maddrs:
+            _print(
+                *maddrs,
+                f"{joined}; to join from another terminal or machine:",
+                f"  gossiptrain peer --run-id {args.run_id} --initial-peers {maddrs[0]}",
+            )
+        else:
+            _print(f"{joined} in client mode (not dialable); others join through {args.initial_peers[0]}")
         if args.wait_for_peers > 1:
             optimizer.wait_for_peers(args.wait_for_peers, timeout=args.finish_timeout)
+        if metrics is not None:
+            joined = {"event": "joined", "time": time.time(), "step": optimizer.local_step}
+            metrics.write(json.dumps({**joined, "state_download_seconds": optimizer.state_download_seconds}) + "\n")
+            metrics.flush()
         batches = task.batches(args.seed if args.seed is not None else os.getpid(), args.batch_size)
-        step = 0
-        while args.steps == 0 or step < args.steps:
+        step, deadline = 0, time.monotonic() + args.duration if args.duration else math.inf
+        while (args.steps == 0 or step < args.steps) and time.monotonic() < deadline:
             loss = task.loss(task.model, next(batches))
             optimizer.zero_grad()
             loss.backward()
@@ -120,6 +138,8 @@ def cmd_peer(args: argparse.Namespace) -> None:
             "rounds_done": optimizer.rounds_done,
             "rounds_failed": optimizer.rounds_failed,
             "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None,
+            "param_checksum": optimizer.last_round.param_checksum if optimizer.last_round else None,
+            "startup_seconds": optimizer.startup_seconds,
         }
         _print(
             f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
@@ -150,11 +170,13 @@ async def _status(args: argparse.Namespace) -> list[tuple[str, dict]]:
 def cmd_status(args: argparse.Namespace) -> None:
     peers = asyncio.run(_status(args))
     _print(f"run {args.run_id!r}: {len(peers)} live peers")
-    _print(f"{'peer':<54} {'step':>7} {'loss':>8} {'rounds':>7} {'last round':>11}")
+    _print(f"{'peer':<54} {'step':>7} {'loss':>8} {'rounds':>7} {'last round':>11} {'startup':>8} {'client':>6}")
     for peer, info in peers:
         loss = "n/a" if info.get("loss") is None else f"{info['loss']:.4f}"
         step, rounds, last = info.get("step", 0), info.get("rounds", 0), str(info.get("last_round"))
-        _print(f"{peer:<54} {step:>7} {loss:>8} {rounds:>7} {last:>11}")
+        startup = "n/a" if info.get("startup_seconds") is None else f"{info['startup_seconds']:.2f}s"
+        client = "yes" if info.get("client") else "no"
+        _print(f"{peer:<54} {step:>7} {loss:>8} {rounds:>7} {last:>11} {startup:>8} {client:>6}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -179,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--run-id", default=DEFAULT_RUN_ID)
     peer.add_argument("--example", default="digits", choices=["digits", "charlm"])
     peer.add_argument("--steps", type=int, default=0, help="local steps before finishing (0: train until interrupted)")
+    peer.add_argument("--duration", type=float, default=0, help="seconds of training before finishing (0: no limit)")
     peer.add_argument("--batch-size", type=int, default=32)
     peer.add_argument("--lr", type=float, default=1e-3)
     peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
@@ -191,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for the others at the end")
     peer.add_argument("--wait-for-peers", type=int, default=1, metavar="N", help="start training once N peers are live")
     peer.add_argument("--save-model", default=None, metavar="PATH", help="save the model's state_dict here at the end")
+    peer.add_argument(
+        "--client-mode",
+        action="store_true",
+        help="for a peer that cannot be dialed (NAT, firewall): listen nowhere, average by dialing out",
+    )
     peer.set_defaults(func=cmd_peer)
 
     status = commands.add_parser("status", help="show the live peers of a run")
