@@ -35,14 +35,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +47,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from environment import machine_info
 
 from gossiptrain.demo import parameter_spread, read_records
 from gossiptrain.testing import LocalSwarm
@@ -62,44 +60,6 @@ TASK_SETTINGS = {
     "digits": {"steps": 3000, "quick_steps": 500, "batch_size": 32, "lr": 1e-3, "average_every": 0.5},
     "charlm": {"steps": 200, "quick_steps": 60, "batch_size": 16, "lr": 2e-3, "average_every": 1.0},
 }
-
-
-def machine_info() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in _read("/proc/cpuinfo").splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hivemind": importlib.metadata.version("hivemind"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _mean(values: list[float]) -> float | None:
