@@ -183,22 +183,23 @@ def merge_repeats(runs: list[dict]) -> dict:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     header = (
-        f"{'task':<7} {'codec':<18} {'B/param/rnd':>11} {'MiB sent':>9} {'rounds':>6} {'val loss':>15} "
+        f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'B/value':>7} {'MiB sent':>9} {'rounds':>6} {'val loss':>15} "
         f"{'acc':>6} {'penalty':>8} {'spread':>8} {'round s':>7} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for task, by_codec in results.items():
         for codec, s in by_codec.items():
             if "error" in s:
-                rows.append(f"{task:<7} {codec:<18} failed: {s['error'].splitlines()[0]}")
+                rows.append(f"{task:<7} {codec:<26} failed: {s['error'].splitlines()[0]}")
                 continue
             penalty = "n/a" if s.get("loss_penalty_pct") is None else f"{s['loss_penalty_pct']:+.1f}%"
             acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
             per_round = "n/a" if s["bytes_per_param_per_round"] is None else f"{s['bytes_per_param_per_round']:.3f}"
             round_s = "n/a" if s["median_round_seconds"] is None else f"{s['median_round_seconds']:.2f}"
+            per_value = "n/a" if s.get("bytes_per_value_sent") is None else f"{s['bytes_per_value_sent']:.3f}"
             loss = f"{s['val_loss']:.4f}" + ("" if s.get("val_loss_std") is None else f" ±{s['val_loss_std']:.4f}")
             rows.append(
-                f"{task:<7} {codec:<18} {per_round:>11} {s['total_bytes_sent'] / 2**20:>9.1f} "
+                f"{task:<7} {codec:<26} {per_round:>11} {per_value:>7} {s['total_bytes_sent'] / 2**20:>9.1f} "
                 f"{s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} {penalty:>8} "
                 f"{s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
             )
@@ -206,11 +207,16 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def add_penalties(results: dict[str, dict[str, dict]]) -> None:
+    """Loss penalty vs ``none``, and bytes per value sent: the codec's bytes per parameter per round
+    scaled by ``none``'s 4-byte values, i.e. without the all-reduce's ~2(g-1)/g values sent per parameter."""
     for by_codec in results.values():
         baseline = by_codec.get("none", {}).get("val_loss")
+        dense = by_codec.get("none", {}).get("bytes_per_param_per_round")
         for s in by_codec.values():
             if "val_loss" in s:
                 s["loss_penalty_pct"] = None if baseline is None else 100 * (s["val_loss"] / baseline - 1)
+            if s.get("bytes_per_param_per_round") is not None and dense:
+                s["bytes_per_value_sent"] = 4 * s["bytes_per_param_per_round"] / dense
 
 
 def plot_title(report: dict) -> str:
