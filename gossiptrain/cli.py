@@ -13,7 +13,7 @@ import sys
 import time
 
 from gossiptrain.metrics import RoundRecord, write_jsonl
-from gossiptrain.peer import dialable_first
+from gossiptrain.peer import DaemonStartError, dialable_first
 
 DEFAULT_RUN_ID = "gossiptrain-demo"
 DEFAULT_HOST = "/ip4/0.0.0.0/tcp/0"  # every interface: other machines of the LAN can dial us
@@ -54,11 +54,16 @@ async def _until_signalled() -> None:
 
 async def _bootstrap(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
-    from hivemind.p2p import P2P
+    from hivemind.p2p import P2P, P2PDaemonError
 
-    p2p = await P2P.create(
-        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
-    )
+    try:
+        p2p = await P2P.create(
+            initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
+        )
+    except P2PDaemonError as e:
+        raise DaemonStartError(
+            f"the libp2p daemon (p2pd) failed to start: {e}; check --host-maddrs, --announce-maddrs and --initial-peers"
+        ) from e
     dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers)
     try:
         maddrs = dialable_first([str(m) for m in await p2p.get_visible_maddrs()])
@@ -158,7 +163,7 @@ async def _status(args: argparse.Namespace) -> list[tuple[str, dict]]:
 
     from gossiptrain.membership import Membership
 
-    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
+    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, no_listen=True)
     dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers, client_mode=True)
     try:
         return sorted((await Membership(dht, args.run_id, "status").live_peers()).items())
@@ -246,5 +251,5 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except KeyboardInterrupt:
         pass
-    except (ConnectionError, ValueError) as e:
+    except (ConnectionError, ValueError, DaemonStartError) as e:
         sys.exit(f"gossiptrain {args.command}: {e}")

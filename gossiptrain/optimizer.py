@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
+import os
+import signal
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +27,21 @@ from gossiptrain.state import NoStateDonors, download_state
 from gossiptrain.wire import WireState
 
 logger = logging.getLogger(__name__)
+
+_LIVE: weakref.WeakSet[GossipOptimizer] = weakref.WeakSet()  # not shut down yet, in this process
+
+
+def _in_ipython() -> bool:
+    """True inside a Jupyter/IPython session (a notebook kernel, Colab, the IPython shell)."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
+
+
+@atexit.register
+def shutdown_all() -> None:
+    """Shut down every GossipOptimizer of this process that is still running (also run at exit)."""
+    for optimizer in list(_LIVE):
+        optimizer.shutdown()
 
 
 class LoopThread:
@@ -124,7 +145,18 @@ class GossipOptimizer:
         load_state: download the training state from a live peer before taking part (see Joining);
             False keeps this peer's own initialisation even when others are training.
         state_timeout: seconds allowed for the whole state download, over all donors tried.
-        peer_options: passed to ``Peer`` (target_group_size, host_maddrs, timeouts, ...).
+        peer_options: passed to ``Peer`` (target_group_size, host_maddrs, announce_maddrs, client_mode,
+            timeouts, ...); ``client_mode=True`` for a peer that cannot be dialed (NAT, Colab).
+
+    Notebooks and Ctrl-C: nothing here calls ``asyncio.run`` or forks, so it works where the main
+    thread already runs an event loop (Jupyter, Colab).  A ``KeyboardInterrupt`` in the training
+    loop ends a ``with GossipOptimizer(...)`` block like any exception: the peer leaves the swarm and
+    its daemon and loop thread stop.  (A terminal's Ctrl-C and a notebook's "interrupt" reach the
+    libp2p daemon too, so the peer cannot keep training after one anyway.)  Re-running a notebook cell
+    does not leak a peer: constructing a GossipOptimizer shuts down a live one of this process with
+    the same ``run_id`` if it wraps the same parameters or if this is an IPython/Jupyter session (a
+    notebook is one peer of a run).  Any still running at interpreter exit are shut down then.
+    ``startup_seconds`` is the time this constructor took (daemon, DHT, state download).
     """
 
     def __init__(
@@ -144,8 +176,11 @@ class GossipOptimizer:
         state_timeout: float = 300.0,
         **peer_options: Any,
     ):
+        started = time.perf_counter()
         self.optimizer = optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._loop: LoopThread | None = None
+        self._replace_older(run_id)
         self.average_every_steps, self.samples_per_step, self.on_round = average_every_steps, samples_per_step, on_round
         self.wire = WireState(get_codec(codec), sync_every)
         self.peer = Peer(
@@ -167,20 +202,39 @@ class GossipOptimizer:
         self._mode = "params"
         self._state_lock = threading.Lock()  # guards params, optimizer state and local_step against snapshots
         self.state_download_seconds: float | None = None
+        self.startup_seconds: float | None = None
         self._loop = LoopThread()
         try:
             self._loop.run(self.peer.start(), timeout=startup_timeout)
         except BaseException:
             self._loop.close()
             self._loop = None
+            self._kill_daemon()
             raise
         try:
             if load_state:
                 self._download_state(state_timeout)
-            self._loop.run(self.peer.serve_state(self._state_snapshot), timeout=startup_timeout)
+            if not self.peer.client_mode:  # no one could dial a client to download from it
+                self._loop.run(self.peer.serve_state(self._state_snapshot), timeout=startup_timeout)
         except BaseException:
             self.shutdown()
             raise
+        _LIVE.add(self)
+        self.startup_seconds = time.perf_counter() - started
+        self.peer.info = {**self.peer.info, "startup_seconds": round(self.startup_seconds, 3)}
+        self._loop.run(self.peer.publish_info(), timeout=startup_timeout)
+
+    def _replace_older(self, run_id: str) -> None:
+        """Shut down a live GossipOptimizer of ``run_id`` that this one replaces (see Notebooks)."""
+        ours = {id(p) for p in self.params}
+        for older in list(_LIVE):
+            if older.peer.run_id == run_id and (_in_ipython() or any(id(p) in ours for p in older.params)):
+                logger.warning(
+                    "a GossipOptimizer of run %r (peer %s) still ran in this process: shutting it down first",
+                    run_id,
+                    older.peer.peer_id,
+                )
+                older.shutdown()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -211,7 +265,16 @@ class GossipOptimizer:
             "last_round": self.last_round.round if self.last_round else None,
         }
 
+    def live_peers(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+        """Membership records of the run's live peers (this one included), by peer id."""
+        return self._loop.run(self.peer.live_peers(), timeout=timeout)
+
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        if self._loop is None:
+            raise RuntimeError(
+                "this GossipOptimizer was shut down (end of its `with` block, shutdown() or an interrupt): "
+                "create a new one to rejoin the swarm"
+            )
         with self._state_lock:
             result = self.optimizer.step(closure)
             self.local_step += 1
@@ -390,16 +453,42 @@ class GossipOptimizer:
             }
 
     def shutdown(self) -> None:
-        """Leave the swarm and stop the background loop; safe to call twice."""
+        """Leave the swarm and stop the background loop and the daemon; safe to call twice.
+
+        Bounded in time, also when the daemon is already dead (a notebook's interrupt reaches it too)
+        and when a second Ctrl-C interrupts it: the daemon is then killed rather than left behind.
+        """
         if self._loop is None:
             return
+        _LIVE.discard(self)
         if self._inflight is not None:
             self._inflight.cancel()
         try:
             self._loop.run(self.peer.stop(), timeout=15)
+        except Exception as e:
+            logger.warning("could not leave the swarm cleanly: %r", e)
         finally:
-            self._loop.close()
-            self._loop = None
+            try:
+                self._loop.close()
+            finally:
+                self._loop = None
+                self._kill_daemon()
+
+    def _kill_daemon(self) -> None:
+        """Kill and reap the p2pd child if an interrupted ``stop()`` left it running."""
+        child = getattr(self.peer.p2p, "_child", None)  # hivemind.P2P's asyncio.subprocess.Process
+        if child is None or child.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # asyncio's child watcher thread may reap it first
+            try:
+                if os.waitpid(child.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
 
     def __enter__(self) -> GossipOptimizer:
         return self

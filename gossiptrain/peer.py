@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P, P2PDaemonError
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -40,6 +40,22 @@ class ModelMismatchError(ValueError):
     """Another peer of the same run trains a model of a different shape."""
 
 
+class DaemonStartError(RuntimeError):
+    """The libp2p daemon could not start (e.g. an address in host_maddrs that this machine cannot bind)."""
+
+
+ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
+
+
+def _is_loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/", "/dns4/localhost/", "/dns/localhost/"))
+
+
+def dialable_first(maddrs: Sequence[str]) -> list[str]:
+    """``maddrs`` with the addresses another machine can dial (not loopback) first, order otherwise kept."""
+    return sorted(maddrs, key=_is_loopback)
+
+
 def _checked_maddr(text: str) -> str:
     try:
         complete = "p2p" in Multiaddr(text)
@@ -59,13 +75,24 @@ class Peer:
     Args:
         run_id: name of the training run; peers of different runs never average together.
         initial_peers: multiaddrs of any live peers of the swarm (empty for the first peer).
-        host_maddrs: where to listen for other peers.
-        announce_maddrs: addresses to tell others, if they differ from ``host_maddrs``.
+        host_maddrs: where to listen for other peers; by default every interface (a random TCP port),
+            so that other machines on the LAN can dial this peer.  Tests pass ``/ip4/127.0.0.1/tcp/0``.
+        announce_maddrs: addresses to tell others, if they differ from what this peer sees of itself:
+            behind a NAT with a forwarded port, announce ``/ip4/<public ip>/tcp/<forwarded port>``
+            (with ``host_maddrs`` ``/ip4/0.0.0.0/tcp/<that port>``; port 0 cannot be announced).
         target_group_size: peers per averaging group.
         round_interval: seconds between round slots.
         codec: name of the codec used on the wire.
         timeouts: bounds on every network wait of a round.
-        client_mode: if True, this peer reduces no shard (it still contributes and receives).
+        client_mode: for a peer that cannot accept inbound connections (behind a NAT or firewall, in
+            Colab): it listens on no address at all (libp2p ``no_listen``), is a DHT client only, reduces
+            no shard and serves no state, and takes part in averaging by dialing out: it sends its
+            slices to the group's reducers and receives their means on the same streams.  No relay is
+            needed for that; what is needed is that the *other* peers are reachable from it (a public
+            address, a forwarded port, or the same LAN).  A relay (libp2p circuit relay, hivemind's
+            ``use_auto_relay``) would only be needed to make a NATed peer *dialable*, which client mode
+            avoids.  A group whose members are all clients cannot average (no one reduces): it reports
+            ``failed``; a swarm needs at least one reachable peer per group, in practice a few.
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
         heartbeat_ttl: seconds a membership record lives without refresh.
     """
@@ -78,7 +105,7 @@ class Peer:
         run_id: str,
         *,
         initial_peers: Sequence[str] = (),
-        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        host_maddrs: Sequence[str] = (ALL_INTERFACES,),
         announce_maddrs: Sequence[str] | None = None,
         target_group_size: int = 4,
         round_interval: float = 1.0,
@@ -91,6 +118,8 @@ class Peer:
         if not run_id or "." in run_id:
             raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
         self.run_id, self.initial_peers = run_id, [_checked_maddr(str(m)) for m in initial_peers]
+        if client_mode and not self.initial_peers:
+            raise ValueError("a client-mode peer needs initial_peers: no one can dial it, so it can only join others")
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
@@ -104,6 +133,10 @@ class Peer:
         self._exchanges: dict[int, asyncio.Future[RoundExchange | None]] = {}
         self.rejections = Rejections()
         self.state_server: StateServer | None = None
+        self.startup_seconds: float | None = None  # from start() to ready to average
+        self.inbound_streams = 0  # allreduce streams opened to us by other peers
+        self._listen_maddrs: list[str] = []  # ours, without /p2p/, published in our record
+        self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -117,12 +150,21 @@ class Peer:
         return self.p2p.peer_id.to_base58()
 
     async def maddrs(self) -> list[str]:
-        return [str(m) for m in await self.p2p.get_visible_maddrs()]
+        """Where other peers can dial us, addresses of other machines first; empty in client mode."""
+        try:
+            return dialable_first([str(m) for m in await self.p2p.get_visible_maddrs()])
+        except ValueError:  # hivemind: "No multiaddrs found" (client mode listens nowhere)
+            return []
 
     async def start(self) -> None:
+        """Start the libp2p daemon, join the DHT and the run; sets ``startup_seconds``."""
+        started = time.perf_counter()
         try:
             self.p2p = await P2P.create(
-                initial_peers=self.initial_peers, host_maddrs=self.host_maddrs, announce_maddrs=self.announce_maddrs
+                initial_peers=self.initial_peers,
+                host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs,
+                no_listen=self.client_mode,
             )
         except P2PDaemonError as e:
             if self.initial_peers and "bootstrap" in str(e):
@@ -130,20 +172,27 @@ class Peer:
                     f"no peer answered at {', '.join(self.initial_peers)}: is the address right "
                     f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
                 ) from None
-            raise RuntimeError(
-                f"the libp2p daemon (p2pd) failed to start: {e}; check host_maddrs {self.host_maddrs}"
+            raise DaemonStartError(
+                f"the libp2p daemon (p2pd) failed to start: {e}; check that host_maddrs {self.host_maddrs} "
+                f"are addresses of this machine with free ports (or port 0), and announce_maddrs "
+                f"{self.announce_maddrs} name explicit ports"
             ) from e
         try:
             self.dht = await DHTNode.create(
                 p2p=self.p2p, initial_peers=self.initial_peers, client_mode=self.client_mode
             )
+            suffix = Multiaddr(f"/p2p/{self.peer_id}")
+            self._listen_maddrs = [str(Multiaddr(m).decapsulate(suffix)) for m in await self.maddrs()]
             self.membership = Membership(self.dht, self.run_id, self.peer_id, self.heartbeat_ttl)
-            await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
+            if not self.client_mode:  # no one can dial a client, and no one is meant to
+                await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
             await self._check_model_schema()
             self._heartbeat = asyncio.create_task(self.membership.heartbeat(self._record))
         except BaseException:
             await self._shutdown_transport()
             raise
+        self.startup_seconds = time.perf_counter() - started
+        self.info = {**self.info, "startup_seconds": round(self.startup_seconds, 3)}
 
     async def stop(self) -> None:
         """Leave the swarm at once (tombstone in the DHT) and stop the daemon."""
@@ -171,6 +220,7 @@ class Peer:
             **self.info,
             "schema": self.model_schema,
             "client": self.client_mode,
+            "maddrs": self._listen_maddrs,
             "serves_state": self.state_server is not None,
             "time": get_dht_time(),
         }
@@ -216,7 +266,33 @@ class Peer:
 
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         """Membership records of the live peers (including this one), by peer id."""
-        return await self.membership.live_peers()
+        peers = await self.membership.live_peers()
+        if self.client_mode:
+            await self._dial(peers)
+        return peers
+
+    async def _dial(self, records: dict[str, dict[str, Any]]) -> None:
+        """Client mode: connect to the peers of ``records`` at the addresses they publish.
+
+        A client is in no one's routing table and libp2p's own DHT may not find a peer's addresses for
+        it (``routing: not found``), so it dials them itself before it opens streams to them (state
+        download, its group's reducers).  Failures are left to the stream that follows to report.
+        """
+        todo = {
+            peer: record["maddrs"]
+            for peer, record in records.items()
+            if peer != self.peer_id and peer not in self._connected and record.get("maddrs")
+        }
+
+        async def dial(peer: str, maddrs: list[str]) -> None:
+            try:
+                async with asyncio.timeout(self.timeouts.join):
+                    await self.p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(m) for m in maddrs])
+                self._connected.add(peer)
+            except Exception as e:
+                logger.debug("could not dial %s at %s: %r", peer, maddrs, e)
+
+        await asyncio.gather(*(dial(peer, maddrs) for peer, maddrs in todo.items()))
 
     async def wait_for_peers(self, count: int, timeout: float) -> dict[str, dict[str, Any]]:
         """Wait until at least ``count`` live peers are visible (polling the DHT)."""
@@ -287,7 +363,15 @@ class Peer:
         compatible.add(self.peer_id)
         members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
+        if self.client_mode:
+            clients |= {self.peer_id}
         plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
+        if self.client_mode and set(plan.reducers) - self._connected:
+            await self._dial(await self.membership.live_peers())
+        if not plan.reducers:
+            if len(members) == 1:
+                return RoundResult(round_id, "alone", list(members), snapshot.clone())
+            return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
         exchange = self.exchange_class(
             self.p2p,
             self.protocol,
@@ -327,6 +411,7 @@ class Peer:
         """Serve a group member's upload of its slice of our shard."""
         counter = ByteCounter()
         sender = info.peer_id.to_base58()
+        self.inbound_streams += 1
         try:
             _, hello = await read_message(reader, counter, timeout=self.timeouts.join, expect=(FrameKind.HELLO,))
             round_id = hello.get("round_id")

@@ -41,19 +41,3 @@ async def test_every_kind_of_bad_input_is_refused_counted_and_harmless():
                 assert result.status == "failed", (fault, result)
                 assert torch.equal(result.averaged, values), fault
                 assert honest.rejections[kind] == before + 1, (fault, dict(honest.rejections))
-
-
-@pytest.mark.timeout(120)
-async def test_a_well_behaved_client_mode_peer_is_averaged_with():
-    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=FAST)
-    async with Peer("client-ok", **options) as server:
-        async with Peer("client-ok", initial_peers=await server.maddrs(), client_mode=True, **options) as client:
-            values = torch.zeros(1000)
-            round_id = server.next_round_id(lead=0.5)
-            results = await asyncio.gather(
-                server.average(values, 1.0, round_id), client.average(values + 2, 3.0, round_id)
-            )
-    for result in results:
-        assert result.status == "averaged"
-        assert torch.allclose(result.averaged, torch.full((1000,), 1.5))
-    assert not server.rejections
