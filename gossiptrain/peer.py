@@ -308,12 +308,12 @@ class Peer:
     def next_round_id(self, lead: float | None = None) -> int:
         """The first round slot that starts at least ``lead`` seconds from now.
 
-        The default lead (time to register in the DHT) is a quarter of a slot, at most 0.5 s: a
-        round that ends early in slot ``r`` then takes part in slot ``r + 1``.  A lead of a whole
-        slot or more would make every peer skip every other slot, and peers that started in slots
-        of different parity would never meet.
+        The default lead (time to register in the DHT) is half a slot, at most 0.5 s: a round
+        that ends in the first half of slot ``r`` then takes part in slot ``r + 1``.  A lead of a
+        whole slot or more would make every peer skip every other slot, and peers that started in
+        slots of different parity would never meet.
         """
-        lead = min(0.5, self.round_interval / 4) if lead is None else lead
+        lead = min(0.5, self.round_interval / 2) if lead is None else lead
         return math.ceil((get_dht_time() + lead) / self.round_interval)
 
     async def average(
