@@ -23,5 +23,11 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# Every benchmark, one after the other (about 45 min on 2 cores); results land in benchmarks/results/.
 bench: setup
 	$(PY) benchmarks/round_time.py
+	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/churn_soak.py --task charlm
+	$(PY) benchmarks/state_download.py
+	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/overlap.py

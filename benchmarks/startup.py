@@ -25,15 +25,14 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import hivemind
 import torch
+from environment import machine_info
 
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.peer import Peer
@@ -115,16 +114,7 @@ def main() -> None:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "hivemind": hivemind.__version__,
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-        },
+        "machine": {**machine_info(), "load_average_at_start": load_before, "load_average_at_end": load_after},
         "repeats": args.repeats,
         "budget_seconds": 2.0,
         "results": results,

@@ -63,6 +63,8 @@ def classify(error: BaseException) -> str:
         return "wrong_shape"
     if isinstance(error, TimeoutError):  # before OSError, its base class
         return "timeout"
+    if isinstance(error, P2PDaemonError):
+        return "unreachable"
     if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError)):
         return "truncated"
     return "garbage"

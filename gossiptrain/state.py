@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from hivemind.p2p import P2PDaemonError, PeerID
 
+from gossiptrain.exchange import classify
 from gossiptrain.transport import (
     MAX_FRAME_BYTES,
     ByteCounter,
@@ -287,17 +288,9 @@ def _rejection_kind(error: BaseException) -> str:
         return "state_bad_checksum"
     if isinstance(error, InvalidState):
         return "state_invalid"
-    if isinstance(error, OversizedFrame):
-        return "state_oversized"
     if isinstance(error, DonorRefused):
         return "state_refused"
-    if isinstance(error, TimeoutError):  # before OSError, its base class
-        return "state_timeout"
-    if isinstance(error, P2PDaemonError):
-        return "state_unreachable"
-    if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError)):
-        return "state_truncated"
-    return "state_garbage"
+    return f"state_{classify(error)}"
 
 
 async def download_state(
