@@ -12,9 +12,10 @@ ends of each veth: on ``eth0`` it limits what the peer sends (egress), on the hu
 peer receives (ingress); the bridge itself is unlimited, as an internet backbone between home links.
 
 Latency: none is added.  The ``netem`` qdisc, the usual way, is not available on every kernel (it
-is not on our CI machines), and the alternatives (an eBPF program setting departure times under
-``fq``, or a userspace proxy) are not worth their weight here.  The round-trip time is therefore
-sub-millisecond, plus the queueing delay that ``tbf`` adds under load (at most ``queue_ms``).
+is missing on this project's test machines), and the alternatives (an eBPF program that sets
+departure times under ``fq``, or a userspace proxy) are not worth their weight here.  The
+round-trip time is therefore sub-millisecond, plus the queueing delay that ``tbf`` adds under load
+(at most ``queue_ms``).
 
 Cleanup: leaving the ``with`` block (also by an exception) kills any process still running in the
 namespaces (SIGKILL: they were started for this emulation), then deletes the namespaces, which
@@ -54,7 +55,7 @@ def _run(*argv: str) -> str:
         raise EmulationUnavailable(f"{argv[0]!r} is not installed: install iproute2 (ip, tc)") from None
     if done.returncode != 0:
         message = f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.stdout.strip()}"
-        if re.search(r"permission|not permitted|operation not supported|unknown qdisc|no such file", done.stderr, re.I):
+        if re.search(r"permission|not permitted|operation not supported|unknown|no such file", done.stderr, re.I):
             raise EmulationUnavailable(message + " (needs root or CAP_NET_ADMIN, and the tbf qdisc)")
         raise RuntimeError(message)
     return done.stdout

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gossiptrain.netns import EmulatedLinks, EmulationUnavailable
+from gossiptrain.netns import NAME_PREFIX, EmulatedLinks, EmulationUnavailable, remove_stale
 from gossiptrain.testing import LocalSwarm, ProcessOutput
 
 RECEIVER = """
@@ -120,6 +120,23 @@ def test_no_namespace_remains_when_setup_fails_half_way():
     except ZeroDivisionError:
         pass
     assert not any(name in namespaces() for name in [links.hub, *links.names])
+
+
+@pytest.mark.timeout(60)
+def test_remove_stale_deletes_only_namespaces_of_dead_runs():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{NAME_PREFIX}-{dead.pid}-abcdef-hub"
+    try:
+        subprocess.run(["ip", "netns", "add", stale], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot create a network namespace here: {e}")
+    try:
+        with emulated_links(1) as links:
+            assert remove_stale() == [stale]
+            assert links.names[0] in namespaces()  # its creator (this process) is alive
+    finally:
+        subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
 
 
 @pytest.mark.timeout(180)
