@@ -58,8 +58,18 @@ class NonFiniteValues(CodecError):
     """A well-formed payload decodes to NaN or Inf."""
 
 
-def _raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: amin/amax propagate NaN, and one pass of them is ~10x faster than
+    ``isfinite(x).all()``, which the exchange would otherwise spend much of a round's CPU on."""
+    if x.numel() == 0:
+        return True
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, not copied: callers join them into a payload at once (the one copy)."""
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy())
 
 
 class _Reader:
@@ -99,9 +109,9 @@ class _Cast:
     rel: float  # unit roundoff: 2**-(significand bits)
     tiny: float  # half the spacing of the dtype's subnormals
 
-    def pack(self, x: torch.Tensor) -> bytes:
+    def pack(self, x: torch.Tensor) -> memoryview:
         y = x.to(self.dtype)
-        if not bool(torch.isfinite(y).all()):
+        if y.dtype != x.dtype and not _all_finite(y):  # a narrower float may overflow
             raise CodecError(f"{self.name}: values up to {x.abs().max().item():.3g} overflow {self.dtype}")
         return _raw(y)
 
@@ -433,7 +443,7 @@ class Codec:
         numbers = self.dense.unpack(reader, self.reducer.count(numel))
         reader.finish()
         out = self.reducer.expand(side, numbers, numel)
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise NonFiniteValues(f"{self.name}: payload decodes to non-finite values")
         return out
 
@@ -453,7 +463,7 @@ def _values(tensor: torch.Tensor, codec: str) -> torch.Tensor:
     x = tensor.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     if x.numel() >= 2**32:
         raise CodecError(f"{codec}: {x.numel()} values is too many for one payload; send parts below 2**32")
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise CodecError(f"{codec}: refusing to encode {bad} non-finite (NaN/Inf) values of {x.numel()}")
     return x
