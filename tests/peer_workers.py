@@ -12,7 +12,20 @@ from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
 
 def average_rounds(
-    initial_peers, run_id, seed, numel, weight, group_size, interval, num_peers, ready, go, start_round, rounds, fault
+    initial_peers,
+    run_id,
+    seed,
+    numel,
+    weight,
+    group_size,
+    interval,
+    num_peers,
+    ready,
+    go,
+    start_round,
+    rounds,
+    fault,
+    timeouts,
 ):
     """Join, signal ready, wait for the parent's start round, then average ``rounds`` consecutive rounds.
 
@@ -20,7 +33,11 @@ def average_rounds(
     """
     torch.set_num_threads(1)
     options = dict(
-        initial_peers=initial_peers, host_maddrs=[LOOPBACK], target_group_size=group_size, round_interval=interval
+        initial_peers=initial_peers,
+        host_maddrs=[LOOPBACK],
+        target_group_size=group_size,
+        round_interval=interval,
+        timeouts=timeouts,
     )
 
     async def main():
@@ -75,9 +92,10 @@ def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_rou
         return history
 
 
-def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0):
+def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0, timeouts=None):
     """Spawn peers that average seeded random tensors; returns the healthy ones' results and the
-    exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault)."""
+    exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault; ``timeouts``: the
+    peers' ``Timeouts``, None for the defaults)."""
     faults = faults or {}
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
@@ -99,6 +117,7 @@ def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, in
                 start_round,
                 rounds,
                 faults.get(i),
+                timeouts,
             )
         for _ in range(num_peers):
             ready.get(timeout=120)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gossiptrain.demo import run_demo
+from gossiptrain.exchange import Timeouts
 from gossiptrain.testing import LocalSwarm, ProcessOutput
 from tests.peer_workers import run_averaging, weighted_mean
 
@@ -26,11 +27,14 @@ def test_four_peers_average_to_the_exact_weighted_mean():
 
 @pytest.mark.timeout(300)
 def test_sixteen_peers_in_groups_of_four_reach_the_global_mean_in_two_rounds():
-    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16)
+    # 32 processes on a small machine: generous timeouts, so that a starved peer is slow, not dropped
+    patient = Timeouts(matchmaking=10.0, join=15.0, part=15.0, result=30.0)
+    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16, interval=4.0, timeouts=patient)
     expected = inputs.mean(0)
     for result in results.values():
         assert [h["status"] for h in result["history"]] == ["averaged", "averaged"], result["history"]
         assert all(len(h["group"]) == 4 for h in result["history"])
+        assert all(h["errors"] == [] for h in result["history"]), result["history"]
         assert (result["values"] - expected).abs().max().item() < 1e-5
 
 
