@@ -121,7 +121,7 @@ def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, in
             )
         for _ in range(num_peers):
             ready.get(timeout=120)
-        next_slot = math.ceil((time.time() + 1.5) / interval)
+        next_slot = math.ceil((time.time() + 5.0) / interval)  # every peer registers before the slot, even if starved
         start_round.value = next_slot + next_slot % 2  # an even round: the first of a Moshpit epoch
         go.set()
         results = swarm.results(num_peers - len(faults), timeout=120)
