@@ -23,7 +23,7 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
-# Every benchmark, one after the other (about 45 min on 2 cores); results land in benchmarks/results/.
+# Every benchmark, one after the other; results (with each run's wall time) land in benchmarks/results/.
 bench: setup
 	$(PY) benchmarks/round_time.py
 	$(PY) benchmarks/compression.py
