@@ -33,6 +33,7 @@ from gossiptrain.transport import (
     FrameKind,
     OversizedFrame,
     ProtocolError,
+    close_after_peer,
     read_frame,
     read_message,
     write_frame,
@@ -109,6 +110,7 @@ class RoundResult:
     bytes_received: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
 
     @property
     def group_size(self) -> int:
@@ -268,6 +270,10 @@ class RoundExchange:
                     message = {"round_id": self.plan.round_id, "codec": spec}
                     await write_message(writer, FrameKind.RESULT, message, self.counter)
                     await _send_payloads(writer, payloads, self.counter)
+                if not await close_after_peer(reader, writer, self.timeouts.part):
+                    self.errors.append(
+                        f"{sender} did not close the stream within part={self.timeouts.part}s of our reply"
+                    )
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"reply to {sender} failed: {e!r}")
         finally:

@@ -17,6 +17,7 @@ class RoundRecord:
     status: str
     step: int
     group_size: int
+    participants: int  # the round's registrations this peer saw
     loss: float | None
     bytes_sent: int
     bytes_received: int

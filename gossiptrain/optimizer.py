@@ -374,6 +374,7 @@ class GossipOptimizer:
             status=result.status,
             step=self.local_step,
             group_size=result.group_size,
+            participants=result.participants,
             loss=self.loss,
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,

@@ -27,7 +27,7 @@ from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, Rou
 from gossiptrain.groups import group_of
 from gossiptrain.membership import Membership
 from gossiptrain.state import StateProvider, StateServer, state_protocol
-from gossiptrain.transport import ByteCounter, FrameKind, read_message, write_message
+from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message, write_message
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class Peer:
             await self._dial(await self.membership.live_peers())
         if not plan.reducers:
             if len(members) == 1:
-                return RoundResult(round_id, "alone", list(members), snapshot.clone())
+                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=len(compatible))
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
         exchange = self.exchange_class(
             self.p2p,
@@ -394,7 +394,7 @@ class Peer:
         finally:
             self._exchanges.pop(round_id, None)
             self._forget_old_rounds(round_id)
-        result.seconds = time.perf_counter() - started
+        result.seconds, result.participants = time.perf_counter() - started, len(compatible)
         return result
 
     def _failed(self, round_id: int, snapshot: torch.Tensor, reason: str) -> RoundResult:
@@ -432,4 +432,4 @@ class Peer:
         except EXCHANGE_ERRORS as e:
             self.rejections.record(classify(e), sender, "?", f"unreadable HELLO: {e!r}")
         finally:
-            writer.close()
+            await close_after_peer(reader, writer, self.timeouts.part)

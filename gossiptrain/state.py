@@ -43,6 +43,7 @@ from gossiptrain.transport import (
     FrameKind,
     OversizedFrame,
     ProtocolError,
+    close_after_peer,
     read_frame,
     read_message,
     write_frame,
@@ -190,7 +191,7 @@ class StateServer:
             logger.info("state download by %s ended early: %r", joiner, e)
         finally:
             self._streams.pop(task, None)
-            writer.close()
+            await close_after_peer(reader, writer, self.timeouts.part)
 
     async def _serve(self, writer: asyncio.StreamWriter, counter: ByteCounter, joiner: str) -> None:
         started = time.perf_counter()

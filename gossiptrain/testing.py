@@ -181,7 +181,8 @@ class FaultyExchange(RoundExchange):
     ``die`` sends half of its slice and then SIGKILLs its own process session (the daemon too),
     as a machine that dies in the middle of an exchange; ``die_before`` does so as the round starts,
     after registering for it, so that the others fail to dial it.  Use both only in a
-    ``LocalSwarm.spawn`` child.
+    ``LocalSwarm.spawn`` child.  ``slow_reader`` uploads correctly and reads the reply a second
+    late, as a starved process does.
     """
 
     fault = "nan"
@@ -198,6 +199,7 @@ class FaultyExchange(RoundExchange):
         "stall",
         "die",
         "die_before",
+        "slow_reader",
     )
 
     async def run(self) -> RoundResult:
@@ -240,6 +242,8 @@ class FaultyExchange(RoundExchange):
                 await write_frame(writer, FrameKind.PART, payload, self.counter)
             os.killpg(os.getpgrp(), signal.SIGKILL)
         await write_frame(writer, FrameKind.PART, self.codec.encode(values), self.counter)
+        if self.fault == "slow_reader":
+            await asyncio.sleep(1.0)
 
 
 class FaultyPeer(Peer):

@@ -91,3 +91,22 @@ async def read_message(
     if not isinstance(message, dict):
         raise ProtocolError(f"{kind.name} frame is not a mapping")
     return kind, message
+
+
+async def close_after_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> bool:
+    """Close our end of a stream once the other side has closed its own; returns whether it did in time.
+
+    The side that writes last must not close first: p2pd resets a libp2p stream whose local socket
+    closes, and a reset makes the other daemon drop the frames it has not yet handed over (seen under
+    load as a reply that never arrived, with nothing amiss at the sender).  The other side closes once
+    it has read everything, so its EOF is the acknowledgement that our last frames were delivered.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(2**16):
+                pass  # the protocol expects nothing more: whatever comes is discarded
+        return True
+    except (TimeoutError, ConnectionError, OSError):
+        return False
+    finally:
+        writer.close()

@@ -58,6 +58,7 @@ def average_rounds(
                         "errors": result.errors,
                         "seconds": result.seconds,
                         "combined": result.combined,
+                        "participants": result.participants,
                         "peer": peer.peer_id,
                     }
                 )
