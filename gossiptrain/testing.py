@@ -2,7 +2,8 @@
 
 Every process is started in a session of its own, so that killing it also kills its libp2p
 daemon (as when a machine dies), and ``close()`` (or leaving the ``with`` block) kills whatever
-is still running, even when a test fails.
+is still running, even when a test fails or the parent is stopped with SIGTERM (``timeout``, CI):
+inside the ``with`` block SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -79,12 +80,19 @@ class LocalSwarm:
         self._context = multiprocessing.get_context("spawn")
         self._results = self._context.Queue()
         self.initial_peers: list[str] = []
+        self._sigterm_handler: Any = None
 
     def __enter__(self) -> LocalSwarm:
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._sigterm_handler is not None:
+                signal.signal(signal.SIGTERM, self._sigterm_handler)
 
     @property
     def context(self) -> multiprocessing.context.SpawnContext:
