@@ -31,3 +31,4 @@ bench: setup
 	$(PY) benchmarks/state_download.py
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/overlap.py
+	$(PY) benchmarks/time_to_loss.py

@@ -70,11 +70,7 @@ def plain_worker(args: argparse.Namespace) -> None:
         metrics.write(json.dumps({"event": "joined", "time": started, "step": 0}) + "\n")
         step, last_record = 0, started
         while time.time() < started + args.duration:
-            loss = task.loss(task.model, next(batches))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss.item()
+            task.train_step(optimizer, next(batches))
             step += 1
             if time.time() - last_record >= 0.5:
                 last_record = time.time()

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 
-from gossiptrain.metrics import RoundRecord, write_jsonl
+from gossiptrain.metrics import PeriodicEvaluation, RoundRecord, write_jsonl
 from gossiptrain.peer import DaemonStartError, dialable_first
 
 DEFAULT_RUN_ID = "gossiptrain-demo"
@@ -126,14 +126,14 @@ def cmd_peer(args: argparse.Namespace) -> None:
             metrics.write(json.dumps({**joined, "state_download_seconds": optimizer.state_download_seconds}) + "\n")
             metrics.flush()
         batches = task.batches(args.seed if args.seed is not None else os.getpid(), args.batch_size)
+        evaluation = PeriodicEvaluation(lambda: task.evaluate(task.model), args.eval_every, metrics)
         step, deadline = 0, time.monotonic() + args.duration if args.duration else math.inf
         while (args.steps == 0 or step < args.steps) and time.monotonic() < deadline:
-            loss = task.loss(task.model, next(batches))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            optimizer.report(loss.item())
+            if args.eval_every and (record := evaluation.maybe_evaluate(step)):
+                _print(f"eval step {step} loss {record['loss']:.4f} after {record['train_seconds']:.1f}s of training")
+            optimizer.report(task.train_step(optimizer, next(batches)))
             step += 1
+        train_seconds = evaluation.train_seconds()
         optimizer.finish(timeout=args.finish_timeout)
         result = {
             "final": True,
@@ -145,6 +145,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
             "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None,
             "param_checksum": optimizer.last_round.param_checksum if optimizer.last_round else None,
             "startup_seconds": optimizer.startup_seconds,
+            "train_seconds": train_seconds,
         }
         _print(
             f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
@@ -216,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
     peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")
     peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")
+    peer.add_argument(
+        "--eval-every",
+        type=float,
+        default=0,
+        metavar="S",
+        help="evaluate on the validation set every S seconds of training (0: only at the end); "
+        "printed, and an 'eval' record in the metrics file",
+    )
     peer.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for the others at the end")
     peer.add_argument("--wait-for-peers", type=int, default=1, metavar="N", help="start training once N peers are live")
     peer.add_argument("--save-model", default=None, metavar="PATH", help="save the model's state_dict here at the end")

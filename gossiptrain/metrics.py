@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import IO
 
@@ -41,3 +42,37 @@ class RoundRecord:
 def write_jsonl(record: RoundRecord, stream: IO[str]) -> None:
     stream.write(json.dumps(asdict(record)) + "\n")
     stream.flush()
+
+
+class PeriodicEvaluation:
+    """Evaluates a model every ``every`` seconds of training time and writes one ``eval`` record per evaluation.
+
+    Training time is the wall time since ``start()`` minus the time spent in these evaluations, so that a
+    loss curve over it does not depend on how slow the evaluation is.  The CLI peer and the benchmarks'
+    other training loops share it, so that every curve is measured the same way.
+    """
+
+    def __init__(self, evaluate: Callable[[], dict[str, float]], every: float, stream: IO[str] | None):
+        self.evaluate, self.every, self.stream = evaluate, every, stream
+        self.start()
+
+    def start(self) -> None:
+        self._started, self._due, self.eval_seconds = time.monotonic(), 0.0, 0.0
+
+    def train_seconds(self) -> float:
+        return time.monotonic() - self._started - self.eval_seconds
+
+    def maybe_evaluate(self, step: int) -> dict | None:
+        """Evaluate at the start and then once ``every`` seconds of training time have passed since the last time."""
+        train_seconds = self.train_seconds()
+        if train_seconds < self._due:
+            return None
+        began = time.monotonic()
+        record = {"event": "eval", "time": time.time(), "step": step, "train_seconds": train_seconds, **self.evaluate()}
+        record["eval_seconds"] = time.monotonic() - began
+        self.eval_seconds += record["eval_seconds"]
+        self._due = (train_seconds // self.every + 1) * self.every
+        if self.stream is not None:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+        return record

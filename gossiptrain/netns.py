@@ -28,6 +28,7 @@ Run something in namespace ``i`` with ``subprocess.Popen([*links.exec_prefix(i),
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -137,6 +138,11 @@ class EmulatedLinks:
     def exec_prefix(self, i: int) -> list[str]:
         """The argv prefix that runs a command inside namespace ``i``."""
         return ["ip", "netns", "exec", self.names[i]]
+
+    def bytes_moved(self, i: int) -> tuple[int, int]:
+        """Bytes received and sent so far by namespace ``i`` on its link: everything, headers and DHT included."""
+        link = json.loads(_run("ip", "-n", self.names[i], "-json", "-statistics", "link", "show", "eth0"))[0]
+        return link["stats64"]["rx"]["bytes"], link["stats64"]["tx"]["bytes"]
 
     def __enter__(self) -> EmulatedLinks:
         try:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from hivemind.utils import get_dht_time
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.exchange import RoundResult
@@ -278,8 +279,8 @@ class GossipOptimizer:
         with self._state_lock:
             result = self.optimizer.step(closure)
             self.local_step += 1
-        self._steps_since_round += 1
-        self._samples_since_round += self.samples_per_step
+            self._steps_since_round += 1
+            self._samples_since_round += self.samples_per_step
         self._poll_round()
         return result
 
@@ -342,16 +343,34 @@ class GossipOptimizer:
         return record
 
     def _start_round(self, round_id: int | None = None) -> None:
-        with torch.no_grad():
-            self._snapshot = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
-        weight = float(max(self._samples_since_round, 1))
-        self._samples_since_round = self._steps_since_round = 0
         round_id = self.peer.next_round_id() if round_id is None else round_id
+        with self._state_lock:
+            self._steps_since_round = 0
+        self._inflight = self._loop.submit(self._averaging_round(round_id))
+
+    async def _averaging_round(self, round_id: int) -> RoundResult:
+        """Snapshot the parameters just before the slot starts, then average them.
+
+        A round's result is applied as ``average - snapshot``, so the group mixes the parameters as
+        they were at the snapshot: taking it when the slot starts (less the registration lead), not
+        when the previous round ended, keeps what is averaged at most that lead old instead of up to
+        a whole slot.  Local steps go on meanwhile.
+        """
+        wake = self.peer.round_start(round_id) - self.peer.registration_lead
+        await asyncio.sleep(max(0.0, wake - get_dht_time()))
+        self._snapshot, weight = await asyncio.to_thread(self._take_snapshot)
         wire = self.wire.contribution(self._snapshot, round_id)
         self._mode = wire.mode
-        self._inflight = self._loop.submit(
-            self.peer.average(wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec)
+        return await self.peer.average(
+            wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec
         )
+
+    def _take_snapshot(self) -> tuple[torch.Tensor, float]:
+        """The flat parameters and the samples seen since the last snapshot (the round's weight)."""
+        with self._state_lock, torch.no_grad():
+            snapshot = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+            weight, self._samples_since_round = float(max(self._samples_since_round, 1)), 0
+        return snapshot, weight
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
         try:

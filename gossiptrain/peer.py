@@ -313,8 +313,13 @@ class Peer:
         whole slot or more would make every peer skip every other slot, and peers that started in
         slots of different parity would never meet.
         """
-        lead = min(0.5, self.round_interval / 2) if lead is None else lead
+        lead = self.registration_lead if lead is None else lead
         return math.ceil((get_dht_time() + lead) / self.round_interval)
+
+    @property
+    def registration_lead(self) -> float:
+        """How long before a slot starts a peer registers for it: half a slot, at most 0.5 s."""
+        return min(0.5, self.round_interval / 2)
 
     async def average(
         self,

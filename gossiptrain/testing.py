@@ -103,10 +103,10 @@ class LocalSwarm:
         """Make the swarm own a process started elsewhere (it is killed on close)."""
         self._popen.append(process)
 
-    def run_cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
-        """Start ``gossiptrain <args>`` in its own session, its stdout captured line by line."""
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
+        """Start ``argv`` in its own session, its stdout captured line by line (e.g. in a network namespace)."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "gossiptrain", *args],
+            argv,
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
@@ -115,6 +115,10 @@ class LocalSwarm:
         )
         self.track(process)
         return process, ProcessOutput(process)
+
+    def run_cli(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
+        """Start ``gossiptrain <args>`` in its own session, its stdout captured line by line."""
+        return self.start([sys.executable, "-m", "gossiptrain", *args], env)
 
     def start_bootstrap(self, timeout: float = 30.0) -> list[str]:
         """Start a DHT-only node; its multiaddrs become ``initial_peers`` for the peers."""
