@@ -28,7 +28,7 @@ bench: setup
 	$(PY) benchmarks/round_time.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/churn_soak.py --task charlm
-	$(PY) benchmarks/state_download.py
+	$(PY) benchmarks/state_download.py --out benchmarks/results/state_download.json
 	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/overlap.py
 	$(PY) benchmarks/time_to_loss.py
