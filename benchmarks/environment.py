@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +34,17 @@ def machine_info() -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def report_header(benchmark: str, args: argparse.Namespace, worker_only: tuple[str, ...] = ()) -> dict:
+    """The start of a benchmark's JSON: its name, date, command line, machine and settings."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in worker_only},
     }
 
 

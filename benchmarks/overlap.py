@@ -33,10 +33,8 @@ Writes ``benchmarks/results/overlap.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -45,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import machine_info
+from environment import report_header
 
 from gossiptrain.demo import read_records
 from gossiptrain.testing import LocalSwarm
@@ -265,13 +263,7 @@ def main() -> None:
     if unknown := set(conditions) - set(CONDITIONS):
         parser.error(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
 
-    report = {
-        "benchmark": "overlap",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in WORKER_ONLY},
-    }
+    report = report_header("overlap", args, WORKER_ONLY)
     runs = []
     with tempfile.TemporaryDirectory() as workdir:
         for repeat in range(args.repeats):

@@ -43,10 +43,8 @@ Needs root (or CAP_NET_ADMIN) for the namespaces; without, it says why and stops
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -54,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import machine_info
+from environment import report_header
 
 from gossiptrain.demo import read_records
 from gossiptrain.metrics import PeriodicEvaluation
@@ -356,14 +354,8 @@ def main() -> None:
         return hivemind_worker(args)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed benchmark still stops its peers
 
-    report = {
-        "benchmark": "time_to_loss",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in WORKER_ONLY},
-        "runs": [],
-    }
+    report = report_header("time_to_loss", args, WORKER_ONLY)
+    report["runs"] = []
     started = time.monotonic()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
