@@ -1,4 +1,4 @@
-"""What crosses the wire in a round: the parameters, or their change since the last round.
+"""What crosses the wire in a round: the parameters, or their change since a shared reference.
 
 Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves.  Quantizing weights
 is harmless here because the owner of a shard encodes the mean once and every member, the owner
@@ -6,11 +6,14 @@ included, keeps the same decoded values: a group ends each round in exact agreem
 feedback carries each peer's rounding into its next contribution.
 
 Sparse and low-rank codecs (topk, randomk, lowrank chains) would destroy raw weights, so they send
-deltas, DiLoCo-style pseudo-gradients: ``delta = x - reference``, where the reference is this
-peer's parameters as they stood after its last averaged round.  The group averages the deltas
-(with error feedback: what topk drops is sent in later rounds) and each member moves to
-``reference + mean(delta)``.  Members' references differ by what earlier rounds left behind
-(other groups, values not yet sent), and a mean of deltas never pulls them together; so every
+``delta = x - reference``, where the reference is a public copy of the parameters in the sense of
+CHOCO-SGD: it moves only by what the group averaged, so members that share it keep sharing it.
+Each member replaces the part of its delta that the codec sent by the group's mean of the sent
+parts and keeps the rest: ``x <- x + mean(sent) - sent``, ``reference <- reference + mean(sent)``.
+What the codec dropped thus stays in ``x - reference`` and is sent in later rounds (error
+feedback without a hidden buffer), and the model keeps its local progress meanwhile instead of
+waiting for every coordinate to be sent.  Members' references differ by what earlier rounds in
+other groups left behind, and a mean of deltas never pulls them together; so every
 ``sync_every``-th round is a dense round on the parameters with the chain's dense stage (``int8``
 for ``topk:0.01+int8``), which does, and Moshpit's changing groups spread that agreement.  All
 peers derive the kind of round from the round id, so a group always agrees on it.
@@ -40,7 +43,7 @@ class Contribution:
 
 
 class WireState:
-    """The reference and error-feedback residuals of one peer's averaged parameters.
+    """The reference and the error feedback of one peer's averaged parameters.
 
     Args:
         codec: the codec of the run.
@@ -50,7 +53,8 @@ class WireState:
     def __init__(self, codec: Codec, sync_every: int = 10):
         self.codec, self.sync_every = codec, sync_every
         self.reference: torch.Tensor | None = None
-        self.residuals: dict[str, torch.Tensor] = {}
+        self.params_residual: torch.Tensor | None = None  # rounding carried between params rounds
+        self.unsent: torch.Tensor | None = None  # the part of the round's delta the codec dropped
 
     def mode(self, round_id: int) -> str:
         return "params" if self.codec.is_dense or round_id % self.sync_every == 0 else "delta"
@@ -58,20 +62,20 @@ class WireState:
     def contribution(self, snapshot: torch.Tensor, round_id: int) -> Contribution:
         if self.reference is None or self.reference.numel() != snapshot.numel():
             self.reset(snapshot)
-        mode = self.mode(round_id)
-        residual = self.residuals.setdefault(mode, torch.zeros_like(snapshot))
-        if mode == "params":
-            return Contribution(snapshot, residual, mode, self.codec.dense_stage)
-        return Contribution(snapshot - self.reference, residual, mode, self.codec)
+        if self.mode(round_id) == "params":
+            return Contribution(snapshot, self.params_residual, "params", self.codec.dense_stage)
+        self.unsent = torch.zeros_like(snapshot)  # the exchange writes what it could not send here
+        return Contribution(snapshot - self.reference, self.unsent, "delta", self.codec)
 
     def combine(self, result: RoundResult, snapshot: torch.Tensor, mode: str) -> torch.Tensor:
         """The parameters after the round (``snapshot`` where it failed); moves the reference."""
-        averaged = result.averaged if mode == "params" else self.reference + result.averaged
+        moved = result.averaged if mode == "params" else self.reference + result.averaged
         for start, end in result.combined:
-            self.reference[start:end] = averaged[start:end]
-        return averaged
+            self.reference[start:end] = moved[start:end]
+        return moved if mode == "params" else moved + self.unsent
 
     def reset(self, params: torch.Tensor) -> None:
         """Start afresh from ``params`` (the first round, or after loading another peer's state)."""
         self.reference = params.clone()
-        self.residuals.clear()
+        self.params_residual = torch.zeros_like(params)
+        self.unsent = None

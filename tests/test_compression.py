@@ -50,20 +50,7 @@ def test_compressed_peers_reach_consensus_without_local_steps(codec):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(
-    "codec",
-    [
-        "int8",
-        pytest.param(
-            "topk:0.01+int8",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="open bug: since snapshots are taken at the slot start (commit 67ff797), top-k digits runs "
-                "end 3-4 points below none (mean of 3: 0.940 vs 0.979; runs of 0.894-0.972); before it 0.961-0.967",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("codec", ["int8", "topk:0.01+int8"])
 def test_compressed_training_on_digits_is_as_accurate_as_uncompressed(codec, uncompressed_digits_runs):
     """Mean accuracy over repeated runs: a single run's accuracy varies by about a point."""
     runs = train_digits(codec)

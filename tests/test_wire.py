@@ -1,0 +1,80 @@
+"""Delta rounds of sparse codecs: what a member keeps, what it shares, and where the dropped part goes."""
+
+from __future__ import annotations
+
+import torch
+
+from gossiptrain.codecs import get_codec
+from gossiptrain.exchange import RoundResult
+from gossiptrain.wire import WireState
+
+NUMEL = 4096
+HALF = NUMEL // 2
+
+
+def group_round(wires, params, round_id, combined=((0, NUMEL),)) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One round of a group with equal weights, done as the exchange does it: each member encodes
+    its values plus residual and keeps what the codec dropped in the residual; the result holds
+    the mean of the decoded values on the ``combined`` slices and the member's own values on the
+    others, whose residual goes back to what it was.  Returns the parameters after the round and
+    what each member sent."""
+    contributions = [wire.contribution(x, round_id) for wire, x in zip(wires, params)]
+    residuals_before = [c.residual.clone() for c in contributions]
+    sent = []
+    for c in contributions:
+        decoded = c.codec.decode(c.codec.encode(c.values + c.residual), NUMEL)
+        c.residual.copy_(c.values + c.residual - decoded)
+        sent.append(decoded)
+    mean = torch.stack(sent).mean(0)
+    after = []
+    for wire, c, x, residual_before in zip(wires, contributions, params, residuals_before):
+        averaged = c.values.clone()
+        kept = torch.ones(NUMEL, dtype=torch.bool)
+        for start, end in combined:
+            averaged[start:end] = mean[start:end]
+            kept[start:end] = False
+        c.residual[kept] = residual_before[kept]
+        result = RoundResult(round_id, "averaged", [str(i) for i in range(len(wires))], averaged, list(combined))
+        after.append(wire.combine(result, x, c.mode))
+    return after, sent
+
+
+def members(count: int, codec: str) -> tuple[list[WireState], list[torch.Tensor]]:
+    """Members that share a reference (as after a dense round), then each trained on its own."""
+    start = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
+    wires = [WireState(get_codec(codec), sync_every=1000) for _ in range(count)]
+    for wire in wires:
+        wire.reset(start)
+    steps = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(i + 1)) for i in range(count)]
+    return wires, [start + step for step in steps]
+
+
+def test_a_delta_round_swaps_each_members_sent_part_for_the_group_mean_and_keeps_the_rest():
+    wires, params = members(4, "topk:0.05")
+    start = wires[0].reference.clone()
+    after, sent = group_round(wires, params, round_id=1)
+    mean = torch.stack(sent).mean(0)
+    for x, y, s, wire in zip(params, after, sent, wires):
+        assert (s != 0).sum() <= 0.06 * NUMEL
+        assert torch.allclose(y, x + mean - s, atol=1e-5), "local progress that was not sent must be kept"
+        assert torch.allclose(wire.reference, start + mean, atol=1e-6), "the reference moves by the group mean"
+        assert torch.allclose(y - wire.reference, x - start - s, atol=1e-5), "what was dropped is sent later"
+    assert torch.allclose(sum(after), sum(params), atol=1e-3), "a round with equal weights moves no mass"
+
+
+def test_repeated_delta_rounds_without_local_steps_bring_a_group_together():
+    wires, params = members(4, "topk:0.05+int8")
+    spreads = [torch.stack(params).std(0).norm().item()]
+    for round_id in range(1, 61):
+        params, _ = group_round(wires, params, round_id)
+        spreads.append(torch.stack(params).std(0).norm().item())
+    assert spreads[-1] < 0.05 * spreads[0], spreads[::10]
+
+
+def test_a_failed_slice_leaves_the_parameters_and_the_reference_as_they_were():
+    wires, params = members(2, "topk:0.05")
+    reference = wires[0].reference.clone()
+    after, _ = group_round(wires, params, round_id=1, combined=[(0, HALF)])
+    assert torch.equal(after[0][HALF:], params[0][HALF:])
+    assert torch.equal(wires[0].reference[HALF:], reference[HALF:])
+    assert not torch.equal(after[0][:HALF], params[0][:HALF])
