@@ -25,9 +25,9 @@ the local steps, and hence the final loss, vary from run to run even with the sa
 Writes ``<out>.json`` (machine, date, command, configuration, every number) and ``<out>.png``
 (final validation loss vs total bytes sent, one subplot per task).
 
-    python benchmarks/compression.py                         # every codec, both tasks (~7 min on 2 cores)
+    python benchmarks/compression.py                         # every codec, both tasks (~9 min on 2 cores)
     python benchmarks/compression.py --codecs none,int8 --quick
-    python benchmarks/compression.py --codecs none,randomk:0.02+int8@sync=40   # a sparse chain, sync every 40 rounds
+    python benchmarks/compression.py --codecs none,topk:0.01+int8@sync=40   # a sparse chain, sync every 40 rounds
     python benchmarks/compression.py --codecs none,int8 --repeats 3   # run-to-run noise
 """
 
@@ -52,7 +52,7 @@ from environment import machine_info
 from gossiptrain.demo import parameter_spread, read_records
 from gossiptrain.testing import LocalSwarm
 
-DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.01+int8,randomk:0.01+int8,randomk:0.02+int8@sync=40,lowrank:4+int8"
+DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.01+int8,topk:0.01+int8@sync=40,randomk:0.01+int8,randomk:0.02+int8@sync=40,lowrank:4+int8"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression"
 # Per task: local steps per peer (full, --quick), batch size, learning rate, seconds between rounds.
 # A charlm round (1M parameters) takes ~0.3-0.6 s on 2 loaded cores: 0.5 s slots make many rounds miss their start.

@@ -287,17 +287,15 @@ class GossipOptimizer:
     def average_now(self, timeout: float = 60.0, params: bool = False, round_id: int | None = None) -> RoundRecord:
         """Block until the round in flight (if any) and one fresh round are applied; for a final sync.
 
-        With ``params=True`` the fresh round is the next one that averages the parameters
-        themselves (not deltas), which is what brings peers to agreement (``gossiptrain.wire``).
+        With ``params=True`` the fresh round averages the parameters themselves, not deltas, even
+        where a sparse codec's round would send deltas: it is what brings peers to agreement
+        (``gossiptrain.wire``), and it groups this peer with the others doing the same.
         ``round_id`` picks the round explicitly (peers that agree on it average together).
         """
         if self._inflight is not None:
             concurrent.futures.wait([self._inflight], timeout=timeout)
             self._poll_round(start_next=False)
-        round_id = self.peer.next_round_id() if round_id is None else round_id
-        while params and self.wire.mode(round_id) != "params":
-            round_id += 1
-        self._start_round(round_id)
+        self._start_round(round_id, mode="params" if params else None)
         concurrent.futures.wait([self._inflight], timeout=timeout)
         record = self._poll_round(start_next=False)
         if record is None:
@@ -342,13 +340,13 @@ class GossipOptimizer:
             self._start_round()
         return record
 
-    def _start_round(self, round_id: int | None = None) -> None:
+    def _start_round(self, round_id: int | None = None, mode: str | None = None) -> None:
         round_id = self.peer.next_round_id() if round_id is None else round_id
         with self._state_lock:
             self._steps_since_round = 0
-        self._inflight = self._loop.submit(self._averaging_round(round_id))
+        self._inflight = self._loop.submit(self._averaging_round(round_id, mode))
 
-    async def _averaging_round(self, round_id: int) -> RoundResult:
+    async def _averaging_round(self, round_id: int, mode: str | None) -> RoundResult:
         """Snapshot the parameters just before the slot starts, then average them.
 
         A round's result is applied as ``average - snapshot``, so the group mixes the parameters as
@@ -359,7 +357,7 @@ class GossipOptimizer:
         wake = self.peer.round_start(round_id) - self.peer.registration_lead
         await asyncio.sleep(max(0.0, wake - get_dht_time()))
         self._snapshot, weight = await asyncio.to_thread(self._take_snapshot)
-        wire = self.wire.contribution(self._snapshot, round_id)
+        wire = self.wire.contribution(self._snapshot, round_id, mode)
         self._mode = wire.mode
         return await self.peer.average(
             wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec

@@ -336,7 +336,9 @@ class Peer:
         The input is not modified.  If ``round_id`` is None, the next round slot is used.
         ``residual`` is the error-feedback state of what is averaged (updated in place), and
         ``mode`` names what the tensor is ("params" or "delta") and ``codec`` overrides the peer's
-        codec for this round: all members of a round must agree on both.
+        codec for this round: all members of a round must agree on both.  Peers group only with
+        peers of the same mode, so a round's peers that average different things (training peers
+        sending deltas, finishing peers their parameters) form separate groups.
         """
         if tensor.dim() != 1 or tensor.dtype != torch.float32:
             raise ValueError(f"average() takes a flat float32 tensor, got {tuple(tensor.shape)} {tensor.dtype}")
@@ -345,7 +347,7 @@ class Peer:
         snapshot = tensor.detach().cpu()
         round_id = self.next_round_id() if round_id is None else round_id
         start = self.round_start(round_id)
-        record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel()}
+        record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
         try:
             async with asyncio.timeout(self.timeouts.matchmaking):
                 await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
@@ -363,7 +365,7 @@ class Peer:
         compatible = {
             peer
             for peer, info in participants.items()
-            if info.get("schema") == self.model_schema and info.get("numel") == snapshot.numel()
+            if (info.get("schema"), info.get("numel"), info.get("mode")) == (self.model_schema, snapshot.numel(), mode)
         }
         compatible.add(self.peer_id)
         members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)

@@ -16,7 +16,9 @@ waiting for every coordinate to be sent.  Members' references differ by what ear
 other groups left behind, and a mean of deltas never pulls them together; so every
 ``sync_every``-th round is a dense round on the parameters with the chain's dense stage (``int8``
 for ``topk:0.01+int8``), which does, and Moshpit's changing groups spread that agreement.  All
-peers derive the kind of round from the round id, so a group always agrees on it.
+peers derive the kind of round from the round id, and peers group only with peers of the same
+kind (``Peer.average``), so a group always agrees on it; finishing peers average their parameters
+in any round (``GossipOptimizer.finish``) and meet the others that finish.
 
 A slice of a round that failed (its owner died, its data was refused) is as if the round did
 not happen for it: the reference and the residual stay as they were, the local values are kept.
@@ -59,10 +61,11 @@ class WireState:
     def mode(self, round_id: int) -> str:
         return "params" if self.codec.is_dense or round_id % self.sync_every == 0 else "delta"
 
-    def contribution(self, snapshot: torch.Tensor, round_id: int) -> Contribution:
+    def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
+        """This round's values; ``mode`` overrides the round id's kind (e.g. "params" to finish)."""
         if self.reference is None or self.reference.numel() != snapshot.numel():
             self.reset(snapshot)
-        if self.mode(round_id) == "params":
+        if (mode or self.mode(round_id)) == "params":
             return Contribution(snapshot, self.params_residual, "params", self.codec.dense_stage)
         self.unsent = torch.zeros_like(snapshot)  # the exchange writes what it could not send here
         return Contribution(snapshot - self.reference, self.unsent, "delta", self.codec)

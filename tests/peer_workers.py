@@ -102,6 +102,30 @@ def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_rou
         return history
 
 
+def finish_sparse(initial_peers, seed, num_peers, ready):
+    """A GossipOptimizer with a sparse codec whose round ids never call for a params round: it only
+    finishes.  Returns its parameters before and after, and the last round's status."""
+    from gossiptrain.optimizer import GossipOptimizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)  # every peer starts from different parameters
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    options = dict(average_every=1.0, sync_every=10**9, codec="topk:0.01+int8", host_maddrs=[LOOPBACK])
+    with GossipOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        run_id="finish",
+        initial_peers=initial_peers,
+        load_state=False,
+        **options,
+    ) as optimizer:
+        optimizer.wait_for_peers(num_peers, timeout=60)
+        ready.put(seed)
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        record = optimizer.finish(timeout=60)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return before, after, record.status if record else None
+
+
 def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0, timeouts=None):
     """Spawn peers that average seeded random tensors; returns the healthy ones' results and the
     exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault; ``timeouts``: the

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gossiptrain.testing import LocalSwarm
-from tests.peer_workers import consensus_rounds, train_digits
+from tests.peer_workers import consensus_rounds, finish_sparse, train_digits
 
 
 def spread(flats: list[torch.Tensor]) -> float:
@@ -47,6 +47,22 @@ def test_compressed_peers_reach_consensus_without_local_steps(codec):
     assert per_round[-1] < resolution, per_round
     dense_rounds = [s for i, s in enumerate(per_round) if (histories[0][i][0] % 2 == 0 or codec == "int8")]
     assert all(b <= max(a * 1.01, resolution) for a, b in zip(dense_rounds, dense_rounds[1:])), per_round
+
+
+@pytest.mark.timeout(300)
+def test_peers_with_a_sparse_codec_finish_in_agreement_whatever_the_round_ids():
+    """``finish()`` averages the parameters at once, not at the next round id of a dense round
+    (here never): finishing peers group together and leave with the same parameters."""
+    num_peers = 3
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready = swarm.context.Queue()
+        for seed in range(num_peers):
+            swarm.spawn(seed, finish_sparse, swarm.initial_peers, seed, num_peers, ready)
+        results = swarm.results(num_peers, timeout=240)
+    before, after, statuses = zip(*results.values())
+    assert statuses == ("averaged",) * num_peers, statuses
+    assert spread(list(after)) < 1e-2 * spread(list(before)), (spread(list(before)), spread(list(after)))
 
 
 @pytest.mark.timeout(900)
