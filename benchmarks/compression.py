@@ -7,10 +7,11 @@ together (``GossipOptimizer.finish``).  Only the codec changes between runs of a
 
 From the peers' metrics files and saved models it reports, per codec:
 
-- bytes on the wire per parameter per round: mean over peers and averaged rounds of
+- bytes on the wire per parameter per round: mean over peers and averaged rounds of training of
   ``bytes_sent / num_params`` (``none`` sends float32, ~2 * 4 * (g - 1) / g bytes in a group of g:
-  the slices to the shard owners, then the owners' means back); the JSON also has the same mean
-  over the rounds during training only (without the finishing rounds);
+  the slices to the shard owners, then the owners' means back); and the same mean over all
+  averaged rounds, the finishing ones included (``finish()`` averages the parameters with the
+  chain's dense stage, a one-off cost that a short run's few rounds make look large);
 - total bytes sent by all peers during the run;
 - final validation loss (and accuracy; next-byte accuracy for charlm), mean over peers, and its
   penalty vs ``none`` in %;
@@ -52,7 +53,10 @@ from environment import machine_info
 from gossiptrain.demo import parameter_spread, read_records
 from gossiptrain.testing import LocalSwarm
 
-DEFAULT_CODECS = "none,fp16,int8,int4,topk:0.01+int8,topk:0.01+int8@sync=40,randomk:0.01+int8,randomk:0.02+int8@sync=40,lowrank:4+int8"
+DEFAULT_CODECS = ",".join(
+    ["none", "fp16", "int8", "int4", "topk:0.01+int8", "topk:0.01+int8@sync=40", "randomk:0.01+int8"]
+    + ["randomk:0.02+int8@sync=40", "lowrank:4+int8"]
+)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression"
 # Per task: local steps per peer (full, --quick), batch size, learning rate, seconds between rounds.
 # A charlm round (1M parameters) takes ~0.3-0.6 s on 2 loaded cores: 0.5 s slots make many rounds miss their start.
@@ -183,8 +187,8 @@ def merge_repeats(runs: list[dict]) -> dict:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     header = (
-        f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'B/value':>7} {'MiB sent':>9} {'rounds':>6} {'val loss':>15} "
-        f"{'acc':>6} {'penalty':>8} {'spread':>8} {'round s':>7} {'wall s':>6}"
+        f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'+finish':>7} {'B/value':>7} {'MiB sent':>9} {'rounds':>6} "
+        f"{'val loss':>15} {'acc':>6} {'penalty':>8} {'spread':>8} {'round s':>7} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for task, by_codec in results.items():
@@ -194,29 +198,31 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 continue
             penalty = "n/a" if s.get("loss_penalty_pct") is None else f"{s['loss_penalty_pct']:+.1f}%"
             acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
-            per_round = "n/a" if s["bytes_per_param_per_round"] is None else f"{s['bytes_per_param_per_round']:.3f}"
+            training = s["bytes_per_param_per_training_round"]
+            per_round = "n/a" if training is None else f"{training:.3f}"
+            finishing = "n/a" if s["bytes_per_param_per_round"] is None else f"{s['bytes_per_param_per_round']:.3f}"
             round_s = "n/a" if s["median_round_seconds"] is None else f"{s['median_round_seconds']:.2f}"
             per_value = "n/a" if s.get("bytes_per_value_sent") is None else f"{s['bytes_per_value_sent']:.3f}"
             loss = f"{s['val_loss']:.4f}" + ("" if s.get("val_loss_std") is None else f" ±{s['val_loss_std']:.4f}")
             rows.append(
-                f"{task:<7} {codec:<26} {per_round:>11} {per_value:>7} {s['total_bytes_sent'] / 2**20:>9.1f} "
-                f"{s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} {penalty:>8} "
-                f"{s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
+                f"{task:<7} {codec:<26} {per_round:>11} {finishing:>7} {per_value:>7} "
+                f"{s['total_bytes_sent'] / 2**20:>9.1f} {s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} "
+                f"{penalty:>8} {s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
             )
     return "\n".join(rows)
 
 
 def add_penalties(results: dict[str, dict[str, dict]]) -> None:
-    """Loss penalty vs ``none``, and bytes per value sent: the codec's bytes per parameter per round
-    scaled by ``none``'s 4-byte values, i.e. without the all-reduce's ~2(g-1)/g values sent per parameter."""
+    """Loss penalty vs ``none``, and bytes per value sent: the codec's bytes per parameter per training
+    round scaled by ``none``'s 4-byte values, i.e. without the all-reduce's ~2(g-1)/g values sent per parameter."""
     for by_codec in results.values():
         baseline = by_codec.get("none", {}).get("val_loss")
-        dense = by_codec.get("none", {}).get("bytes_per_param_per_round")
+        dense = by_codec.get("none", {}).get("bytes_per_param_per_training_round")
         for s in by_codec.values():
             if "val_loss" in s:
                 s["loss_penalty_pct"] = None if baseline is None else 100 * (s["val_loss"] / baseline - 1)
-            if s.get("bytes_per_param_per_round") is not None and dense:
-                s["bytes_per_value_sent"] = 4 * s["bytes_per_param_per_round"] / dense
+            if s.get("bytes_per_param_per_training_round") is not None and dense:
+                s["bytes_per_value_sent"] = 4 * s["bytes_per_param_per_training_round"] / dense
 
 
 def plot_title(report: dict) -> str:

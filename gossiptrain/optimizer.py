@@ -306,7 +306,9 @@ class GossipOptimizer:
         """End of training: keep averaging, without local steps, until every live peer has finished too.
 
         Returns after ``rounds`` consecutive averaged rounds in which all live peers reported
-        done, so that the peers leave with the same parameters; or when ``timeout`` runs out.
+        done and this peer's group was whole (every live peer, or ``target_group_size`` of them),
+        so that the peers leave with the same parameters; or when ``timeout`` runs out.  (Two
+        rounds of pairs that split the swarm the same way would otherwise end it in two camps.)
         """
         self.peer.info = {**self.peer.info, "done": True}
         self._loop.run(self.peer.publish_info(), timeout=10)
@@ -320,7 +322,8 @@ class GossipOptimizer:
             if set(live) <= {self.peer.peer_id}:
                 break
             everyone_done = all(info.get("done") for info in live.values())
-            agreed = agreed + 1 if everyone_done and record.status == "averaged" else 0
+            whole = record.group_size >= min(len(live), self.peer.target_group_size)
+            agreed = agreed + 1 if everyone_done and whole and record.status == "averaged" else 0
         return record
 
     def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:
