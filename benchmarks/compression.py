@@ -11,7 +11,8 @@ From the peers' metrics files and saved models it reports, per codec:
   ``bytes_sent / num_params`` (``none`` sends float32, ~2 * 4 * (g - 1) / g bytes in a group of g:
   the slices to the shard owners, then the owners' means back); and the same mean over all
   averaged rounds, the finishing ones included (``finish()`` averages the parameters with the
-  chain's dense stage, a one-off cost that a short run's few rounds make look large);
+  chain's dense stage, a one-off cost that a short run's few rounds make look large); and for
+  sparse chains the expected mean of a long run (``long_run_bytes``: one dense round in ``sync_every``);
 - total bytes sent by all peers during the run;
 - final validation loss (and accuracy; next-byte accuracy for charlm), mean over peers, and its
   penalty vs ``none`` in %;
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -57,6 +59,7 @@ DEFAULT_CODECS = ",".join(
     ["none", "fp16", "int8", "int4", "topk:0.01+int8", "topk:0.01+int8@sync=40", "randomk:0.01+int8"]
     + ["randomk:0.02+int8@sync=40", "lowrank:4+int8"]
 )
+DEFAULT_SYNC_EVERY = 10  # `gossiptrain peer --sync-every`'s default
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression"
 # Per task: local steps per peer (full, --quick), batch size, learning rate, seconds between rounds.
 # A charlm round (1M parameters) takes ~0.3-0.6 s on 2 loaded cores: 0.5 s slots make many rounds miss their start.
@@ -129,7 +132,21 @@ def run_swarm(
     return records, models, wall
 
 
-def summarize(records: dict[int, list[dict]], models: list[dict[str, torch.Tensor]], wall: float) -> dict:
+def long_run_bytes(training: list[dict], averaged: list[dict], sync_every: int) -> float | None:
+    """Bytes sent per round in a run long enough that one round in ``sync_every`` is dense: the
+    measured means of the two kinds of rounds, mixed in that ratio.  A short run has 0, 1 or 2 dense
+    rounds among its ~30 depending on where the slots fall, which moves its plain mean by ±50%;
+    the finishing rounds are dense rounds of the same cost, so they give the dense mean too."""
+    delta = [r["bytes_sent"] for r in training if r["mode"] == "delta"]
+    if not delta:
+        return _mean([r["bytes_sent"] for r in training])
+    dense = _mean([r["bytes_sent"] for r in averaged if r["mode"] == "params"])
+    return None if dense is None else ((sync_every - 1) * statistics.fmean(delta) + dense) / sync_every
+
+
+def summarize(
+    records: dict[int, list[dict]], models: list[dict[str, torch.Tensor]], wall: float, sync_every: int
+) -> dict:
     """The numbers of one run (see the module docstring)."""
     num_params = sum(t.numel() for t in models[0].values() if t.is_floating_point())
     rounds = [r for recs in records.values() for r in recs if "round" in r]
@@ -149,6 +166,7 @@ def summarize(records: dict[int, list[dict]], models: list[dict[str, torch.Tenso
         "bytes_per_param_per_round": _mean([r["bytes_sent"] / num_params for r in averaged]),
         "received_bytes_per_param_per_round": _mean([r["bytes_received"] / num_params for r in averaged]),
         "bytes_per_param_per_training_round": _mean([r["bytes_sent"] / num_params for r in training]),
+        "bytes_per_param_per_round_long_run": (long_run_bytes(training, averaged, sync_every) or math.nan) / num_params,
         "total_bytes_sent": sum(r["bytes_sent"] for r in rounds),
         "rounds_averaged_per_peer": len(averaged) / len(records),
         "rounds_alone_per_peer": sum(r["status"] == "alone" for r in rounds) / len(records),
@@ -187,7 +205,8 @@ def merge_repeats(runs: list[dict]) -> dict:
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     header = (
-        f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'+finish':>7} {'B/value':>7} {'MiB sent':>9} {'rounds':>6} "
+        f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'long run':>8} {'+finish':>7} {'B/value':>7} {'MiB sent':>9} "
+        f"{'rounds':>6} "
         f"{'val loss':>15} {'acc':>6} {'penalty':>8} {'spread':>8} {'round s':>7} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
@@ -201,11 +220,12 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             training = s["bytes_per_param_per_training_round"]
             per_round = "n/a" if training is None else f"{training:.3f}"
             finishing = "n/a" if s["bytes_per_param_per_round"] is None else f"{s['bytes_per_param_per_round']:.3f}"
+            long_run = f"{s['bytes_per_param_per_round_long_run']:.3f}"
             round_s = "n/a" if s["median_round_seconds"] is None else f"{s['median_round_seconds']:.2f}"
             per_value = "n/a" if s.get("bytes_per_value_sent") is None else f"{s['bytes_per_value_sent']:.3f}"
             loss = f"{s['val_loss']:.4f}" + ("" if s.get("val_loss_std") is None else f" ±{s['val_loss_std']:.4f}")
             rows.append(
-                f"{task:<7} {codec:<26} {per_round:>11} {finishing:>7} {per_value:>7} "
+                f"{task:<7} {codec:<26} {per_round:>11} {long_run:>8} {finishing:>7} {per_value:>7} "
                 f"{s['total_bytes_sent'] / 2**20:>9.1f} {s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} "
                 f"{penalty:>8} {s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
             )
@@ -331,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
                         work.mkdir(parents=True, exist_ok=True)
                         try:
                             records, models, wall = run_swarm(swarm, work, run_id, task, codec, steps[task], args)
-                            runs.append(summarize(records, models, wall))
+                            sync_every = int(codec.partition("@sync=")[2] or DEFAULT_SYNC_EVERY)
+                            runs.append(summarize(records, models, wall, sync_every))
                         except (RuntimeError, OSError, ValueError) as e:
                             print(f"  failed: {e}", flush=True)
                             runs.append({"error": str(e)})

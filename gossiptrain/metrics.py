@@ -19,6 +19,7 @@ class RoundRecord:
     step: int
     group_size: int
     participants: int  # the round's registrations this peer saw
+    mode: str  # what was averaged: "params", or "delta" (sparse codecs, see gossiptrain.wire)
     loss: float | None
     bytes_sent: int
     bytes_received: int
@@ -33,8 +34,8 @@ class RoundRecord:
         """The human-readable line a peer prints per round."""
         loss = "n/a" if self.loss is None else f"{self.loss:.4f}"
         return (
-            f"round {self.round} {self.status:<8} step {self.step:>6} group {self.group_size} loss {loss} "
-            f"sent {self.bytes_sent / 2**20:.2f} MiB recv {self.bytes_received / 2**20:.2f} MiB "
+            f"round {self.round} {self.status:<8} {self.mode:<6} step {self.step:>6} group {self.group_size} "
+            f"loss {loss} sent {self.bytes_sent / 2**20:.2f} MiB recv {self.bytes_received / 2**20:.2f} MiB "
             f"in {self.round_seconds:.3f}s norm {self.param_norm:.6f}"
         )
 

@@ -395,6 +395,7 @@ class GossipOptimizer:
             step=self.local_step,
             group_size=result.group_size,
             participants=result.participants,
+            mode=self._mode,
             loss=self.loss,
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
