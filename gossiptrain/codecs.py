@@ -16,7 +16,9 @@ Payload (little-endian)::
     b"gtc1" | spec id: u32 (crc32 of the canonical spec) | numel: u32 | reducer part | dense part | crc32: u32
 
     reducer part   dense: nothing
-                   topk: width: u8 (2 or 4) | k index deltas as u16 or i32 (first delta = first index)
+                   topk: width: u8 (1, 2 or 4) | the k index deltas (first delta = first index):
+                         as u16 or i32, or for width 1 as bytes: length: u32 | each delta d as
+                         d // 255 bytes of 255 then one byte d % 255 (the smallest width is used)
                    randomk: seed: u64 (the indices are drawn from it, not sent)
                    lowrank: nothing (the dense part holds P then Q, row-major)
     dense part     none/fp16/bf16: the values in that dtype
@@ -218,6 +220,16 @@ class _Identity:
 
 _SEED = struct.Struct("<Q")
 _WIDTH = struct.Struct("<B")
+_LENGTH = struct.Struct("<I")
+
+
+def _byte_deltas(deltas: torch.Tensor) -> torch.Tensor:
+    """Index deltas as bytes: ``d`` becomes ``d // 255`` bytes of 255, then ``d % 255``; the
+    cumulative sum of the bytes, read at the bytes that are not 255, gives the indices back."""
+    escapes = deltas // 255
+    out = torch.full((int((escapes + 1).sum()),), 255, dtype=torch.uint8)
+    out[torch.cumsum(escapes + 1, 0) - 1] = (deltas % 255).to(torch.uint8)
+    return out
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,9 @@ class _Sparse:
         if self.kind == "randomk":
             return _SEED.pack(seed), x[idx]
         deltas = torch.diff(idx, prepend=idx.new_zeros(1))
+        escapes = int((deltas // 255).sum()) if idx.numel() else 0
+        if _LENGTH.size + idx.numel() + escapes < 2 * idx.numel():  # ~1.1 bytes per index at 1% density
+            return _WIDTH.pack(1) + _LENGTH.pack(idx.numel() + escapes) + _raw(_byte_deltas(deltas)), x[idx]
         width = 4 if idx.numel() and int(deltas.max()) >= 2**16 else 2
         return _WIDTH.pack(width) + _raw(deltas.to(torch.int32 if width == 4 else torch.uint16)), x[idx]
 
@@ -268,15 +283,28 @@ class _Sparse:
         if self.kind == "randomk":
             return self._random(numel, reader.unpack(_SEED)[0])
         (width,) = reader.unpack(_WIDTH)
-        if width not in (2, 4):
-            raise CodecError(f"{self.name}: index width {width} is neither 2 nor 4 bytes")
-        deltas = reader.take(self.count(numel), torch.uint16 if width == 2 else torch.int32).long()
-        if deltas.numel() and (int(deltas[0]) < 0 or (deltas.numel() > 1 and int(deltas[1:].min()) < 1)):
+        if width not in (1, 2, 4):
+            raise CodecError(f"{self.name}: index width {width} is not 1, 2 or 4 bytes")
+        k = self.count(numel)
+        if width == 1:
+            idx = self._read_byte_deltas(reader, k, numel)
+        else:
+            idx = reader.take(k, torch.uint16 if width == 2 else torch.int32).long().cumsum(0)
+        if idx.numel() and (int(idx[0]) < 0 or (idx.numel() > 1 and int(torch.diff(idx).min()) < 1)):
             raise CodecError(f"{self.name}: indices are not strictly increasing")
-        idx = deltas.cumsum(0)
         if idx.numel() and int(idx[-1]) >= numel:
             raise CodecError(f"{self.name}: index {int(idx[-1])} is out of range for {numel} values")
         return idx
+
+    def _read_byte_deltas(self, reader: _Reader, k: int, numel: int) -> torch.Tensor:
+        (length,) = reader.unpack(_LENGTH)
+        if not k <= length <= k + numel // 255 + 1:
+            raise CodecError(f"{self.name}: {length} index bytes cannot hold {k} indices below {numel}")
+        stream = reader.take(length, torch.uint8).long()
+        ends = stream != 255
+        if int(ends.sum()) != k or (length and not bool(ends[-1])):
+            raise CodecError(f"{self.name}: the index bytes hold {int(ends.sum())} indices, expected {k}")
+        return stream.cumsum(0)[ends]
 
     def expand(self, idx: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
         out = torch.zeros(numel)

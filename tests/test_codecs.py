@@ -69,6 +69,12 @@ def test_topk_keeps_the_largest_exactly() -> None:
     assert x[kept].abs().min() >= x[~kept].abs().max()
 
 
+def test_topk_indices_at_one_percent_cost_well_under_two_bytes() -> None:
+    codec, x = get_codec("topk:0.01"), sample(PART, 6)  # clustered: blocks of very different scales
+    k = round(0.01 * PART)
+    assert len(codec.encode(x)) <= 16 + 4 * k + 1.3 * k  # header and crc, float32 values, index bytes
+
+
 def test_topk_indices_with_wide_gaps() -> None:
     x = torch.zeros(PART)
     x[[0, 5, 70_000, PART - 1]] = torch.tensor([1.0, -2.0, 3.0, 4.0])  # gaps beyond u16 deltas
@@ -206,15 +212,32 @@ def test_malformed_payloads_raise_codec_error(spec: str) -> None:
 def test_well_sealed_but_invalid_contents_raise_codec_error() -> None:
     x = sample(1000, 14)
     topk, int8, fp16 = get_codec("topk:0.1"), get_codec("int8"), get_codec("fp16")
-    indices = bytearray(topk.encode(x))
-    indices[12 + 1 + 2 * 5 : 12 + 1 + 2 * 6] = b"\x00\x00"  # a zero delta: a repeated index
-    out_of_range = bytearray(topk.encode(x))
+    wide = torch.zeros(1000)
+    wide[[0, 300, 600, 900]] = 1.0  # gaps of 300: u16 deltas are shorter than bytes with escapes
+    topk_u16 = get_codec("topk:0.004")
+    assert topk_u16.encode(wide)[12] == 2 and topk.encode(x)[12] == 1  # the width byte
+    indices = bytearray(topk_u16.encode(wide))
+    indices[12 + 1 + 2 : 12 + 1 + 4] = b"\x00\x00"  # a zero delta: a repeated index
+    out_of_range = bytearray(topk_u16.encode(wide))
     out_of_range[12 + 1 : 12 + 3] = b"\xff\xff"
+    repeated = bytearray(topk.encode(x))
+    repeated[12 + 1 + 4 + 5] = 0  # a zero delta in the byte stream
+    overflowing = bytearray(topk.encode(x))
+    overflowing[12 + 1 + 4 : 12 + 1 + 4 + 5] = b"\xfe" * 5  # the first indices jump past the end
+    unterminated = bytearray(topk.encode(x))
+    unterminated[12 + 1 + 4 + 99] = 255  # the last index byte says "more follows"
     exponent = bytearray(int8.encode(x))
     exponent[12:14] = struct.pack("<h", 999)
     infinite = bytearray(fp16.encode(x))
     infinite[12:14] = b"\x00\x7c"  # fp16 +inf
-    cases = [(topk, indices, "increasing"), (topk, out_of_range, "out of range"), (int8, exponent, "exponent")]
+    cases = [
+        (topk_u16, indices, "increasing"),
+        (topk_u16, out_of_range, "out of range"),
+        (topk, repeated, "increasing"),
+        (topk, overflowing, "out of range"),
+        (topk, unterminated, "expected 100"),
+        (int8, exponent, "exponent"),
+    ]
     for codec, data, message in cases + [(fp16, infinite, "non-finite")]:
         with pytest.raises(CodecError, match=message):
             codec.decode(seal(bytes(data[:-4])), 1000)
