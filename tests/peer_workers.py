@@ -3,6 +3,7 @@
 import asyncio
 import math
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -76,54 +77,53 @@ def average_rounds(
     return asyncio.run(main())
 
 
-def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_round, rounds):
-    """A GossipOptimizer that takes no local steps and only averages: returns its parameters per round."""
+@contextmanager
+def averaging_only(initial_peers, seed, run_id, num_peers, **options):
+    """A GossipOptimizer over a small MLP that takes no local steps (lr 0), once ``num_peers`` are
+    live; yields it and a function that returns the model's parameters as one flat tensor."""
     from gossiptrain.optimizer import GossipOptimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)  # every peer starts from different parameters
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    options = dict(target_group_size=2, average_every=1.0, sync_every=2, codec=codec, host_maddrs=[LOOPBACK])
     with GossipOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.0),
-        run_id="consensus",
+        run_id=run_id,
         initial_peers=initial_peers,
         load_state=False,
+        average_every=1.0,
+        host_maddrs=[LOOPBACK],
         **options,
     ) as optimizer:
         optimizer.wait_for_peers(num_peers, timeout=60)
+        yield optimizer, lambda: torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_round, rounds):
+    """Only averaging, in groups of 2 with a params round every other round: the parameters per round."""
+    with averaging_only(
+        initial_peers, seed, "consensus", num_peers, target_group_size=2, sync_every=2, codec=codec
+    ) as (optimizer, flat):
         ready.put(seed)
         go.wait(120)
         history = []
         for round_id in range(start_round.value, start_round.value + rounds):
             record = optimizer.average_now(timeout=30, round_id=round_id)
-            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-            history.append((round_id, record.status, flat.clone()))
+            history.append((round_id, record.status, flat().clone()))
         return history
 
 
 def finish_sparse(initial_peers, seed, num_peers, ready):
-    """A GossipOptimizer with a sparse codec whose round ids never call for a params round: it only
-    finishes.  Returns its parameters before and after, and the last round's status."""
-    from gossiptrain.optimizer import GossipOptimizer
-
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)  # every peer starts from different parameters
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    options = dict(average_every=1.0, sync_every=10**9, codec="topk:0.01+int8", host_maddrs=[LOOPBACK])
-    with GossipOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        run_id="finish",
-        initial_peers=initial_peers,
-        load_state=False,
-        **options,
-    ) as optimizer:
-        optimizer.wait_for_peers(num_peers, timeout=60)
+    """A sparse codec whose round ids never call for a params round: the peer only finishes.
+    Returns its parameters before and after, and the last round's status."""
+    with averaging_only(initial_peers, seed, "finish", num_peers, sync_every=10**9, codec="topk:0.01+int8") as (
+        optimizer,
+        flat,
+    ):
         ready.put(seed)
-        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        before = flat()
         record = optimizer.finish(timeout=60)
-        after = torch.cat([p.detach().flatten() for p in model.parameters()])
-        return before, after, record.status if record else None
+        return before, flat(), record.status if record else None
 
 
 def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0, timeouts=None):
