@@ -422,14 +422,17 @@ class Codec:
         return Codec(self.dense.name, self.dense)
 
     def for_mean(self, contributions: int, union_fraction: float) -> Codec:
-        """The codec for a mean of ``contributions`` payloads of this codec, so that the mean loses no more.
+        """The codec for a mean of ``contributions`` payloads of this codec.
 
         A mean of sparse vectors has up to ``contributions`` times as many non-zeros (``union_fraction``
-        of the values at most, per part): it is sent as topk of that fraction, which keeps all of them.
-        A mean of rank-r matrices has rank up to ``contributions * r``.  Dense codecs are unchanged.
+        of the values at most, per part): it is sent as topk of this codec's fraction, the global
+        top-k of gTop-k SGD (Shi et al., ICDCS 2019), so that the reply is no denser than one
+        contribution.  Members treat what it drops as not exchanged (``gossiptrain.wire``).  A mean
+        of randomk vectors with shared indices keeps them all.  A mean of rank-r matrices has rank up
+        to ``contributions * r`` and is sent at that rank.  Dense codecs are unchanged.
         """
         if isinstance(self.reducer, _Sparse):
-            reducer = _Sparse("topk", min(1.0, union_fraction))
+            reducer = _Sparse("topk", min(1.0, union_fraction, self.reducer.fraction))
         elif isinstance(self.reducer, _LowRank):
             reducer = _LowRank(self.reducer.rank * contributions)
         else:

@@ -9,9 +9,11 @@ data reports ``status="alone"`` or ``"failed"``, never ``"averaged"``.
 
 Compression: contributors encode their slices with the round's codec and error feedback (what
 the codec dropped stays in a residual and is added to the next round's values; a slice whose
-owner failed puts everything back).  The owner encodes the mean once, with a codec wide enough
-not to drop more (``Codec.for_mean``), sends the same bytes to every contributor and keeps their
-decoded values itself, so all members of a group end the round with identical values.
+owner failed puts everything back).  The owner encodes the mean once (``Codec.for_mean``), sends
+the same bytes to every contributor and keeps their decoded values itself, so all members of a
+group end the round with identical values.  A sparse mean is re-sparsified to the codec's
+fraction (gTop-k); where it is zero nothing was exchanged, and every member, the owner included,
+puts what it sent there back into its residual.
 """
 
 from __future__ import annotations
@@ -226,6 +228,7 @@ class RoundExchange:
         if codec.lossless:
             return self._own_shard, mean
         decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
+        self._keep_what_was_not_returned(self._own_shard, decoded)
         return self._own_shard, decoded
 
     def _own_contribution(self) -> torch.Tensor:
@@ -344,6 +347,16 @@ class RoundExchange:
         for a, b, target in self._targets.pop(bounds, []):
             self.residual[a:b] = target - self.values[a:b]
 
+    def _keep_what_was_not_returned(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
+        """Where a sparse mean is zero the group exchanged nothing: what we sent there goes back to
+        the residual, to be sent again (the members' sum there is unchanged, so no mass is lost)."""
+        if self.residual is None or self.codec.is_dense:
+            return
+        start, _ = bounds
+        for a, b, target in self._targets.get(bounds, []):
+            dropped = mean[a - start : b - start] == 0
+            self.residual[a:b][dropped] = target[dropped]
+
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""
         start, end = bounds
@@ -359,7 +372,9 @@ class RoundExchange:
             if kind == FrameKind.REJECT:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
             else:
-                return bounds, await self._receive_mean(owner, message, reader, end - start)
+                mean = await self._receive_mean(owner, message, reader, end - start)
+                self._keep_what_was_not_returned(bounds, mean)
+                return bounds, mean
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")
         finally:

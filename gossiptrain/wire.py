@@ -10,9 +10,14 @@ Sparse and low-rank codecs (topk, randomk, lowrank chains) would destroy raw wei
 CHOCO-SGD: it moves only by what the group averaged, so members that share it keep sharing it.
 Each member replaces the part of its delta that the codec sent by the group's mean of the sent
 parts and keeps the rest: ``x <- x + mean(sent) - sent``, ``reference <- reference + mean(sent)``.
-What the codec dropped thus stays in ``x - reference`` and is sent in later rounds (error
-feedback without a hidden buffer), and the model keeps its local progress meanwhile instead of
-waiting for every coordinate to be sent.  Members' references differ by what earlier rounds in
+The owner of a shard sends back only the top-k of that mean, as many values as one contribution
+holds (the global top-k of gTop-k SGD, Shi et al., ICDCS 2019): a mean of g sparse contributions
+would otherwise be up to g times denser than each, and those replies were most of a round's bytes.
+Where the returned mean is zero nothing was exchanged, and each member keeps what it sent there
+(``x`` unchanged, ``reference`` unchanged), so the group's sum of parameters stays what it was.
+What the codec or the mean dropped thus stays in ``x - reference`` and is sent in later rounds
+(error feedback without a hidden buffer), and the model keeps its local progress meanwhile instead
+of waiting for every coordinate to be sent.  Members' references differ by what earlier rounds in
 other groups left behind, and a mean of deltas never pulls them together; so every
 ``sync_every``-th round is a dense round on the parameters with the chain's dense stage (``int8``
 for ``topk:0.01+int8``), which does, and Moshpit's changing groups spread that agreement.  All

@@ -75,6 +75,16 @@ def test_topk_indices_at_one_percent_cost_well_under_two_bytes() -> None:
     assert len(codec.encode(x)) <= 16 + 4 * k + 1.3 * k  # header and crc, float32 values, index bytes
 
 
+def test_a_sparse_mean_is_sent_as_sparse_as_one_contribution() -> None:
+    topk, randomk = get_codec("topk:0.01+int8"), get_codec("randomk:0.01")
+    assert topk.for_mean(4, union_fraction=0.04).name == "topk:0.01+int8"  # gTop-k: not the 4% union
+    assert topk.for_mean(4, union_fraction=0.005).name == "topk:0.005+int8"  # a sparser union costs less
+    shared = torch.zeros(PART)
+    shared[randomk.reducer.indices(shared, seed=3)] = 1.0  # members' randomk values share their indices
+    mean_codec = randomk.for_mean(4, union_fraction=(int(shared.count_nonzero()) + 1) / PART)
+    assert torch.equal(mean_codec.decode(mean_codec.encode(shared), PART), shared), "a randomk mean loses nothing"
+
+
 def test_topk_indices_with_wide_gaps() -> None:
     x = torch.zeros(PART)
     x[[0, 5, 70_000, PART - 1]] = torch.tensor([1.0, -2.0, 3.0, 4.0])  # gaps beyond u16 deltas

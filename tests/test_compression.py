@@ -1,5 +1,6 @@
-"""Compressed averaging over real peer processes: consensus and accuracy with int8 and top-k."""
+"""Compressed averaging over real peers: a sparse round's bookkeeping, consensus and accuracy with int8 and top-k."""
 
+import asyncio
 import math
 import statistics
 import time
@@ -7,7 +8,10 @@ import time
 import pytest
 import torch
 
-from gossiptrain.testing import LocalSwarm
+from gossiptrain.codecs import get_codec
+from gossiptrain.exchange import Timeouts
+from gossiptrain.peer import Peer
+from gossiptrain.testing import LOOPBACK, LocalSwarm
 from tests.peer_workers import consensus_rounds, finish_sparse, train_digits
 
 
@@ -15,6 +19,41 @@ def spread(flats: list[torch.Tensor]) -> float:
     stacked = torch.stack(flats).double()
     mean = stacked.mean(0)
     return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
+
+
+@pytest.mark.timeout(120)
+async def test_a_sparse_round_returns_a_mean_as_sparse_as_one_contribution_and_loses_no_mass():
+    """gTop-k: the owners send back the top 1% of each shard's mean, not the up to 3% that three
+    members' top 1% cover; where the mean is zero, each member keeps what it sent in its residual."""
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
+    codec, numel, weights = get_codec("topk:0.01"), 30_000, [1.0, 2.0, 3.0]
+    deltas = list(torch.randn(3, numel, generator=torch.Generator().manual_seed(0)))
+    residuals = [torch.zeros(numel) for _ in weights]
+    async with Peer("gtopk", **options) as first:
+        initial_peers = await first.maddrs()
+        async with (
+            Peer("gtopk", initial_peers=initial_peers, **options) as second,
+            Peer("gtopk", initial_peers=initial_peers, **options) as third,
+        ):
+            peers = [first, second, third]
+            await first.wait_for_peers(3, timeout=30)
+            round_id = first.next_round_id(lead=0.5)
+            results = await asyncio.gather(
+                *(
+                    peer.average(x, w, round_id, residual=r, mode="delta", codec=codec)
+                    for peer, x, w, r in zip(peers, deltas, weights, residuals)
+                )
+            )
+    assert [r.status for r in results] == ["averaged"] * 3 and all(len(r.combined) == 3 for r in results), results
+    mean = results[0].averaged
+    assert all(torch.equal(r.averaged, mean) for r in results), "the members must end with the same mean"
+    assert 0 < int(torch.count_nonzero(mean)) <= 0.01 * numel + 3, int(torch.count_nonzero(mean))
+    kept = mean == 0
+    for x, r in zip(deltas, residuals):
+        assert torch.equal(r[kept], x[kept]), "where no mean came back, the member keeps all it had"
+    before = sum(w * x for w, x in zip(weights, deltas))
+    after = sum(w * (mean + r) for w, r in zip(weights, residuals))
+    assert torch.allclose(after, before, atol=1e-4), (after - before).abs().max()
 
 
 @pytest.mark.timeout(300)

@@ -14,18 +14,25 @@ HALF = NUMEL // 2
 
 def group_round(wires, params, round_id, combined=((0, NUMEL),)) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One round of a group with equal weights, done as the exchange does it: each member encodes
-    its values plus residual and keeps what the codec dropped in the residual; the result holds
-    the mean of the decoded values on the ``combined`` slices and the member's own values on the
-    others, whose residual goes back to what it was.  Returns the parameters after the round and
-    what each member sent."""
+    its values plus residual and keeps what the codec dropped in the residual; the mean of the
+    decoded values goes through the codec's ``for_mean`` (top-k again), and where it is zero each
+    member's residual takes back what it sent.  The result holds that mean on the ``combined``
+    slices and the member's own values on the others, whose residual goes back to what it was.
+    Returns the parameters after the round and what each member sent."""
     contributions = [wire.contribution(x, round_id) for wire, x in zip(wires, params)]
     residuals_before = [c.residual.clone() for c in contributions]
-    sent = []
+    targets, sent = [], []
     for c in contributions:
-        decoded = c.codec.decode(c.codec.encode(c.values + c.residual), NUMEL)
-        c.residual.copy_(c.values + c.residual - decoded)
+        targets.append(c.values + c.residual)
+        decoded = c.codec.decode(c.codec.encode(targets[-1]), NUMEL)
+        c.residual.copy_(targets[-1] - decoded)
         sent.append(decoded)
-    mean = torch.stack(sent).mean(0)
+    exact_mean = torch.stack(sent).mean(0)
+    mean_codec = contributions[0].codec.for_mean(len(wires), 1.0)
+    mean = mean_codec.decode(mean_codec.encode(exact_mean), NUMEL)
+    for c, target in zip(contributions, targets):
+        if not c.codec.is_dense:
+            c.residual[mean == 0] = target[mean == 0]
     after = []
     for wire, c, x, residual_before in zip(wires, contributions, params, residuals_before):
         averaged = c.values.clone()
@@ -53,22 +60,30 @@ def test_a_delta_round_swaps_each_members_sent_part_for_the_group_mean_and_keeps
     wires, params = members(4, "topk:0.05")
     start = wires[0].reference.clone()
     after, sent = group_round(wires, params, round_id=1)
-    mean = torch.stack(sent).mean(0)
+    exact_mean = torch.stack(sent).mean(0)
+    returned = wires[0].reference != start  # the top 5% of the mean, of the up to 20% the members sent
+    assert 0 < returned.sum() <= round(0.05 * NUMEL) < (exact_mean != 0).sum()
+    mean = torch.where(returned, exact_mean, 0.0)
     for x, y, s, wire in zip(params, after, sent, wires):
         assert (s != 0).sum() <= 0.06 * NUMEL
-        assert torch.allclose(y, x + mean - s, atol=1e-5), "local progress that was not sent must be kept"
+        exchanged = torch.where(returned, s, 0.0)
+        assert torch.allclose(y, x + mean - exchanged, atol=1e-5), "local progress that was not sent must be kept"
         assert torch.allclose(wire.reference, start + mean, atol=1e-6), "the reference moves by the group mean"
-        assert torch.allclose(y - wire.reference, x - start - s, atol=1e-5), "what was dropped is sent later"
+        assert torch.allclose(y - wire.reference, x - start - exchanged, atol=1e-5), "what was not exchanged stays"
     assert torch.allclose(sum(after), sum(params), atol=1e-3), "a round with equal weights moves no mass"
 
 
 def test_repeated_delta_rounds_without_local_steps_bring_a_group_together():
+    """Each round exchanges the top 5% of the mean: the spread falls by about a quarter every ten
+    rounds (by ~70% with the mean of the members' whole top 5%, 4x the bytes; dense rounds do the rest)."""
     wires, params = members(4, "topk:0.05+int8")
     spreads = [torch.stack(params).std(0).norm().item()]
     for round_id in range(1, 61):
         params, _ = group_round(wires, params, round_id)
         spreads.append(torch.stack(params).std(0).norm().item())
-    assert spreads[-1] < 0.05 * spreads[0], spreads[::10]
+    every_ten = spreads[::10]
+    assert all(b < 0.85 * a for a, b in zip(every_ten, every_ten[1:])), every_ten
+    assert every_ten[-1] < 0.2 * every_ten[0], every_ten
 
 
 def test_a_failed_slice_leaves_the_parameters_and_the_reference_as_they_were():
