@@ -229,6 +229,7 @@ class RoundExchange:
             return self._own_shard, mean
         decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
         self._keep_what_was_not_returned(self._own_shard, decoded)
+        self._keep_what_the_mean_rounded_off(mean, decoded)
         return self._own_shard, decoded
 
     def _own_contribution(self) -> torch.Tensor:
@@ -346,6 +347,18 @@ class RoundExchange:
             return
         for a, b, target in self._targets.pop(bounds, []):
             self.residual[a:b] = target - self.values[a:b]
+
+    def _keep_what_the_mean_rounded_off(self, mean: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Owner-side error feedback (DoubleSqueeze, Tang et al., ICML 2019) for quantized parameters:
+        every member takes the decoded mean, so the group's weighted sum loses ``W * (mean - decoded)``;
+        the owner adds that to its residual, scaled by ``W / own weight``, so that its next
+        contribution puts it back.  Without it, a group's mean change smaller than half a
+        quantization step is rounded away every round, however often it is sent."""
+        if self.residual is None or self.mode != "params":
+            return
+        start, end = self._own_shard
+        scale = min(self._reduction.total_weight / self.weight, 4.0 * len(self.plan.members))
+        self.residual[start:end].add_(mean - decoded, alpha=scale)
 
     def _keep_what_was_not_returned(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
         """Where a sparse mean is zero the group exchanged nothing: what we sent there goes back to

@@ -56,6 +56,41 @@ async def test_a_sparse_round_returns_a_mean_as_sparse_as_one_contribution_and_l
     assert torch.allclose(after, before, atol=1e-4), (after - before).abs().max()
 
 
+@pytest.mark.timeout(120)
+async def test_int8_rounds_keep_the_groups_weighted_sum_of_parameters_and_residuals():
+    """What the int8 mean rounds off is kept by the shard's owner (its residual): over rounds with
+    local changes in between, the group's weighted sum of parameters plus residuals is the sum of
+    its inputs, to float precision.  Without it each round loses up to half a quantization step."""
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
+    codec, numel, weights = get_codec("int8"), 30_000, [1.0, 2.0, 3.0]
+    generator = torch.Generator().manual_seed(0)
+    params = list(torch.randn(3, numel, generator=generator))
+    residuals = [torch.zeros(numel) for _ in weights]
+    expected = sum(w * x for w, x in zip(weights, params))
+    async with Peer("owner-ef", **options) as first:
+        initial_peers = await first.maddrs()
+        async with (
+            Peer("owner-ef", initial_peers=initial_peers, **options) as second,
+            Peer("owner-ef", initial_peers=initial_peers, **options) as third,
+        ):
+            peers = [first, second, third]
+            await first.wait_for_peers(3, timeout=30)
+            for _ in range(4):
+                round_id = first.next_round_id(lead=0.5)
+                results = await asyncio.gather(
+                    *(
+                        peer.average(x, w, round_id, residual=r, codec=codec)
+                        for peer, x, w, r in zip(peers, params, weights, residuals)
+                    )
+                )
+                assert [r.status for r in results] == ["averaged"] * 3, results
+                held = sum(w * (r.averaged + residual) for w, r, residual in zip(weights, results, residuals))
+                assert (held - expected).abs().max() < 1e-4, (held - expected).abs().max()
+                steps = list(1e-3 * torch.randn(3, numel, generator=generator))  # smaller than int8's step
+                params = [r.averaged + step for r, step in zip(results, steps)]
+                expected = expected + sum(w * step for w, step in zip(weights, steps))
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("codec", ["int8", "topk:0.01+int8"])
 def test_compressed_peers_reach_consensus_without_local_steps(codec):
