@@ -15,7 +15,8 @@ From the peers' metrics files and saved models it reports, per codec:
   sparse chains the expected mean of a long run (``long_run_bytes``: one dense round in ``sync_every``);
 - total bytes sent by all peers during the run;
 - final validation loss (and accuracy; next-byte accuracy for charlm), mean over peers, and its
-  penalty vs ``none`` in %;
+  penalty vs ``none`` in %; with ``--repeats``, also the median of the paired penalties (run i of a
+  codec against run i of ``none``: the codecs run interleaved, so a change in load hits them alike);
 - spread of the peers' final parameters (``gossiptrain.demo.parameter_spread``), measured after
   the finishing rounds, so it is ~0 unless the last rounds disagreed or changed the values;
 - median round time (``round_seconds`` of averaged rounds) and the run's wall time.
@@ -207,7 +208,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     header = (
         f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'long run':>8} {'+finish':>7} {'B/value':>7} {'MiB sent':>9} "
         f"{'rounds':>6} "
-        f"{'val loss':>15} {'acc':>6} {'penalty':>8} {'spread':>8} {'round s':>7} {'wall s':>6}"
+        f"{'val loss':>15} {'acc':>6} {'penalty':>8} {'paired':>7} {'spread':>8} {'round s':>7} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for task, by_codec in results.items():
@@ -216,6 +217,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                 rows.append(f"{task:<7} {codec:<26} failed: {s['error'].splitlines()[0]}")
                 continue
             penalty = "n/a" if s.get("loss_penalty_pct") is None else f"{s['loss_penalty_pct']:+.1f}%"
+            paired = s.get("paired_penalty_median_pct")
+            paired = "-" if paired is None else f"{paired:+.1f}%"
             acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
             training = s["bytes_per_param_per_training_round"]
             per_round = "n/a" if training is None else f"{training:.3f}"
@@ -227,7 +230,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             rows.append(
                 f"{task:<7} {codec:<26} {per_round:>11} {long_run:>8} {finishing:>7} {per_value:>7} "
                 f"{s['total_bytes_sent'] / 2**20:>9.1f} {s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} "
-                f"{penalty:>8} {s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
+                f"{penalty:>8} {paired:>7} {s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
             )
     return "\n".join(rows)
 
@@ -241,6 +244,13 @@ def add_penalties(results: dict[str, dict[str, dict]]) -> None:
         for s in by_codec.values():
             if "val_loss" in s:
                 s["loss_penalty_pct"] = None if baseline is None else 100 * (s["val_loss"] / baseline - 1)
+                pairs = [
+                    100 * (run["val_loss"] / base["val_loss"] - 1)
+                    for run, base in zip(s.get("runs", []), by_codec.get("none", {}).get("runs", []))
+                    if "error" not in run and "error" not in base
+                ]
+                s["paired_penalty_pct"] = pairs  # run i against none's run i, run side by side
+                s["paired_penalty_median_pct"] = statistics.median(pairs) if pairs else None
             if s.get("bytes_per_param_per_training_round") is not None and dense:
                 s["bytes_per_value_sent"] = 4 * s["bytes_per_param_per_training_round"] / dense
 
@@ -337,9 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         for task in tasks:
-            for codec in codecs:
-                runs = []
-                for repeat in range(args.repeats):
+            runs: dict[str, list[dict]] = {codec: [] for codec in codecs}
+            for repeat in range(args.repeats):  # codecs interleaved: a change in the machine's load hits them alike
+                for codec in codecs:
                     run_id = re.sub(r"[^A-Za-z0-9-]+", "-", f"bench-{os.getpid()}-{task}-{codec}-{repeat}")  # no dots
                     print(
                         f"[{time.monotonic() - started:5.0f}s] {task} / {codec} (run {repeat + 1}/{args.repeats}): "
@@ -352,13 +362,13 @@ def main(argv: list[str] | None = None) -> dict:
                         try:
                             records, models, wall = run_swarm(swarm, work, run_id, task, codec, steps[task], args)
                             sync_every = int(codec.partition("@sync=")[2] or DEFAULT_SYNC_EVERY)
-                            runs.append(summarize(records, models, wall, sync_every))
+                            runs[codec].append(summarize(records, models, wall, sync_every))
                         except (RuntimeError, OSError, ValueError) as e:
                             print(f"  failed: {e}", flush=True)
-                            runs.append({"error": str(e)})
-                report["results"][task][codec] = runs[0] if args.repeats == 1 else merge_repeats(runs)
-                add_penalties(report["results"])
-                args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+                            runs[codec].append({"error": str(e)})
+                    report["results"][task][codec] = runs[codec][0] if args.repeats == 1 else merge_repeats(runs[codec])
+                    add_penalties(report["results"])
+                    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     report["total_seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
