@@ -13,7 +13,9 @@ owner failed puts everything back).  The owner encodes the mean once (``Codec.fo
 the same bytes to every contributor and keeps their decoded values itself, so all members of a
 group end the round with identical values.  A sparse mean is re-sparsified to the codec's
 fraction (gTop-k); where it is zero nothing was exchanged, and every member, the owner included,
-puts what it sent there back into its residual.
+puts what it sent there back into its residual.  What a quantized mean of parameters rounds off
+goes to the owner's residual (owner-side error feedback).  Either way the group's weighted sum of
+what it holds (values plus residuals) is what it was before the round.
 """
 
 from __future__ import annotations

@@ -215,8 +215,6 @@ class GossipOptimizer:
         try:
             if load_state:
                 self._download_state(state_timeout)
-            with self._state_lock:
-                self.wire.reset(self._flat_params())  # the parameters every peer of the run starts from
             if not self.peer.client_mode:  # no one could dial a client to download from it
                 self._loop.run(self.peer.serve_state(self._state_snapshot), timeout=startup_timeout)
         except BaseException:
@@ -370,14 +368,10 @@ class GossipOptimizer:
 
     def _take_snapshot(self) -> tuple[torch.Tensor, float]:
         """The flat parameters and the samples seen since the last snapshot (the round's weight)."""
-        with self._state_lock:
-            snapshot = self._flat_params()
+        with self._state_lock, torch.no_grad():
+            snapshot = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
             weight, self._samples_since_round = float(max(self._samples_since_round, 1)), 0
         return snapshot, weight
-
-    def _flat_params(self) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
         try:

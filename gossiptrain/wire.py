@@ -8,9 +8,7 @@ mean into the owner's next one.
 
 Sparse and low-rank codecs (topk, randomk, lowrank chains) would destroy raw weights, so they send
 ``delta = x - reference``, where the reference is a public copy of the parameters in the sense of
-CHOCO-SGD: it starts as the parameters the peer starts from (the run's shared initialisation,
-or the state it downloaded) and moves only by what the group averaged, so members that share it
-keep sharing it.
+CHOCO-SGD: it moves only by what the group averaged, so members that share it keep sharing it.
 Each member replaces the part of its delta that the codec sent by the group's mean of the sent
 parts and keeps the rest: ``x <- x + mean(sent) - sent``, ``reference <- reference + mean(sent)``.
 The owner of a shard sends back only the top-k of that mean, as many values as one contribution
@@ -86,8 +84,7 @@ class WireState:
         return moved if mode == "params" else moved + self.unsent
 
     def reset(self, params: torch.Tensor) -> None:
-        """Start afresh from ``params``: those the peer starts with (its run's shared initialisation,
-        or the state it downloaded), so that the early local progress is in the first deltas too."""
+        """Start afresh from ``params`` (the first round, or after loading another peer's state)."""
         self.reference = params.clone()
         self.params_residual = torch.zeros_like(params)
         self.unsent = None

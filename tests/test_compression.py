@@ -10,7 +10,6 @@ import torch
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.exchange import Timeouts
-from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from tests.peer_workers import consensus_rounds, finish_sparse, train_digits
@@ -90,27 +89,6 @@ async def test_int8_rounds_keep_the_groups_weighted_sum_of_parameters_and_residu
                 steps = list(1e-3 * torch.randn(3, numel, generator=generator))  # smaller than int8's step
                 params = [r.averaged + step for r, step in zip(results, steps)]
                 expected = expected + sum(w * step for w, step in zip(weights, steps))
-
-
-@pytest.mark.timeout(60)
-def test_a_sparse_codecs_first_delta_holds_the_steps_taken_before_the_first_round():
-    """The reference starts as the parameters the peer started from, which every peer of a run
-    shares; a reference taken at the first round would keep each peer's early steps out of every
-    delta round, so peers would differ by them until a dense round."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 2)
-
-    def flat() -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
-
-    start = flat()
-    options = dict(run_id="reference", codec="topk:0.1", average_every=3600.0, host_maddrs=[LOOPBACK])
-    with GossipOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), load_state=False, **options) as optimizer:
-        model(torch.randn(4, 8)).pow(2).sum().backward()
-        optimizer.step()  # the round it starts waits for its slot, an hour away
-        contribution = optimizer.wire.contribution(flat(), round_id=1)
-    assert contribution.mode == "delta"
-    assert torch.equal(contribution.values, flat() - start) and contribution.values.abs().max() > 0
 
 
 @pytest.mark.timeout(300)
