@@ -4,6 +4,7 @@ import asyncio
 import math
 import statistics
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 import torch
@@ -21,29 +22,42 @@ def spread(flats: list[torch.Tensor]) -> float:
     return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
 
 
+IN_PROCESS = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
+
+
+@asynccontextmanager
+async def three_peers(run_id: str):
+    """Three in-process peers of ``run_id`` that see each other."""
+    async with Peer(run_id, **IN_PROCESS) as first:
+        initial_peers = await first.maddrs()
+        async with (
+            Peer(run_id, initial_peers=initial_peers, **IN_PROCESS) as second,
+            Peer(run_id, initial_peers=initial_peers, **IN_PROCESS) as third,
+        ):
+            await first.wait_for_peers(3, timeout=30)
+            yield [first, second, third]
+
+
+async def average_together(peers, values, weights, residuals, **options):
+    """One round of ``peers``, each averaging its values with its residual."""
+    round_id = peers[0].next_round_id(lead=0.5)
+    return await asyncio.gather(
+        *(
+            peer.average(x, w, round_id, residual=r, **options)
+            for peer, x, w, r in zip(peers, values, weights, residuals)
+        )
+    )
+
+
 @pytest.mark.timeout(120)
 async def test_a_sparse_round_returns_a_mean_as_sparse_as_one_contribution_and_loses_no_mass():
     """gTop-k: the owners send back the top 1% of each shard's mean, not the up to 3% that three
     members' top 1% cover; where the mean is zero, each member keeps what it sent in its residual."""
-    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
     codec, numel, weights = get_codec("topk:0.01"), 30_000, [1.0, 2.0, 3.0]
     deltas = list(torch.randn(3, numel, generator=torch.Generator().manual_seed(0)))
     residuals = [torch.zeros(numel) for _ in weights]
-    async with Peer("gtopk", **options) as first:
-        initial_peers = await first.maddrs()
-        async with (
-            Peer("gtopk", initial_peers=initial_peers, **options) as second,
-            Peer("gtopk", initial_peers=initial_peers, **options) as third,
-        ):
-            peers = [first, second, third]
-            await first.wait_for_peers(3, timeout=30)
-            round_id = first.next_round_id(lead=0.5)
-            results = await asyncio.gather(
-                *(
-                    peer.average(x, w, round_id, residual=r, mode="delta", codec=codec)
-                    for peer, x, w, r in zip(peers, deltas, weights, residuals)
-                )
-            )
+    async with three_peers("gtopk") as peers:
+        results = await average_together(peers, deltas, weights, residuals, mode="delta", codec=codec)
     assert [r.status for r in results] == ["averaged"] * 3 and all(len(r.combined) == 3 for r in results), results
     mean = results[0].averaged
     assert all(torch.equal(r.averaged, mean) for r in results), "the members must end with the same mean"
@@ -61,34 +75,20 @@ async def test_int8_rounds_keep_the_groups_weighted_sum_of_parameters_and_residu
     """What the int8 mean rounds off is kept by the shard's owner (its residual): over rounds with
     local changes in between, the group's weighted sum of parameters plus residuals is the sum of
     its inputs, to float precision.  Without it each round loses up to half a quantization step."""
-    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
     codec, numel, weights = get_codec("int8"), 30_000, [1.0, 2.0, 3.0]
     generator = torch.Generator().manual_seed(0)
     params = list(torch.randn(3, numel, generator=generator))
     residuals = [torch.zeros(numel) for _ in weights]
     expected = sum(w * x for w, x in zip(weights, params))
-    async with Peer("owner-ef", **options) as first:
-        initial_peers = await first.maddrs()
-        async with (
-            Peer("owner-ef", initial_peers=initial_peers, **options) as second,
-            Peer("owner-ef", initial_peers=initial_peers, **options) as third,
-        ):
-            peers = [first, second, third]
-            await first.wait_for_peers(3, timeout=30)
-            for _ in range(4):
-                round_id = first.next_round_id(lead=0.5)
-                results = await asyncio.gather(
-                    *(
-                        peer.average(x, w, round_id, residual=r, codec=codec)
-                        for peer, x, w, r in zip(peers, params, weights, residuals)
-                    )
-                )
-                assert [r.status for r in results] == ["averaged"] * 3, results
-                held = sum(w * (r.averaged + residual) for w, r, residual in zip(weights, results, residuals))
-                assert (held - expected).abs().max() < 1e-4, (held - expected).abs().max()
-                steps = list(1e-3 * torch.randn(3, numel, generator=generator))  # smaller than int8's step
-                params = [r.averaged + step for r, step in zip(results, steps)]
-                expected = expected + sum(w * step for w, step in zip(weights, steps))
+    async with three_peers("owner-ef") as peers:
+        for _ in range(4):
+            results = await average_together(peers, params, weights, residuals, codec=codec)
+            assert [r.status for r in results] == ["averaged"] * 3, results
+            held = sum(w * (r.averaged + residual) for w, r, residual in zip(weights, results, residuals))
+            assert (held - expected).abs().max() < 1e-4, (held - expected).abs().max()
+            steps = list(1e-3 * torch.randn(3, numel, generator=generator))  # smaller than int8's step
+            params = [r.averaged + step for r, step in zip(results, steps)]
+            expected = expected + sum(w * step for w, step in zip(weights, steps))
 
 
 @pytest.mark.timeout(300)
