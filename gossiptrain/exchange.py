@@ -355,12 +355,14 @@ class RoundExchange:
         every member takes the decoded mean, so the group's weighted sum loses ``W * (mean - decoded)``;
         the owner adds that to its residual, scaled by ``W / own weight``, so that its next
         contribution puts it back.  Without it, a group's mean change smaller than half a
-        quantization step is rounded away every round, however often it is sent."""
+        quantization step is rounded away every round, however often it is sent.  The scale is
+        capped at 4x the group size: an owner with a tiny weight would otherwise carry a residual
+        far larger than its values (the mass above the cap is lost, as before this feedback)."""
         if self.residual is None or self.mode != "params":
             return
         start, end = self._own_shard
         scale = min(self._reduction.total_weight / self.weight, 4.0 * len(self.plan.members))
-        self.residual[start:end].add_(mean - decoded, alpha=scale)
+        self.residual[start:end].add_(mean, alpha=scale).sub_(decoded, alpha=scale)
 
     def _keep_what_was_not_returned(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
         """Where a sparse mean is zero the group exchanged nothing: what we sent there goes back to
