@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from gossiptrain.codecs import BLOCK
 from gossiptrain.groups import group_digest
 
 
-def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:
-    """Split ``range(numel)`` into ``num_shards`` contiguous, nearly equal slices."""
-    edges = [numel * i // num_shards for i in range(num_shards + 1)]
+def shard_bounds(numel: int, num_shards: int, align: int = 1) -> list[tuple[int, int]]:
+    """Split ``range(numel)`` into ``num_shards`` contiguous, nearly equal slices that start at
+    multiples of ``align``."""
+    edges = [numel * i // num_shards // align * align for i in range(num_shards)] + [numel]
     return list(zip(edges[:-1], edges[1:]))
 
 
@@ -47,7 +49,9 @@ class GroupPlan:
         return group_digest(self.run_id, self.round_id, self.members)
 
     def shards(self) -> dict[str, tuple[int, int]]:
-        return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers))))
+        """Shards start at a codec block, so a value falls in the same block whatever the group:
+        a quantizer then gives back what agreeing peers hold (``codecs._Blockwise``)."""
+        return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers), align=BLOCK)))
 
 
 def check_hello(

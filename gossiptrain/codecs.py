@@ -132,8 +132,12 @@ class _Blockwise:
     """Symmetric absmax quantization in blocks of ``BLOCK`` values to ``-levels..levels``.
 
     Block scales are fp16, relative to a per-payload power of two so that small deltas do not fall
-    into fp16's subnormals, and rounded up so that no value clips.  Error per value, in a block of
-    absmax ``a`` in a payload of largest absmax ``A``: ``a / (2 * levels) * (1 + 2**-8) + A / levels * 2**-23``.
+    into fp16's subnormals, and rounded to nearest, or up where the block's largest value would
+    clip by more than half a level.  Rounding to nearest makes decoded values a fixed point: they
+    encode to the same bytes again, so peers that agree and average once more stay in agreement
+    (always rounding up would grow a scale by an fp16 step whenever the mean of equal values came
+    out one float32 ulp above them).  Error per value, in a block of absmax ``a`` in a payload of
+    largest absmax ``A``: ``a / (2 * levels) * (1 + 2**-8) + A / levels * 2**-23``.
     """
 
     name: str
@@ -147,7 +151,8 @@ class _Blockwise:
         exponent = math.frexp(wanted.max().item())[1] if n else 0
         relative = (wanted.double() * 2.0**-exponent).float()  # in [0, 1)
         stored = relative.half()
-        stored = (stored.view(torch.int16) + (stored.float() < relative)).view(torch.float16)  # round up
+        clips = stored.float() * (self.levels + 0.5) < relative * self.levels
+        stored = (stored.view(torch.int16) + clips).view(torch.float16)  # one fp16 step up
         scale = self._scales(stored, exponent)
         q = torch.round(blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
         q = q.clamp_(-self.levels, self.levels).to(torch.int8).flatten()[:n]

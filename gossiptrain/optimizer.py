@@ -288,14 +288,15 @@ class GossipOptimizer:
         """Block until the round in flight (if any) and one fresh round are applied; for a final sync.
 
         With ``params=True`` the fresh round averages the parameters themselves, not deltas, even
-        where a sparse codec's round would send deltas: it is what brings peers to agreement
-        (``gossiptrain.wire``), and it groups this peer with the others doing the same.
+        where a sparse codec's round would send deltas, and without error feedback (a "final"
+        round of ``gossiptrain.wire``): it is what brings peers to agreement and keeps them there,
+        and it groups this peer with the others doing the same.
         ``round_id`` picks the round explicitly (peers that agree on it average together).
         """
         if self._inflight is not None:
             concurrent.futures.wait([self._inflight], timeout=timeout)
             self._poll_round(start_next=False)
-        self._start_round(round_id, mode="params" if params else None)
+        self._start_round(round_id, mode="final" if params else None)
         concurrent.futures.wait([self._inflight], timeout=timeout)
         record = self._poll_round(start_next=False)
         if record is None:

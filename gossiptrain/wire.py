@@ -26,6 +26,11 @@ peers derive the kind of round from the round id, and peers group only with peer
 kind (``Peer.average``), so a group always agrees on it; finishing peers average their parameters
 in any round (``GossipOptimizer.finish``) and meet the others that finish.
 
+A final round ("final") sends the parameters with the error feedback folded in and keeps no new
+residual: peers that agree after one stay in agreement through any later final round, however
+the finishing peers split.  (With error feedback, each extra round would move its group by the
+mean of its residuals, up to a quantization step, away from the peers that had already left.)
+
 A slice of a round that failed (its owner died, its data was refused) is as if the round did
 not happen for it: the reference and the residual stay as they were, the local values are kept.
 """
@@ -45,7 +50,7 @@ class Contribution:
     """What this peer hands to ``Peer.average`` for one round."""
 
     values: torch.Tensor
-    residual: torch.Tensor
+    residual: torch.Tensor | None
     mode: str  # "params" | "delta"
     codec: Codec
 
@@ -68,9 +73,13 @@ class WireState:
         return "params" if self.codec.is_dense or round_id % self.sync_every == 0 else "delta"
 
     def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
-        """This round's values; ``mode`` overrides the round id's kind (e.g. "params" to finish)."""
+        """This round's values; ``mode`` overrides the round id's kind ("params", "delta" or "final")."""
         if self.reference is None or self.reference.numel() != snapshot.numel():
             self.reset(snapshot)
+        if mode == "final":
+            values = snapshot + self.params_residual
+            self.params_residual.zero_()
+            return Contribution(values, None, "params", self.codec.dense_stage)
         if (mode or self.mode(round_id)) == "params":
             return Contribution(snapshot, self.params_residual, "params", self.codec.dense_stage)
         self.unsent = torch.zeros_like(snapshot)  # the exchange writes what it could not send here

@@ -4,10 +4,12 @@ from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello, shard_
 
 
 def test_shards_are_contiguous_and_cover_everything():
-    for numel, n in [(10, 3), (1, 4), (0, 2), (10_000_001, 4)]:
-        bounds = shard_bounds(numel, n)
+    for numel, n, align in [(10, 3, 1), (1, 4, 1), (0, 2, 1), (10_000_001, 4, 1), (10, 3, 128), (10_000_001, 3, 128)]:
+        bounds = shard_bounds(numel, n, align)
         assert len(bounds) == n and bounds[0][0] == 0 and bounds[-1][1] == numel
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(start % align == 0 for start, _ in bounds)
+        assert max(end - start for start, end in bounds) <= numel // n + align
 
 
 def test_client_mode_members_reduce_no_shard():

@@ -59,6 +59,17 @@ def test_quantizer_bounds_are_tight() -> None:
         assert ratio.max() > 0.9, spec
 
 
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "int4"])
+def test_decoded_values_encode_to_themselves_even_an_ulp_off(spec: str) -> None:
+    """Peers that agree average to the same values (a weighted mean of equal floats is within an
+    ulp of them): a quantizer must give back what they hold, or each extra round moves them."""
+    codec = get_codec(spec)
+    for scale in (1e-6, 1.0, 30.0):
+        held = codec.decode(codec.encode(sample(4096, 5, scale)), 4096)
+        for nudged in (held, held.nextafter(held * 2), held.nextafter(held * 0)):
+            assert torch.equal(codec.decode(codec.encode(nudged), 4096), held), (spec, scale)
+
+
 def test_topk_keeps_the_largest_exactly() -> None:
     codec = get_codec("topk:0.01")
     x = sample(PART, 4)
