@@ -16,9 +16,12 @@ tensors and plain containers only, so a donor cannot make the joiner run code.
 Failure semantics: a donor that cannot be reached, refuses, dies or stalls mid-stream (each
 frame is bounded by ``Timeouts.part``), sends more or other bytes than it announced, or a state
 that fails the joiner's validation costs one warning line and a counter (``state_<kind>`` in
-``Peer.rejections``), and the joiner tries the next donor, highest step first.  Nothing is
-returned until a whole state has arrived, matched its checksum and passed validation; when no
-donor works within the total timeout, ``download_state`` raises ``StateDownloadError``.
+``Peer.rejections``), and the joiner tries the next donor, highest step first.  A donor that sent
+wrong bytes is not asked again; one that could not be dialed (libp2p's dial backoff after a
+failed dial, a restarting daemon), was busy, stalled or closed is asked again in the next pass
+over the live donors, after a pause that doubles from ``RETRY_PAUSE`` up to ``MAX_RETRY_PAUSE``.
+Nothing is returned until a whole state has arrived, matched its checksum and passed validation;
+when no donor works within the total timeout, ``download_state`` raises ``StateDownloadError``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import logging
 import random
 import time
@@ -59,6 +63,7 @@ logger = logging.getLogger(__name__)
 # Each chunk must arrive within ``Timeouts.part`` (3 s): 256 KiB then needs 0.7 Mbit/s per download.
 # 1 MiB chunks needed 2.8 Mbit/s, and three joiners of one donor on a 10 Mbit/s link timed out.
 STATE_CHUNK_BYTES = 2**18
+RETRY_PAUSE, MAX_RETRY_PAUSE = 1.0, 8.0  # seconds between passes over donors that may yet answer
 
 StateProvider = Callable[[], dict[str, Any]]
 """Returns this peer's training state: a dict of tensors and plain containers (ints, floats, strings,
@@ -319,42 +324,51 @@ async def download_state(
     ``StateDownloadError`` if none of those that do could give it within ``timeout``.
     """
     failures: list[str] = []
+    dropped: set[str] = set()  # donors that sent wrong bytes
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             donors = state_donors(await peer.live_peers(), peer.peer_id)
             if not donors:
                 raise NoStateDonors(f"no live peer of run {peer.run_id!r} serves its training state")
-            for donor in donors:
-                progress = Progress()
-                try:
-                    data = await fetch_state(
-                        peer, donor, header_timeout=header_timeout, max_bytes=max_bytes, progress=progress
-                    )
-                    state = await asyncio.to_thread(_loaded, data, validate)
-                except DOWNLOAD_ERRORS as e:
-                    kind = _rejection_kind(e)
-                    peer.rejections[kind] += 1
-                    failures.append(f"{donor}: {e!r}")
-                    logger.warning(
-                        "could not download the state from %s after %d of %s bytes (%s: %r); %s",
+            for attempt in itertools.count():
+                if attempt:
+                    await asyncio.sleep(min(RETRY_PAUSE * 2 ** (attempt - 1), MAX_RETRY_PAUSE))
+                    donors = [d for d in state_donors(await peer.live_peers(), peer.peer_id) if d not in dropped]
+                if not donors:
+                    break
+                for donor in donors:
+                    progress = Progress()
+                    try:
+                        data = await fetch_state(
+                            peer, donor, header_timeout=header_timeout, max_bytes=max_bytes, progress=progress
+                        )
+                        state = await asyncio.to_thread(_loaded, data, validate)
+                    except DOWNLOAD_ERRORS as e:
+                        kind = _rejection_kind(e)
+                        peer.rejections[kind] += 1
+                        failures.append(f"{donor}: {e!r}")
+                        if isinstance(e, ProtocolError):
+                            dropped.add(donor)
+                        logger.warning(
+                            "could not download the state from %s after %d of %s bytes (%s: %r); %s",
+                            donor,
+                            progress.received,
+                            progress.size,
+                            kind,
+                            e,
+                            "trying the next donor" if donor != donors[-1] else "no donor left in this pass",
+                        )
+                        continue
+                    seconds = time.perf_counter() - started
+                    logger.info(
+                        "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s)",
+                        len(data),
                         donor,
-                        progress.received,
-                        progress.size,
-                        kind,
-                        e,
-                        "trying the next donor" if donor != donors[-1] else "it was the last donor",
+                        seconds,
+                        len(data) / 1e6 / max(seconds, 1e-9),
                     )
-                    continue
-                seconds = time.perf_counter() - started
-                logger.info(
-                    "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s)",
-                    len(data),
-                    donor,
-                    seconds,
-                    len(data) / 1e6 / max(seconds, 1e-9),
-                )
-                return state
+                    return state
     except TimeoutError:
         failures.append(f"the download did not finish within {timeout}s")
     raise StateDownloadError(

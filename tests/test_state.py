@@ -19,6 +19,7 @@ from gossiptrain.state import (
     download_state,
     serialize_state,
     state_donors,
+    state_protocol,
 )
 from gossiptrain.testing import LOOPBACK, FaultyStateServer, LocalSwarm, faulty_state_server
 
@@ -188,6 +189,25 @@ async def test_no_working_donor_is_a_clear_error():
             await wait_for_donors(joiner, [bad.peer_id])
             with pytest.raises(StateDownloadError, match=f"{bad.peer_id}.*load_state=False"):
                 await download_state(joiner, timeout=30)
+
+
+@pytest.mark.timeout(60)
+async def test_a_donor_that_cannot_be_reached_for_a_moment_is_asked_again():
+    """A sole donor that the joiner cannot open a stream to (here its handler is away, as during
+    libp2p's dial backoff or a restart) is retried after a pause, not given up on."""
+    donor_state = trained_state(1, 3)
+    async with Peer(RUN, **PEER_OPTIONS) as donor:
+        await donor.serve_state(lambda: donor_state)
+        await donor.p2p.remove_binary_stream_handler(state_protocol(RUN))
+        async with Peer(RUN, initial_peers=await donor.maddrs(), **PEER_OPTIONS) as joiner:
+            await wait_for_donors(joiner, [donor.peer_id])
+            download = asyncio.create_task(download_state(joiner, timeout=30))
+            while not joiner.rejections and not download.done():
+                await asyncio.sleep(0.05)
+            await donor.p2p.add_binary_stream_handler(state_protocol(RUN), donor.state_server.handle)
+            state = await download
+    assert_same_state(state, donor_state)
+    assert dict(joiner.rejections) == {"state_unreachable": 1}
 
 
 @pytest.mark.timeout(120)
