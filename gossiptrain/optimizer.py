@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[GossipOptimizer] = weakref.WeakSet()  # not shut down yet, in this process
 
+# Finishing peers agree when their parameter checksums differ by at most this much times the
+# parameters' norm: float32 rounding of equal means applied to each peer's own snapshot leaves
+# about 1e-7 of it, a spread that matters is far larger.
+AGREEMENT = 1e-6
+
 
 def _in_ipython() -> bool:
     """True inside a Jupyter/IPython session (a notebook kernel, Colab, the IPython shell)."""
@@ -99,6 +104,11 @@ def _copied(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_copied(value) for value in obj)
     return obj
+
+
+def _within(value: Any, target: float, tolerance: float) -> bool:
+    """Whether a number read from another peer's record is within ``tolerance`` of ``target``."""
+    return isinstance(value, float) and abs(value - target) <= tolerance
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -303,28 +313,38 @@ class GossipOptimizer:
             raise TimeoutError(f"no averaging round finished within {timeout}s")
         return record
 
-    def finish(self, timeout: float = 60.0, rounds: int = 2) -> RoundRecord | None:
-        """End of training: keep averaging, without local steps, until every live peer has finished too.
+    def finish(self, timeout: float = 60.0) -> RoundRecord | None:
+        """End of training: keep averaging, without local steps, until every live peer has finished
+        and holds the same parameters as this one, so that the peers leave with one model.
 
-        Returns after ``rounds`` consecutive averaged rounds in which all live peers reported
-        done and this peer's group was whole (every live peer, or ``target_group_size`` of them),
-        so that the peers leave with the same parameters; or when ``timeout`` runs out.  (Two
-        rounds of pairs that split the swarm the same way would otherwise end it in two camps.)
+        After each of its rounds a finishing peer publishes the checksum of its parameters, and it
+        leaves once every other live peer is done and published the same checksum (within float32
+        rounding: ``AGREEMENT``).  Counting whole rounds instead is not enough: two rounds of pairs
+        mix only four peers, and pairs that split the swarm the same way twice end it in two camps.
+        Final rounds leave values that the peers agree on where they are (``gossiptrain.wire``), so
+        a peer that leaves first is not left behind by the others' later rounds.  Returns the last
+        round's record, also when ``timeout`` runs out first.
         """
         self.peer.info = {**self.peer.info, "done": True}
         self._loop.run(self.peer.publish_info(), timeout=10)
-        deadline, agreed, record = time.monotonic() + timeout, 0, None
-        while agreed < rounds and (remaining := deadline - time.monotonic()) > 0:
+        deadline, record = time.monotonic() + timeout, None
+        while (remaining := deadline - time.monotonic()) > 0:
             try:
                 record = self.average_now(timeout=remaining, params=True)
             except TimeoutError:
                 break
-            live = self._loop.run(self.peer.live_peers(), timeout=10)
-            if set(live) <= {self.peer.peer_id}:
+            self.peer.info = {**self.peer.info, "checksum": record.param_checksum}
+            self._loop.run(self.peer.publish_info(), timeout=10)
+            others = [
+                info
+                for peer, info in self._loop.run(self.peer.live_peers(), timeout=10).items()
+                if peer != self.peer.peer_id
+            ]
+            tolerance = AGREEMENT * record.param_norm
+            if all(
+                info.get("done") and _within(info.get("checksum"), record.param_checksum, tolerance) for info in others
+            ):
                 break
-            everyone_done = all(info.get("done") for info in live.values())
-            whole = record.group_size >= min(len(live), self.peer.target_group_size)
-            agreed = agreed + 1 if everyone_done and whole and record.status == "averaged" else 0
         return record
 
     def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:

@@ -113,16 +113,20 @@ def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_rou
         return history
 
 
-def finish_sparse(initial_peers, seed, num_peers, ready):
-    """A sparse codec whose round ids never call for a params round: the peer only finishes.
+def spread(flats: list[torch.Tensor]) -> float:
+    """Largest distance of a peer's flat parameters from the peers' mean, relative to the mean's norm."""
+    stacked = torch.stack(flats).double()
+    mean = stacked.mean(0)
+    return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
+
+
+def finish_only(initial_peers, seed, num_peers, ready, options):
+    """A peer that only finishes, with ``GossipOptimizer`` ``options``.
     Returns its parameters before and after, and the last round's status."""
-    with averaging_only(initial_peers, seed, "finish", num_peers, sync_every=10**9, codec="topk:0.01+int8") as (
-        optimizer,
-        flat,
-    ):
+    with averaging_only(initial_peers, seed, "finish", num_peers, **options) as (optimizer, flat):
         ready.put(seed)
         before = flat()
-        record = optimizer.finish(timeout=60)
+        record = optimizer.finish(timeout=90)
         return before, flat(), record.status if record else None
 
 

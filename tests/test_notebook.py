@@ -60,7 +60,7 @@ def test_the_notebook_trains_with_a_cli_swarm_and_leaves_with_the_same_parameter
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     ours = json.loads(text.split("FINAL ", 1)[1].splitlines()[0])
     theirs = [final_record(tmp_path / f"{i}.jsonl") for i in range(3)]
-    # the last round may be "alone": a peer that counted its agreed rounds one round later sees the others gone
+    # the last round may be "alone": a peer that read the others' checksums one round later sees them gone
     assert ours["rounds_done"] > 0 and ours["last_round"] in ("averaged", "alone"), ours
     assert ours["swarm"] == 4 and ours["accuracy"] > 0.5, ours
     for record in theirs:

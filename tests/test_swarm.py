@@ -10,7 +10,7 @@ import torch
 
 from gossiptrain.exchange import Timeouts
 from gossiptrain.testing import LocalSwarm, ProcessOutput
-from tests.peer_workers import run_averaging, weighted_mean
+from tests.peer_workers import finish_only, run_averaging, spread, weighted_mean
 
 
 @pytest.mark.timeout(240)
@@ -41,6 +41,23 @@ def test_sixteen_peers_in_groups_of_four_reach_the_global_mean_in_two_rounds():
             ("averaged", 4, []),
             ("averaged", 4, []),
         ], rounds
+
+
+@pytest.mark.timeout(300)
+def test_eight_peers_in_pairs_finish_with_one_model():
+    """Two rounds of pairs mix at most four of eight peers: ``finish()`` goes on until every
+    finishing peer published the same parameters, however the pairs fall."""
+    num_peers = 8
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready = swarm.context.Queue()
+        for seed in range(num_peers):
+            swarm.spawn(seed, finish_only, swarm.initial_peers, seed, num_peers, ready, dict(target_group_size=2))
+        results = swarm.results(num_peers, timeout=240)
+    before, after, statuses = zip(*results.values())
+    assert spread(list(before)) > 0.5
+    assert spread(list(after)) < 1e-6, (spread(list(after)), statuses)
+    assert torch.allclose(torch.stack(after).mean(0), torch.stack(before).mean(0), atol=1e-5), "equal weights: the mean"
 
 
 @pytest.mark.timeout(600)
