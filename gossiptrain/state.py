@@ -291,6 +291,20 @@ def _loaded(data: bytearray, validate: Callable[[dict[str, Any]], None] | None) 
     return state
 
 
+def _count_failure(peer: Peer, donor: str, error: BaseException, progress: Progress, last: bool) -> None:
+    kind = _rejection_kind(error)
+    peer.rejections[kind] += 1
+    logger.warning(
+        "could not download the state from %s after %d of %s bytes (%s: %r); %s",
+        donor,
+        progress.received,
+        progress.size,
+        kind,
+        error,
+        "no donor left in this pass" if last else "trying the next donor",
+    )
+
+
 def _rejection_kind(error: BaseException) -> str:
     if isinstance(error, ChecksumMismatch):
         return "state_bad_checksum"
@@ -345,20 +359,10 @@ async def download_state(
                         )
                         state = await asyncio.to_thread(_loaded, data, validate)
                     except DOWNLOAD_ERRORS as e:
-                        kind = _rejection_kind(e)
-                        peer.rejections[kind] += 1
                         failures.append(f"{donor}: {e!r}")
                         if isinstance(e, ProtocolError):
                             dropped.add(donor)
-                        logger.warning(
-                            "could not download the state from %s after %d of %s bytes (%s: %r); %s",
-                            donor,
-                            progress.received,
-                            progress.size,
-                            kind,
-                            e,
-                            "trying the next donor" if donor != donors[-1] else "no donor left in this pass",
-                        )
+                        _count_failure(peer, donor, e, progress, last=donor == donors[-1])
                         continue
                     seconds = time.perf_counter() - started
                     logger.info(
