@@ -4,11 +4,13 @@ import asyncio
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from gossiptrain.demo import run_demo
+from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
@@ -21,22 +23,19 @@ def train_digits(codec: str = "none") -> list[dict]:
     return [run_demo(num_peers=4, steps=DIGITS_STEPS, timeout=240, codec=codec) for _ in range(DIGITS_REPEATS)]
 
 
-def average_rounds(
-    initial_peers,
-    run_id,
-    seed,
-    numel,
-    weight,
-    group_size,
-    interval,
-    num_peers,
-    ready,
-    go,
-    start_round,
-    rounds,
-    fault,
-    timeouts,
-):
+@dataclass(frozen=True)
+class Averaging:
+    """What every peer of ``run_averaging`` does: ``rounds`` consecutive rounds over ``numel`` values."""
+
+    numel: int
+    group_size: int
+    interval: float
+    num_peers: int
+    rounds: int
+    timeouts: Timeouts | None
+
+
+def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, start_round):
     """Join, signal ready, wait for the parent's start round, then average ``rounds`` consecutive rounds.
 
     With a ``fault``, this peer is a ``FaultyPeer`` that owns a shard like any other member.
@@ -45,20 +44,20 @@ def average_rounds(
     options = dict(
         initial_peers=initial_peers,
         host_maddrs=[LOOPBACK],
-        target_group_size=group_size,
-        round_interval=interval,
-        timeouts=timeouts,
+        target_group_size=averaging.group_size,
+        round_interval=averaging.interval,
+        timeouts=averaging.timeouts,
     )
 
     async def main():
         peer_class = Peer if fault is None else partial(FaultyPeer, fault=fault, client_mode=False)
-        async with peer_class(run_id, **options) as peer:
-            await peer.wait_for_peers(num_peers, timeout=60)
+        async with peer_class("avg", **options) as peer:
+            await peer.wait_for_peers(averaging.num_peers, timeout=60)
             ready.put(peer.peer_id)
             await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
-            values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+            values = torch.randn(averaging.numel, generator=torch.Generator().manual_seed(seed))
             history = []
-            for round_id in range(start_round.value, start_round.value + rounds):
+            for round_id in range(start_round.value, start_round.value + averaging.rounds):
                 result = await peer.average(values, weight, round_id)
                 values = result.averaged
                 history.append(
@@ -135,28 +134,13 @@ def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, in
     exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault; ``timeouts``: the
     peers' ``Timeouts``, None for the defaults)."""
     faults = faults or {}
+    averaging = Averaging(numel, group_size, interval, num_peers, rounds, timeouts)
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         ready, go, start_round = swarm.context.Queue(), swarm.context.Event(), swarm.context.Value("q", 0)
         for i in range(num_peers):
-            swarm.spawn(
-                i,
-                average_rounds,
-                swarm.initial_peers,
-                "avg",
-                i,
-                numel,
-                weights[i],
-                group_size,
-                interval,
-                num_peers,
-                ready,
-                go,
-                start_round,
-                rounds,
-                faults.get(i),
-                timeouts,
-            )
+            signals = (ready, go, start_round)
+            swarm.spawn(i, average_rounds, swarm.initial_peers, averaging, i, weights[i], faults.get(i), *signals)
         for _ in range(num_peers):
             ready.get(timeout=120)
         next_slot = math.ceil((time.time() + 5.0) / interval)  # every peer registers before the slot, even if starved
