@@ -17,6 +17,8 @@ From the peers' metrics files and saved models it reports, per codec:
 - final validation loss (and accuracy; next-byte accuracy for charlm), mean over peers, and its
   penalty vs ``none`` in %; with ``--repeats``, also the median of the paired penalties (run i of a
   codec against run i of ``none``: the codecs run interleaved, so a change in load hits them alike);
+  and each peer's own loss just before ``finish()`` (``pre-fin``), to tell peers that trained badly
+  from peers that drifted apart and were averaged at the end;
 - spread of the peers' final parameters (``gossiptrain.demo.parameter_spread``), measured after
   the finishing rounds, so it is ~0 unless the last rounds disagreed or changed the values;
 - median round time (``round_seconds`` of averaged rounds) and the run's wall time.
@@ -178,6 +180,8 @@ def summarize(
         "steps": [f["step"] for f in finals],
         "val_loss": _mean([f["loss"] for f in finals]),
         "val_loss_per_peer": [f["loss"] for f in finals],
+        "val_loss_before_finish": _mean([f["loss_before_finish"] for f in finals]),
+        "val_loss_before_finish_per_peer": [f["loss_before_finish"] for f in finals],
         "accuracy": _mean([f["accuracy"] for f in finals]) if all("accuracy" in f for f in finals) else None,
         "spread": parameter_spread(models),
         "rejected": rejected,
@@ -207,8 +211,8 @@ def merge_repeats(runs: list[dict]) -> dict:
 def table(results: dict[str, dict[str, dict]]) -> str:
     header = (
         f"{'task':<7} {'codec':<26} {'B/param/rnd':>11} {'long run':>8} {'+finish':>7} {'B/value':>7} {'MiB sent':>9} "
-        f"{'rounds':>6} "
-        f"{'val loss':>15} {'acc':>6} {'penalty':>8} {'paired':>7} {'spread':>8} {'round s':>7} {'wall s':>6}"
+        f"{'rounds':>6} {'val loss':>15} {'pre-fin':>7} "
+        f"{'acc':>6} {'penalty':>8} {'paired':>7} {'spread':>8} {'round s':>7} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for task, by_codec in results.items():
@@ -229,7 +233,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             loss = f"{s['val_loss']:.4f}" + ("" if s.get("val_loss_std") is None else f" ±{s['val_loss_std']:.4f}")
             rows.append(
                 f"{task:<7} {codec:<26} {per_round:>11} {long_run:>8} {finishing:>7} {per_value:>7} "
-                f"{s['total_bytes_sent'] / 2**20:>9.1f} {s['rounds_averaged_per_peer']:>6.1f} {loss:>15} {acc:>6} "
+                f"{s['total_bytes_sent'] / 2**20:>9.1f} {s['rounds_averaged_per_peer']:>6.1f} {loss:>15} "
+                f"{s['val_loss_before_finish']:>7.4f} {acc:>6} "
                 f"{penalty:>8} {paired:>7} {s['spread']:>8.1e} {round_s:>7} {s['wall_seconds']:>6.0f}"
             )
     return "\n".join(rows)

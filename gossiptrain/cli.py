@@ -134,12 +134,14 @@ def cmd_peer(args: argparse.Namespace) -> None:
             optimizer.report(task.train_step(optimizer, next(batches)))
             step += 1
         train_seconds = evaluation.train_seconds()
+        before_finish = task.evaluate(task.model)  # this peer's own model, to see what finish() changed
         optimizer.finish(timeout=args.finish_timeout)
         result = {
             "final": True,
             "peer": optimizer.peer.peer_id,
             "step": step,
             **task.evaluate(task.model),
+            "loss_before_finish": before_finish["loss"],
             "rounds_done": optimizer.rounds_done,
             "rounds_failed": optimizer.rounds_failed,
             "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None,
