@@ -62,7 +62,7 @@ DEFAULT_CODECS = ",".join(
     ["none", "fp16", "int8", "int4", "topk:0.01+int8", "topk:0.01+int8@sync=40", "randomk:0.01+int8"]
     + ["randomk:0.02+int8@sync=40", "lowrank:4+int8"]
 )
-DEFAULT_SYNC_EVERY = 10  # `gossiptrain peer --sync-every`'s default
+DEFAULT_SYNC_EVERY = 10  # `gossiptrain peer --sync-every`'s default for sparse codecs
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression"
 # Per task: local steps per peer (full, --quick), batch size, learning rate, seconds between rounds.
 # A charlm round (1M parameters) takes ~0.3-0.6 s on 2 loaded cores: 0.5 s slots make many rounds miss their start.

@@ -215,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
     peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
     peer.add_argument("--codec", default="none", help="e.g. none, fp16, int8, int4, topk:0.01+int8, randomk:0.01+int8")
-    peer.add_argument("--sync-every", type=int, default=10, help="with sparse codecs, average parameters 1 round in N")
+    peer.add_argument(
+        "--sync-every",
+        type=int,
+        default=None,
+        help="average parameters 1 round in N, send deltas in the others (default: 10 for sparse codecs, 1 for dense)",
+    )
     peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
     peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")
     peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")

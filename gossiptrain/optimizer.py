@@ -151,8 +151,9 @@ class GossipOptimizer:
         startup_timeout: seconds allowed to start the daemon and join the DHT.
         on_round: called with each ``RoundRecord`` (from the training thread).
         codec: codec spec for the wire, e.g. ``"int8"`` or ``"topk:0.01+int8"`` (see ``gossiptrain.codecs``).
-        sync_every: with a sparse or low-rank codec, one round in this many averages the parameters
-            with the codec's dense stage (see ``gossiptrain.wire``).
+        sync_every: one round in this many averages the parameters with the codec's dense stage,
+            the others send deltas (``gossiptrain.wire``): 10 by default for sparse and low-rank
+            codecs, every round by default for dense ones.
         load_state: download the training state from a live peer before taking part (see Joining);
             False keeps this peer's own initialisation even when others are training.
         state_timeout: seconds allowed for the whole state download, over all donors tried.
@@ -182,7 +183,7 @@ class GossipOptimizer:
         startup_timeout: float = 30.0,
         on_round: Callable[[RoundRecord], None] | None = None,
         codec: str = "none",
-        sync_every: int = 10,
+        sync_every: int | None = None,
         load_state: bool = True,
         state_timeout: float = 300.0,
         **peer_options: Any,

@@ -1,6 +1,8 @@
 """What crosses the wire in a round: the parameters, or their change since a shared reference.
 
-Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves.  Quantizing weights
+Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves, unless given a
+``sync_every``: then a lossy one sends deltas like a sparse chain in the rounds between, where
+its quantization step is that of the change since the reference, not of the weights.  Quantizing weights
 is harmless here because the owner of a shard encodes the mean once and every member, the owner
 included, keeps the same decoded values: a group ends each round in exact agreement, and error
 feedback carries each peer's rounding into its next contribution, and the owner's rounding of the
@@ -60,17 +62,24 @@ class WireState:
 
     Args:
         codec: the codec of the run.
-        sync_every: for sparse/low-rank codecs, one round in this many averages the parameters.
+        sync_every: one round in this many averages the parameters, the others send deltas.  For
+            sparse/low-rank codecs None means 10; for dense codecs None means every round (params
+            only), and a number makes a lossy one (int8, fp16, ...) quantize deltas in between,
+            whose steps are as fine as the deltas are small.
     """
 
-    def __init__(self, codec: Codec, sync_every: int = 10):
-        self.codec, self.sync_every = codec, sync_every
+    def __init__(self, codec: Codec, sync_every: int | None = None):
+        if sync_every is None:
+            sync_every = 1 if codec.is_dense else 10
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1, got {sync_every}")
+        self.codec, self.sync_every = codec, 1 if codec.lossless else sync_every
         self.reference: torch.Tensor | None = None
         self.params_residual: torch.Tensor | None = None  # rounding carried between params rounds
         self.unsent: torch.Tensor | None = None  # the part of the round's delta the codec dropped
 
     def mode(self, round_id: int) -> str:
-        return "params" if self.codec.is_dense or round_id % self.sync_every == 0 else "delta"
+        return "params" if round_id % self.sync_every == 0 else "delta"
 
     def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
         """This round's values; ``mode`` overrides the round id's kind ("params", "delta" or "final")."""

@@ -9,6 +9,7 @@ from functools import partial
 
 import torch
 
+from gossiptrain.codecs import get_codec
 from gossiptrain.demo import run_demo
 from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
@@ -99,9 +100,11 @@ def averaging_only(initial_peers, seed, run_id, num_peers, **options):
 
 
 def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_round, rounds):
-    """Only averaging, in groups of 2 with a params round every other round: the parameters per round."""
+    """Only averaging, in groups of 2 (a sparse codec: a params round every other round): the
+    parameters per round."""
+    sync_every = None if get_codec(codec).is_dense else 2
     with averaging_only(
-        initial_peers, seed, "consensus", num_peers, target_group_size=2, sync_every=2, codec=codec
+        initial_peers, seed, "consensus", num_peers, target_group_size=2, sync_every=sync_every, codec=codec
     ) as (optimizer, flat):
         ready.put(seed)
         go.wait(120)

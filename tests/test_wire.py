@@ -93,3 +93,26 @@ def test_a_failed_slice_leaves_the_parameters_and_the_reference_as_they_were():
     assert torch.equal(after[0][HALF:], params[0][HALF:])
     assert torch.equal(wires[0].reference[HALF:], reference[HALF:])
     assert not torch.equal(after[0][:HALF], params[0][:HALF])
+
+
+def test_dense_codecs_average_parameters_every_round_unless_told_to_send_deltas():
+    assert {WireState(get_codec("int8")).mode(r) for r in range(20)} == {"params"}
+    assert {WireState(get_codec("none"), sync_every=10).mode(r) for r in range(20)} == {"params"}  # nothing to gain
+    assert [WireState(get_codec("int8"), sync_every=10).mode(r) for r in (9, 10, 11)] == ["delta", "params", "delta"]
+    assert WireState(get_codec("topk:0.01")).sync_every == 10
+
+
+def test_int8_deltas_are_quantized_as_finely_as_they_are_small():
+    """A delta round of int8 rounds the change since the shared reference, not the weights: its
+    error scales with the local steps, and the members end at the reference plus the mean step."""
+    wires = [WireState(get_codec("int8"), sync_every=10) for _ in range(4)]
+    start = torch.randn(NUMEL, generator=torch.Generator().manual_seed(0))
+    for wire in wires:
+        wire.reset(start)
+    steps = [1e-3 * torch.randn(NUMEL, generator=torch.Generator().manual_seed(i + 1)) for i in range(4)]
+    after, _ = group_round(wires, [start + step for step in steps], round_id=1)
+    exact = start + torch.stack(steps).mean(0)
+    for y in after:
+        assert (y - exact).abs().max() < 1e-3 * 4 / 127, "within an int8 step of the deltas, not of the weights"
+    params_round, _ = group_round([WireState(get_codec("int8")) for _ in range(4)], [start + s for s in steps], 1)
+    assert (params_round[0] - exact).abs().max() > 10 * (after[0] - exact).abs().max()
