@@ -115,4 +115,4 @@ def test_int8_deltas_are_quantized_as_finely_as_they_are_small():
     for y in after:
         assert (y - exact).abs().max() < 1e-3 * 4 / 127, "within an int8 step of the deltas, not of the weights"
     params_round, _ = group_round([WireState(get_codec("int8")) for _ in range(4)], [start + s for s in steps], 1)
-    assert (params_round[0] - exact).abs().max() > 10 * (after[0] - exact).abs().max()
+    assert (params_round[0] - exact).abs().max() > 100 * (after[0] - exact).abs().max()
