@@ -164,8 +164,8 @@ def test_peers_with_a_sparse_codec_finish_in_agreement_whatever_the_round_ids():
             )  # a sparse codec whose round ids never call for a params round
             swarm.spawn(seed, finish_only, swarm.initial_peers, seed, num_peers, ready, options)
         results = swarm.results(num_peers, timeout=240)
-    before, after, statuses = zip(*results.values())
-    assert statuses == ("averaged",) * num_peers, statuses
+    before, after, rounds_done = zip(*results.values())
+    assert all(done >= 1 for done in rounds_done), rounds_done  # the last may be alone: the others left
     assert spread(list(after)) < 1e-2 * spread(list(before)), (spread(list(before)), spread(list(after)))
 
 

@@ -54,9 +54,9 @@ def test_eight_peers_in_pairs_finish_with_one_model():
         for seed in range(num_peers):
             swarm.spawn(seed, finish_only, swarm.initial_peers, seed, num_peers, ready, dict(target_group_size=2))
         results = swarm.results(num_peers, timeout=240)
-    before, after, statuses = zip(*results.values())
+    before, after, rounds_done = zip(*results.values())
     assert spread(list(before)) > 0.5
-    assert spread(list(after)) < 1e-6, (spread(list(after)), statuses)
+    assert spread(list(after)) < 1e-6, (spread(list(after)), rounds_done)
     assert torch.allclose(torch.stack(after).mean(0), torch.stack(before).mean(0), atol=1e-5), "equal weights: the mean"
 
 
