@@ -57,12 +57,12 @@ from environment import machine_info
 
 from gossiptrain.demo import parameter_spread, read_records
 from gossiptrain.testing import LocalSwarm
+from gossiptrain.wire import SPARSE_SYNC_EVERY
 
 DEFAULT_CODECS = ",".join(
     ["none", "fp16", "int8", "int4", "topk:0.01+int8", "topk:0.01+int8@sync=40", "randomk:0.01+int8"]
     + ["randomk:0.02+int8@sync=40", "lowrank:4+int8"]
 )
-DEFAULT_SYNC_EVERY = 10  # `gossiptrain peer --sync-every`'s default for sparse codecs
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "compression"
 # Per task: local steps per peer (full, --quick), batch size, learning rate, seconds between rounds.
 # A charlm round (1M parameters) takes ~0.3-0.6 s on 2 loaded cores: 0.5 s slots make many rounds miss their start.
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
                         work.mkdir(parents=True, exist_ok=True)
                         try:
                             records, models, wall = run_swarm(swarm, work, run_id, task, codec, steps[task], args)
-                            sync_every = int(codec.partition("@sync=")[2] or DEFAULT_SYNC_EVERY)
+                            sync_every = int(codec.partition("@sync=")[2] or SPARSE_SYNC_EVERY)
                             runs[codec].append(summarize(records, models, wall, sync_every))
                         except (RuntimeError, OSError, ValueError) as e:
                             print(f"  failed: {e}", flush=True)

@@ -18,11 +18,16 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def spread(flats: list[torch.Tensor]) -> float:
+    """Largest distance of a peer's flat parameters from the peers' mean, relative to the mean's norm."""
+    stacked = torch.stack(flats).double()
+    mean = stacked.mean(0)
+    return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
+
+
 def parameter_spread(state_dicts: list[dict[str, torch.Tensor]]) -> float:
-    """Largest distance of a peer's parameters from the peers' mean, relative to the mean's norm."""
-    flats = torch.stack([torch.cat([t.flatten().double() for t in sd.values()]) for sd in state_dicts])
-    mean = flats.mean(0)
-    return ((flats - mean).norm(dim=1).max() / mean.norm()).item()
+    """``spread`` of the peers' saved models."""
+    return spread([torch.cat([t.flatten().double() for t in sd.values()]) for sd in state_dicts])
 
 
 def _table(records: dict[int, list[dict]]) -> str:

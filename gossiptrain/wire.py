@@ -1,12 +1,12 @@
 """What crosses the wire in a round: the parameters, or their change since a shared reference.
 
-Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves, unless given a
-``sync_every``: then a lossy one sends deltas like a sparse chain in the rounds between, where
-its quantization step is that of the change since the reference, not of the weights.  Quantizing weights
+Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves.  Quantizing weights
 is harmless here because the owner of a shard encodes the mean once and every member, the owner
 included, keeps the same decoded values: a group ends each round in exact agreement, and error
 feedback carries each peer's rounding into its next contribution, and the owner's rounding of the
-mean into the owner's next one.
+mean into the owner's next one.  Given a ``sync_every``, a lossy dense codec sends deltas like a
+sparse chain (below) in the rounds between, where its quantization step is that of the change
+since the reference, not of the weights.
 
 Sparse and low-rank codecs (topk, randomk, lowrank chains) would destroy raw weights, so they send
 ``delta = x - reference``, where the reference is a public copy of the parameters in the sense of
@@ -46,6 +46,8 @@ import torch
 from gossiptrain.codecs import Codec
 from gossiptrain.exchange import RoundResult
 
+SPARSE_SYNC_EVERY = 10  # sparse and low-rank codecs: one params round in this many, by default
+
 
 @dataclass
 class Contribution:
@@ -70,7 +72,7 @@ class WireState:
 
     def __init__(self, codec: Codec, sync_every: int | None = None):
         if sync_every is None:
-            sync_every = 1 if codec.is_dense else 10
+            sync_every = 1 if codec.is_dense else SPARSE_SYNC_EVERY
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1, got {sync_every}")
         self.codec, self.sync_every = codec, 1 if codec.lossless else sync_every

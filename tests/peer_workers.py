@@ -115,13 +115,6 @@ def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_rou
         return history
 
 
-def spread(flats: list[torch.Tensor]) -> float:
-    """Largest distance of a peer's flat parameters from the peers' mean, relative to the mean's norm."""
-    stacked = torch.stack(flats).double()
-    mean = stacked.mean(0)
-    return ((stacked - mean).norm(dim=1).max() / mean.norm()).item()
-
-
 def finish_only(initial_peers, seed, num_peers, ready, options):
     """A peer that only finishes, with ``GossipOptimizer`` ``options``.
     Returns its parameters before and after, and how many rounds it averaged."""

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from gossiptrain.codecs import get_codec
+from gossiptrain.demo import spread
 from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from gossiptrain.wire import WireState
-from tests.peer_workers import consensus_rounds, finish_only, spread, train_digits
+from tests.peer_workers import consensus_rounds, finish_only, train_digits
 
 IN_PROCESS = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=1.5, part=1.0, result=3.0))
 
@@ -32,9 +33,9 @@ async def three_peers(run_id: str):
             yield [first, second, third]
 
 
-async def average_together(peers, values, weights, residuals, **options):
-    """One round of ``peers``, each averaging its values with its residual."""
-    round_id = peers[0].next_round_id(lead=0.5)
+async def average_together(peers, values, weights, residuals, round_id=None, **options):
+    """One round of ``peers`` (the next one unless ``round_id``), each averaging its values with its residual."""
+    round_id = peers[0].next_round_id(lead=0.5) if round_id is None else round_id
     return await asyncio.gather(
         *(
             peer.average(x, w, round_id, residual=r, **options)
@@ -97,13 +98,14 @@ async def test_peers_that_agree_after_a_final_round_stay_together_however_they_s
     async def round_of(peers, members, mode):
         round_id = peers[0].next_round_id(lead=0.5)
         wires = [states[i].contribution(params[i], round_id, mode) for i in members]
-        results = await asyncio.gather(
-            *(
-                peers[i].average(
-                    wire.values, weights[i], round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec
-                )
-                for i, wire in zip(members, wires)
-            )
+        results = await average_together(
+            [peers[i] for i in members],
+            [wire.values for wire in wires],
+            [weights[i] for i in members],
+            [wire.residual for wire in wires],
+            round_id=round_id,
+            mode=wires[0].mode,
+            codec=wires[0].codec,
         )
         assert [r.status for r in results] == ["averaged"] * len(members), results
         for i, wire, result in zip(members, wires, results):
@@ -158,10 +160,8 @@ def test_peers_with_a_sparse_codec_finish_in_agreement_whatever_the_round_ids():
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         ready = swarm.context.Queue()
+        options = dict(sync_every=10**9, codec="topk:0.01+int8")  # round ids never call for a params round
         for seed in range(num_peers):
-            options = dict(
-                sync_every=10**9, codec="topk:0.01+int8"
-            )  # a sparse codec whose round ids never call for a params round
             swarm.spawn(seed, finish_only, swarm.initial_peers, seed, num_peers, ready, options)
         results = swarm.results(num_peers, timeout=240)
     before, after, rounds_done = zip(*results.values())

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
+from gossiptrain.demo import spread
 from gossiptrain.exchange import Timeouts
 from gossiptrain.testing import LocalSwarm, ProcessOutput
-from tests.peer_workers import finish_only, run_averaging, spread, weighted_mean
+from tests.peer_workers import finish_only, run_averaging, weighted_mean
 
 
 @pytest.mark.timeout(240)
