@@ -78,6 +78,24 @@ def cmd_bootstrap(args: argparse.Namespace) -> None:
     asyncio.run(_bootstrap(args))
 
 
+def _outer_options(args: argparse.Namespace) -> dict:
+    """GossipOptimizer's outer-mode arguments from ``--outer-lr`` and the flags after it (none without it)."""
+    if args.outer_lr is None:
+        if args.inner_steps is not None:
+            raise ValueError("--inner-steps needs outer mode: pass --outer-lr too")
+        return {}
+    import torch
+
+    lr, momentum, nesterov = args.outer_lr, args.outer_momentum, args.outer_momentum > 0 and not args.no_nesterov
+    options = {
+        "outer_optimizer": lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov),
+        "inner_steps": args.inner_steps,
+    }
+    if args.anchor_sync_every is not None:
+        options["anchor_sync_every"] = args.anchor_sync_every
+    return options
+
+
 def cmd_peer(args: argparse.Namespace) -> None:
     import torch
 
@@ -106,6 +124,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         codec=args.codec,
         sync_every=args.sync_every,
         client_mode=args.client_mode,
+        **_outer_options(args),
     )
     with optimizer:
         maddrs = optimizer.maddrs()  # another machine's address first, if there is one
@@ -220,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="average parameters 1 round in N, send deltas in the others (default: 10 for sparse codecs, 1 for dense)",
+    )
+    outer = peer.add_argument_group("outer mode (DiLoCo-style: average pseudo-gradients, then an outer SGD step)")
+    outer.add_argument("--outer-lr", type=float, default=None, help="outer learning rate; turns outer mode on")
+    outer.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum (Nesterov)")
+    outer.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
+    outer.add_argument("--inner-steps", type=int, default=None, metavar="H", help="at least H inner steps per round")
+    outer.add_argument(
+        "--anchor-sync-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="one outer round in K averages the parameters and resets the anchor to their mean (default: 5)",
     )
     peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
     peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")

@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from hivemind.utils import get_dht_time
 
+from gossiptrain import training_state
 from gossiptrain.codecs import get_codec
 from gossiptrain.exchange import RoundResult
+from gossiptrain.loop import LoopThread
 from gossiptrain.metrics import RoundRecord
+from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
 from gossiptrain.peer import Peer
 from gossiptrain.state import NoStateDonors, download_state
 from gossiptrain.wire import WireState
@@ -50,44 +53,6 @@ def shutdown_all() -> None:
         optimizer.shutdown()
 
 
-class LoopThread:
-    """An asyncio event loop in a daemon thread.
-
-    Sync code and notebooks (whose main thread may already run a loop) drive the peer through
-    it, so nothing ever calls ``asyncio.run`` on a running loop and nothing forks.
-    """
-
-    def __init__(self, name: str = "gossiptrain-loop"):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: float | None = None) -> Any:
-        future = self.submit(coro)
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def close(self) -> None:
-        """Cancel whatever still runs in the loop (e.g. hivemind's cache refreshers), then stop it."""
-
-        async def cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        self.submit(cancel_all()).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
 def model_schema(params: Sequence[torch.Tensor]) -> str:
     """A short name for the shapes and dtypes of a model's parameters."""
     text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
@@ -95,35 +60,18 @@ def model_schema(params: Sequence[torch.Tensor]) -> str:
     return f"{numel}params-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def _copied(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples in which every tensor is a detached CPU copy."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {key: _copied(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copied(value) for value in obj)
-    return obj
-
-
 def _within(value: Any, target: float, tolerance: float) -> bool:
     """Whether a number read from another peer's record is within ``tolerance`` of ``target``."""
     return isinstance(value, float) and abs(value - target) <= tolerance
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for value in obj.values() for t in _tensors(value)]
-    if isinstance(obj, (list, tuple)):
-        return [t for value in obj for t in _tensors(value)]
-    return []
-
-
 class GossipOptimizer:
-    """Wraps any ``torch.optim.Optimizer``; averages parameters with the swarm in the background.
+    """Wraps any ``torch.optim.Optimizer``; averages with the swarm in the background.
+
+    Two round strategies: parameter gossip (the default: rounds average the parameters, or
+    deltas of them, ``gossiptrain.wire``) and outer mode (given ``outer_optimizer``: rounds
+    average pseudo-gradients and the outer optimizer steps an anchor, ``gossiptrain.outer``).
+    All peers of a run must use the same strategy (it is part of the model schema they check).
 
     ``step()`` runs the wrapped optimizer's step and never waits for the network.  When it is
     time to average, it hands a snapshot of the parameters to the peer's background loop; when
@@ -154,6 +102,14 @@ class GossipOptimizer:
         sync_every: one round in this many averages the parameters with the codec's dense stage,
             the others send deltas (``gossiptrain.wire``): 10 by default for sparse and low-rank
             codecs, every round by default for dense ones.
+        outer_optimizer: outer mode: builds the outer optimizer over the anchor's parameters, e.g.
+            ``lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)``; rounds then
+            average pseudo-gradients (``anchor - params``) and the inner optimizer is ``optimizer``.
+        inner_steps: outer mode's spelling of ``average_every_steps``: at least this many inner steps
+            between outer rounds (a peer joins the first slot after them; peers meet in slots, so set
+            ``average_every`` to about the time H steps take).
+        anchor_sync_every: outer mode: one round in this many averages the parameters and resets the
+            anchor to their mean, pulling apart anchors together (``gossiptrain.outer``).
         load_state: download the training state from a live peer before taking part (see Joining);
             False keeps this peer's own initialisation even when others are training.
         state_timeout: seconds allowed for the whole state download, over all donors tried.
@@ -184,6 +140,9 @@ class GossipOptimizer:
         on_round: Callable[[RoundRecord], None] | None = None,
         codec: str = "none",
         sync_every: int | None = None,
+        outer_optimizer: OuterFactory | None = None,
+        inner_steps: int | None = None,
+        anchor_sync_every: int = ANCHOR_SYNC_EVERY,
         load_state: bool = True,
         state_timeout: float = 300.0,
         **peer_options: Any,
@@ -193,14 +152,17 @@ class GossipOptimizer:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._loop: LoopThread | None = None
         self._replace_older(run_id)
-        self.average_every_steps, self.samples_per_step, self.on_round = average_every_steps, samples_per_step, on_round
-        self.wire = WireState(get_codec(codec), sync_every)
+        if inner_steps is not None and average_every_steps is not None:
+            raise ValueError("inner_steps and average_every_steps are the same setting: pass one of them")
+        self.average_every_steps = inner_steps if inner_steps is not None else average_every_steps
+        self.samples_per_step, self.on_round = samples_per_step, on_round
+        if outer_optimizer is None:
+            self.strategy = WireState(get_codec(codec), sync_every)
+        else:
+            self.strategy = OuterStrategy(self.params, outer_optimizer, get_codec(codec), anchor_sync_every)
+        schema = model_schema(self.params) + ("-outer" if outer_optimizer is not None else "")
         self.peer = Peer(
-            run_id,
-            initial_peers=initial_peers,
-            round_interval=average_every,
-            model_schema=model_schema(self.params),
-            **peer_options,
+            run_id, initial_peers=initial_peers, round_interval=average_every, model_schema=schema, **peer_options
         )
         self.local_step = 0
         self.loss: float | None = None
@@ -382,7 +344,7 @@ class GossipOptimizer:
         wake = self.peer.round_start(round_id) - self.peer.registration_lead
         await asyncio.sleep(max(0.0, wake - get_dht_time()))
         self._snapshot, weight = await asyncio.to_thread(self._take_snapshot)
-        wire = self.wire.contribution(self._snapshot, round_id, mode)
+        wire = self.strategy.contribution(self._snapshot, round_id, mode)
         self._mode = wire.mode
         return await self.peer.average(
             wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec
@@ -401,9 +363,9 @@ class GossipOptimizer:
         except Exception as e:
             logger.warning("averaging round crashed: %r", e)
             result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
-        if result.status == "averaged":
-            self._apply_delta(self.wire.combine(result, self._snapshot, self._mode) - self._snapshot)
-            self.rounds_done += 1
+        if result.status == "averaged" or (result.status == "alone" and self.strategy.steps_alone):
+            self._apply_delta(self.strategy.combine(result, self._snapshot, self._mode) - self._snapshot)
+            self.rounds_done += result.status == "averaged"
         elif result.status == "failed":
             self.rounds_failed += 1
         self.bytes_sent += result.bytes_sent
@@ -451,11 +413,8 @@ class GossipOptimizer:
         except NoStateDonors:
             logger.info("no live peer of run %r serves its state: keeping our own initialisation", self.peer.run_id)
             return
-        with self._state_lock, torch.no_grad():
-            self.optimizer.load_state_dict(state["optimizer"])  # checks the groups before it changes anything
-            for p, value in zip(self.params, state["params"]):
-                p.copy_(value)
-            self.local_step = state["local_step"]
+        with self._state_lock:
+            self.local_step = training_state.load(state, self.params, self.optimizer, self.strategy)
         self.state_download_seconds = time.perf_counter() - started
         self.report()
         logger.info(
@@ -467,34 +426,13 @@ class GossipOptimizer:
 
     def _check_state(self, state: dict[str, Any]) -> None:
         """Raise ValueError if a downloaded state cannot be loaded here (called before anything is loaded)."""
-        params, optimizer, local_step = state.get("params"), state.get("optimizer"), state.get("local_step")
-        if not isinstance(params, list) or len(params) != len(self.params):
-            raise ValueError(f"expected a list of {len(self.params)} parameters, got {type(params).__name__}")
-        for i, (ours, theirs) in enumerate(zip(self.params, params)):
-            if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape or theirs.dtype != ours.dtype:
-                got = f"{tuple(theirs.shape)} {theirs.dtype}" if isinstance(theirs, torch.Tensor) else repr(theirs)
-                raise ValueError(f"parameter {i} should be {tuple(ours.shape)} {ours.dtype}, got {got}")
-        if not isinstance(local_step, int) or isinstance(local_step, bool) or local_step < 0:
-            raise ValueError(f"local_step should be a non-negative int, got {local_step!r}")
-        groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("the optimizer state is not a torch.optim state_dict")
-        theirs = [len(g.get("params", ())) for g in groups]
-        ours = [len(g["params"]) for g in self.optimizer.param_groups]
-        if theirs != ours:
-            raise ValueError(f"the optimizer's parameter groups hold {theirs} parameters, ours {ours}")
-        if not all(torch.isfinite(t).all() for t in [*params, *_tensors(optimizer)] if t.is_floating_point()):
-            raise ValueError("the state holds NaN or Inf values")
+        training_state.check(state, self.params, self.optimizer, self.strategy)
 
     def _state_snapshot(self) -> dict[str, Any]:
         """What a joiner needs, copied under the state lock (the state server calls it from a worker thread)."""
+        extra = {"schema": self.peer.model_schema, "rounds_done": self.rounds_done}
         with self._state_lock:
-            return {
-                "params": [p.detach().to("cpu", copy=True) for p in self.params],
-                "optimizer": _copied(self.optimizer.state_dict()),
-                "local_step": self.local_step,
-                "extra": {"schema": self.peer.model_schema, "rounds_done": self.rounds_done},
-            }
+            return training_state.capture(self.params, self.optimizer, self.local_step, self.strategy, extra)
 
     def shutdown(self) -> None:
         """Leave the swarm and stop the background loop and the daemon; safe to call twice.

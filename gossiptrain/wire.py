@@ -70,6 +70,8 @@ class WireState:
             whose steps are as fine as the deltas are small.
     """
 
+    steps_alone = False  # a round alone changes nothing
+
     def __init__(self, codec: Codec, sync_every: int | None = None):
         if sync_every is None:
             sync_every = 1 if codec.is_dense else SPARSE_SYNC_EVERY
@@ -108,3 +110,18 @@ class WireState:
         self.reference = params.clone()
         self.params_residual = torch.zeros_like(params)
         self.unsent = None
+
+    def state_dict(self) -> dict:
+        """Nothing travels to a joiner: its reference starts at the parameters it downloads."""
+        return {}
+
+    def check_state(self, state: object) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"the strategy's state should be a dict, got {type(state).__name__}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = None  # reset from the downloaded parameters at the first round
+
+    def start_params(self) -> None:
+        """A joiner starts from the parameters it downloaded."""
+        return None

@@ -12,6 +12,8 @@ import torch
 from gossiptrain.codecs import get_codec
 from gossiptrain.demo import run_demo
 from gossiptrain.exchange import Timeouts
+from gossiptrain.optimizer import GossipOptimizer
+from gossiptrain.outer import OuterStrategy
 from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
@@ -34,12 +36,24 @@ class Averaging:
     num_peers: int
     rounds: int
     timeouts: Timeouts | None
+    outer: bool = False  # outer mode: average pseudo-gradients from ``shared_anchor`` (Nesterov 0.7/0.9)
+
+
+def shared_anchor(numel: int) -> torch.Tensor:
+    """The anchor every outer-mode peer of ``run_averaging`` starts from."""
+    return torch.randn(numel, generator=torch.Generator().manual_seed(1000))
+
+
+def nesterov(lr: float = 0.7, momentum: float = 0.9):
+    """DiLoCo's outer optimizer."""
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
 
 
 def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, start_round):
     """Join, signal ready, wait for the parent's start round, then average ``rounds`` consecutive rounds.
 
-    With a ``fault``, this peer is a ``FaultyPeer`` that owns a shard like any other member.
+    With a ``fault``, this peer is a ``FaultyPeer`` that owns a shard like any other member.  In
+    outer mode, its seeded values are its parameters after inner steps from ``shared_anchor``.
     """
     torch.set_num_threads(1)
     options = dict(
@@ -57,10 +71,17 @@ def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, sta
             ready.put(peer.peer_id)
             await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
             values = torch.randn(averaging.numel, generator=torch.Generator().manual_seed(seed))
+            outer = OuterStrategy([shared_anchor(averaging.numel)], nesterov(), get_codec("none"), 2**62)
             history = []
             for round_id in range(start_round.value, start_round.value + averaging.rounds):
-                result = await peer.average(values, weight, round_id)
-                values = result.averaged
+                if averaging.outer:
+                    wire = outer.contribution(values, round_id)
+                    wire_options = dict(residual=wire.residual, mode=wire.mode, codec=wire.codec)
+                    result = await peer.average(wire.values, weight, round_id, **wire_options)
+                    values = outer.combine(result, values, wire.mode) if result.status == "averaged" else values
+                else:
+                    result = await peer.average(values, weight, round_id)
+                    values = result.averaged
                 history.append(
                     {
                         "status": result.status,
@@ -72,7 +93,7 @@ def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, sta
                         "peer": peer.peer_id,
                     }
                 )
-            return {"values": values, "history": history}
+            return {"values": values, "history": history, "anchor": outer.anchor}
 
     return asyncio.run(main())
 
@@ -125,25 +146,74 @@ def finish_only(initial_peers, seed, num_peers, ready, options):
         return before, flat(), optimizer.rounds_done
 
 
-def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0, timeouts=None):
+def run_averaging(num_peers, group_size, numel, rounds, weights, faults=None, interval=2.0, timeouts=None, outer=False):
     """Spawn peers that average seeded random tensors; returns the healthy ones' results and the
     exact weighted mean of all inputs (``faults``: peer index -> FaultyPeer fault; ``timeouts``: the
-    peers' ``Timeouts``, None for the defaults)."""
+    peers' ``Timeouts``, None for the defaults; ``outer``: see ``Averaging``)."""
     faults = faults or {}
-    averaging = Averaging(numel, group_size, interval, num_peers, rounds, timeouts)
+    averaging = Averaging(numel, group_size, interval, num_peers, rounds, timeouts, outer)
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         ready, go, start_round = swarm.context.Queue(), swarm.context.Event(), swarm.context.Value("q", 0)
         for i in range(num_peers):
             signals = (ready, go, start_round)
             swarm.spawn(i, average_rounds, swarm.initial_peers, averaging, i, weights[i], faults.get(i), *signals)
-        for _ in range(num_peers):
-            ready.get(timeout=120)
-        next_slot = math.ceil((time.time() + 5.0) / interval)  # every peer registers before the slot, even if starved
-        start_round.value = next_slot + next_slot % 2  # an even round: the first of a Moshpit epoch
-        go.set()
+        release(ready, go, start_round, num_peers, interval)
         results = swarm.results(num_peers - len(faults), timeout=120)
     return results, seeded_inputs(num_peers, numel)
+
+
+def release(ready, go, start_round, count, interval, odd=False):
+    """Once ``count`` peers are ready, set ``start_round`` to a round that every one of them can still
+    register for, even if starved, and let them go.  The round is even (the first of a Moshpit epoch)
+    unless ``odd`` (outer mode: not an anchor-sync round)."""
+    for _ in range(count):
+        ready.get(timeout=120)
+    next_slot = math.ceil((time.time() + 5.0) / interval)
+    start_round.value = next_slot + (next_slot + odd) % 2
+    go.set()
+
+
+def outer_training(initial_peers, seed, num_peers, ready, go, start_round, options=None):
+    """An MLP in outer mode (Nesterov 0.7/0.9, no compression), every peer from the same initialisation.
+
+    By default: ``seed + 1`` inner steps on data of seed ``seed``, then one outer round in the start
+    round (no automatic rounds, no anchor sync).  With ``options`` ``rounds=R, finish=True``: trains
+    with automatic rounds every slot until ``R`` outer rounds averaged, then ``finish()``.
+    """
+    from tests.test_state import mlp, train
+
+    options = options or {}
+    torch.set_num_threads(1)
+    model = mlp(0)
+    automatic = "rounds" in options
+    with GossipOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        run_id="outer",
+        initial_peers=initial_peers,
+        load_state=False,
+        average_every=1.0,
+        outer_optimizer=nesterov(),
+        inner_steps=None if automatic else 2**62,
+        anchor_sync_every=5 if automatic else 2**62,
+        host_maddrs=[LOOPBACK],
+    ) as optimizer:
+        flat = lambda: torch.cat([p.detach().flatten() for p in model.parameters()]).clone()  # noqa: E731
+        start = flat()
+        optimizer.wait_for_peers(num_peers, timeout=60)
+        ready.put(seed)
+        go.wait(120)
+        if not automatic:
+            train(optimizer, model, seed + 1, seed)
+            trained = flat()
+            record = optimizer.average_now(timeout=60, round_id=start_round.value)
+            return {"start": start, "trained": trained, "after": flat(), "steps": seed + 1, "status": record.status}
+        deadline = time.monotonic() + 120
+        while optimizer.rounds_done < options["rounds"] and time.monotonic() < deadline:
+            train(optimizer, model, 1, seed + optimizer.local_step)
+        trained = flat()
+        optimizer.finish(timeout=60)
+        return {"start": start, "trained": trained, "final": flat(), "outer_rounds": optimizer.rounds_done}
 
 
 def seeded_inputs(num_peers, numel):

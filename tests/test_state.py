@@ -52,6 +52,7 @@ def trained_state(seed: int, steps: int, width: int = 64) -> dict:
         "params": [p.detach().clone() for p in model.parameters()],
         "optimizer": deserialize_state(serialize_state(optimizer.state_dict())),  # a deep copy
         "local_step": steps,
+        "strategy": {},
         "extra": {},
     }
 

@@ -1,0 +1,164 @@
+"""The outer-optimizer strategy: DiLoCo's outer step on pseudo-gradients gossiped in dynamic groups.
+
+Each peer keeps an *anchor*, the parameters at its last outer step, and trains from it with its
+own (inner) optimizer.  At every outer round it sends its pseudo-gradient ``anchor - params``
+(what its inner steps moved since the anchor) to the round's group, sets the anchor's ``.grad``
+to the group's weighted mean and lets the user's outer optimizer, an ordinary
+``torch.optim.Optimizer`` over the anchor, take one step (Douillard et al., "DiLoCo", 2023;
+torchft's ``DiLoCo`` has the same shape).  The parameters then continue from the new anchor.
+
+Overlap: the round runs in the background while the inner steps go on (``GossipOptimizer``),
+so its result arrives a few steps late; the parameters become ``new anchor + (steps taken since
+the snapshot)``, so those steps are kept and enter the next pseudo-gradient, never counted twice.
+
+Compression: the pseudo-gradient goes through the run's codec with error feedback: what a codec
+drops (quantization error, the coordinates top-k left out) stays in a residual and is added to
+the next round's pseudo-gradient (as SparseLoCo does), so no progress is lost, only delayed.
+
+Gossip, not all-reduce: a round needs only its group, and members of a group apply the same
+decoded mean, so peers that shared an anchor still share it.  Groups that average different
+subsets move their anchors apart; every ``anchor_sync_every``-th round is therefore an
+*anchor-sync* round that averages the parameters themselves (with the codec's dense stage) and
+sets the anchor to that mean (an outer step of learning rate 1 without momentum, which the
+outer optimizer does not see), and Moshpit's changing groups spread the agreement.  A joiner
+downloads the anchor and the outer optimizer's state and starts its inner steps from the anchor.
+
+Failure semantics: on a slice of the model whose owner failed (it died, its data was refused),
+the round did not happen: the anchor, the outer optimizer's state and the parameters stay as
+they were there, and that part of the pseudo-gradient is sent again next round.  A round in
+which this peer was alone is an outer step with its own pseudo-gradient (DiLoCo with one worker),
+so a lone peer still trains from a moving anchor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from gossiptrain.codecs import Codec
+from gossiptrain.exchange import RoundResult
+from gossiptrain.wire import Contribution
+
+OuterFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+ANCHOR_SYNC_EVERY = 5  # one outer round in this many averages the parameters and resets the anchor
+
+
+class OuterStrategy:
+    """The anchor, the outer optimizer and the error feedback of one peer in outer mode.
+
+    Args:
+        params: the model's parameters; the anchor starts as a float32 copy of them, flattened.
+        outer_optimizer: builds the outer optimizer from the anchor's parameters, e.g.
+            ``lambda params: torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)``.
+        codec: the run's codec for pseudo-gradients (sparse chains too).
+        anchor_sync_every: one round in this many is an anchor-sync round (see the module).
+    """
+
+    steps_alone = True  # a round alone is an outer step on the own pseudo-gradient (see the module)
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        outer_optimizer: OuterFactory,
+        codec: Codec,
+        anchor_sync_every: int = ANCHOR_SYNC_EVERY,
+    ):
+        if anchor_sync_every < 1:
+            raise ValueError(f"anchor_sync_every must be at least 1, got {anchor_sync_every}")
+        self.shapes, self.codec, self.anchor_sync_every = [p.shape for p in params], codec, anchor_sync_every
+        self.numel = sum(s.numel() for s in self.shapes)
+        self.anchor = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in params])
+        self.grad = torch.zeros(self.numel)
+        self.anchor_params = self._views(self.anchor, requires_grad=True)
+        for param, grad in zip(self.anchor_params, self._views(self.grad)):
+            param.grad = grad
+        self.outer = outer_optimizer(self.anchor_params)
+        if not isinstance(self.outer, torch.optim.Optimizer):
+            raise TypeError(f"outer_optimizer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
+        self.residual = torch.zeros(self.numel)  # error feedback of the pseudo-gradients
+
+    def _views(self, flat: torch.Tensor, requires_grad: bool = False) -> list[torch.Tensor]:
+        views, offset = [], 0
+        for shape in self.shapes:
+            view = flat[offset : offset + shape.numel()].view(shape)
+            views.append(torch.nn.Parameter(view, requires_grad=True) if requires_grad else view)
+            offset += shape.numel()
+        return views
+
+    def mode(self, round_id: int) -> str:
+        return "params" if round_id % self.anchor_sync_every == 0 else "outer"
+
+    def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
+        """This round's values: the pseudo-gradient, or the parameters in anchor-sync and final rounds."""
+        kind = mode or self.mode(round_id)
+        if kind in ("params", "final"):
+            return Contribution(snapshot, None, "params", self.codec.dense_stage)
+        return Contribution(self.anchor - snapshot, self.residual, "outer", self.codec)
+
+    def combine(self, result: RoundResult, snapshot: torch.Tensor, mode: str) -> torch.Tensor:
+        """The parameters after the round (``snapshot`` where it failed); moves the anchor."""
+        alone = result.status == "alone"
+        held = [(0, self.numel)] if alone else result.combined
+        if mode == "params":
+            moved = snapshot.clone()
+            for start, end in held:
+                self.anchor[start:end] = moved[start:end] = result.averaged[start:end]
+            return moved
+        mean = self.anchor - snapshot if alone else result.averaged
+        self.outer_step(mean, held)
+        moved = snapshot.clone()
+        for start, end in held:
+            moved[start:end] = self.anchor[start:end]
+        return moved
+
+    @torch.no_grad()
+    def outer_step(self, mean: torch.Tensor, held: list[tuple[int, int]]) -> None:
+        """One step of the outer optimizer with ``mean`` as the anchor's gradient, on ``held`` only:
+        elsewhere the gradient is zero, and the anchor and the optimizer's state are put back as
+        they were after the step (momentum would move them even without a gradient)."""
+        keep = torch.ones(self.numel, dtype=torch.bool)
+        for start, end in held:
+            keep[start:end] = False
+        saved = [[t.clone() for t in self._tensors_of(param)] for param in self.anchor_params] if keep.any() else []
+        self.grad.copy_(mean).masked_fill_(keep, 0.0)
+        self.outer.step()
+        self.grad.zero_()
+        offset = 0
+        for param, before in zip(self.anchor_params, saved):
+            here, offset = keep[offset : offset + param.numel()], offset + param.numel()
+            for now, was in zip(self._tensors_of(param), before):  # state created by this step started at 0
+                now.view(-1)[here] = was.view(-1)[here]
+
+    def _tensors_of(self, param: torch.nn.Parameter) -> list[torch.Tensor]:
+        """The anchor's values of ``param`` and the outer optimizer's state of its shape (momentum...)."""
+        state = self.outer.state.get(param, {})
+        return [param.data, *(t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a joiner needs: the anchor and the outer optimizer's state (not the residual, which is
+        this peer's own unsent progress)."""
+        return {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state["outer_optimizer"])
+        self.anchor.copy_(state["anchor"])
+        self.residual.zero_()
+
+    def check_state(self, state: Any) -> None:
+        """Raise ValueError if ``state`` (from another peer) cannot be loaded here."""
+        anchor = state.get("anchor") if isinstance(state, dict) else None
+        if not isinstance(anchor, torch.Tensor) or anchor.shape != (self.numel,) or anchor.dtype != torch.float32:
+            raise ValueError(f"the outer state's anchor should be {self.numel} float32 values")
+        groups = (
+            state["outer_optimizer"].get("param_groups") if isinstance(state.get("outer_optimizer"), dict) else None
+        )
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
+            len(g["params"]) for g in self.outer.param_groups
+        ]:
+            raise ValueError("the outer optimizer's state does not match this peer's outer optimizer")
+
+    def start_params(self) -> torch.Tensor:
+        """Where a joiner's inner steps start: the anchor."""
+        return self.anchor
