@@ -6,6 +6,7 @@ import torch
 from gossiptrain.codecs import get_codec
 from gossiptrain.demo import spread
 from gossiptrain.exchange import RoundResult
+from gossiptrain.groups import make_groups
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.outer import OuterStrategy
 from gossiptrain.testing import LocalSwarm
@@ -157,3 +158,30 @@ def test_four_processes_in_outer_mode_train_and_finish_with_one_model():
     assert all(result["outer_rounds"] >= 2 for result in results.values()), [
         r["outer_rounds"] for r in results.values()
     ]
+
+
+def anchor_drift(anchor_sync_every: int, rounds: int = 40, num_peers: int = 8, numel: int = 1000) -> float:
+    """Outer rounds of ``num_peers`` strategies in Moshpit pairs, with exact means in memory; every
+    round each peer's inner steps move it by its own noise plus a common drift.  Returns the largest
+    distance of an anchor from the anchors' mean at the end."""
+    generator, peers = torch.Generator().manual_seed(0), [f"peer{i}" for i in range(num_peers)]
+    strategies = {
+        p: OuterStrategy([torch.zeros(numel)], nesterov(), get_codec("none"), anchor_sync_every) for p in peers
+    }
+    for round_id in range(1, rounds + 1):
+        snapshots = {p: s.anchor - 0.1 * torch.randn(numel, generator=generator) - 0.01 for p, s in strategies.items()}
+        wires = {p: strategies[p].contribution(snapshots[p], round_id) for p in peers}
+        for group in make_groups(peers, round_id, group_size=2, salt="drift"):
+            mean = torch.stack([wires[p].values for p in group]).mean(0)
+            for p in group:
+                strategies[p].combine(averaged(mean), snapshots[p], wires[p].mode)
+    anchors = torch.stack([s.anchor for s in strategies.values()])
+    return (anchors - anchors.mean(0)).norm(dim=1).max().item()
+
+
+def test_anchor_sync_rounds_keep_the_anchors_of_peers_in_pairs_together():
+    """Members of a group apply the same mean, but groups of different means (and their momentum)
+    move their anchors apart for ever; anchor-sync rounds pull them back."""
+    apart, synced = anchor_drift(anchor_sync_every=2**62), anchor_drift(anchor_sync_every=5)
+    assert anchor_drift(anchor_sync_every=2**62, rounds=20) < 0.6 * apart, "without syncs the drift keeps growing"
+    assert synced < 0.35 * apart, (synced, apart)
