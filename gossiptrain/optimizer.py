@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from hivemind.utils import get_dht_time
 
 from gossiptrain import training_state
 from gossiptrain.codecs import get_codec
@@ -342,7 +341,7 @@ class GossipOptimizer:
         a whole slot.  Local steps go on meanwhile.
         """
         wake = self.peer.round_start(round_id) - self.peer.registration_lead
-        await asyncio.sleep(max(0.0, wake - get_dht_time()))
+        await asyncio.sleep(max(0.0, wake - self.peer.now()))
         self._snapshot, weight = await asyncio.to_thread(self._take_snapshot)
         wire = self.strategy.contribution(self._snapshot, round_id, mode)
         self._mode = wire.mode

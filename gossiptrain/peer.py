@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
 from gossiptrain.allreduce import GroupPlan
+from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
@@ -45,6 +46,8 @@ class DaemonStartError(RuntimeError):
 
 
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
+CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
+CLOCK_PEERS = 5  # live peers asked for their time per estimate
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -95,6 +98,8 @@ class Peer:
             ``failed``; a swarm needs at least one reachable peer per group, in practice a few.
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
         heartbeat_ttl: seconds a membership record lives without refresh.
+        clock: this machine's clock (seconds since the epoch); slots run on the swarm's median clock,
+            estimated against live peers at start and every ``CLOCK_REFRESH`` seconds (``gossiptrain.clock``).
     """
 
     exchange_class = RoundExchange  # gossiptrain.testing swaps in a misbehaving one
@@ -114,6 +119,7 @@ class Peer:
         client_mode: bool = False,
         model_schema: str | None = None,
         heartbeat_ttl: float = 6.0,
+        clock: Callable[[], float] = get_dht_time,
     ):
         if not run_id or "." in run_id:
             raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
@@ -124,12 +130,14 @@ class Peer:
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
         self.model_schema, self.heartbeat_ttl = model_schema, heartbeat_ttl
+        self.clock = SwarmClock(clock)
         self.protocol = f"gossiptrain.{run_id}.allreduce"
         self.info: dict[str, Any] = {}
         self.p2p: P2P | None = None
         self.dht: DHTNode | None = None
         self.membership: Membership | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._clock_refresh: asyncio.Task | None = None
         self._exchanges: dict[int, asyncio.Future[RoundExchange | None]] = {}
         self.rejections = Rejections()
         self.state_server: StateServer | None = None
@@ -186,8 +194,11 @@ class Peer:
             self.membership = Membership(self.dht, self.run_id, self.peer_id, self.heartbeat_ttl)
             if not self.client_mode:  # no one can dial a client, and no one is meant to
                 await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
+                await self.p2p.add_binary_stream_handler(clock_protocol(self.run_id), self.clock.serve)
             await self._check_model_schema()
+            await self.estimate_clock()
             self._heartbeat = asyncio.create_task(self.membership.heartbeat(self._record))
+            self._clock_refresh = asyncio.create_task(self._refresh_clock())
         except BaseException:
             await self._shutdown_transport()
             raise
@@ -197,6 +208,10 @@ class Peer:
     async def stop(self) -> None:
         """Leave the swarm at once (tombstone in the DHT) and stop the daemon."""
         await self._stop_serving_state()
+        if self._clock_refresh is not None:
+            self._clock_refresh.cancel()
+            await asyncio.gather(self._clock_refresh, return_exceptions=True)
+            self._clock_refresh = None
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -222,7 +237,7 @@ class Peer:
             "client": self.client_mode,
             "maddrs": self._listen_maddrs,
             "serves_state": self.state_server is not None,
-            "time": get_dht_time(),
+            "time": self.now(),
         }
 
     async def serve_state(self, provider: StateProvider, **options: Any) -> None:
@@ -248,6 +263,27 @@ class Peer:
         except Exception as e:  # the daemon stops next anyway, which drops the handler too
             logger.warning("could not unregister the state handler: %r", e)
         await server.close()
+
+    async def estimate_clock(self) -> float:
+        """Measure this peer's offset to the swarm's median clock against a few live peers (not clients,
+        which answer no one) and run the slots on it; returns the offset in seconds."""
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                peers = await self.live_peers()
+        except TimeoutError:
+            return self.clock.offset
+        others = [p for p, info in peers.items() if p != self.peer_id and not info.get("client")]
+        others = sorted(others, key=lambda p: hash((p, self.peer_id)))[:CLOCK_PEERS]
+        return await self.clock.estimate(self.p2p, self.run_id, others, timeout=self.timeouts.join)
+
+    async def _refresh_clock(self) -> None:
+        """Estimate the swarm's clock again every ``CLOCK_REFRESH`` seconds, sooner while alone."""
+        while True:
+            await asyncio.sleep(CLOCK_REFRESH if self.clock.round_trips else self.heartbeat_ttl / 3)
+            try:
+                await self.estimate_clock()
+            except Exception as e:  # a failed estimate keeps the last offset
+                logger.warning("could not estimate the swarm's clock: %r", e)
 
     async def _check_model_schema(self) -> None:
         if self.model_schema is None or not self.initial_peers:
@@ -302,6 +338,10 @@ class Peer:
                 await asyncio.sleep(0.2)
         return peers
 
+    def now(self) -> float:
+        """The swarm's time, in which round slots are defined (``gossiptrain.clock``)."""
+        return self.clock.now()
+
     def round_start(self, round_id: int) -> float:
         return round_id * self.round_interval
 
@@ -314,7 +354,7 @@ class Peer:
         slots of different parity would never meet.
         """
         lead = self.registration_lead if lead is None else lead
-        return math.ceil((get_dht_time() + lead) / self.round_interval)
+        return math.ceil((self.now() + lead) / self.round_interval)
 
     @property
     def registration_lead(self) -> float:
@@ -353,9 +393,9 @@ class Peer:
                 await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not register for the round in the DHT")
-        if get_dht_time() > start:  # others may have seen us already: take part, late, rather than let them wait
-            logger.info("registered for round %s %.3fs after it started", round_id, get_dht_time() - start)
-        await asyncio.sleep(max(0.0, start - get_dht_time()))
+        if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
+            logger.info("registered for round %s %.3fs after it started", round_id, self.now() - start)
+        await asyncio.sleep(max(0.0, start - self.now()))
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeouts.matchmaking):

@@ -136,6 +136,16 @@ def consensus_rounds(initial_peers, seed, codec, num_peers, ready, go, start_rou
         return history
 
 
+def skewed_rounds(initial_peers, seed, num_peers, skew, ready, go, rounds):
+    """A peer whose clock runs ``skew`` seconds ahead of the machine's: the statuses of ``rounds``
+    consecutive ``average_now()`` rounds, each picked by the peer itself (registration lead and all)."""
+    clock = lambda: time.time() + skew  # noqa: E731
+    with averaging_only(initial_peers, seed, "clock", num_peers, clock=clock) as (optimizer, _):
+        ready.put(seed)
+        go.wait(120)
+        return [optimizer.average_now(timeout=30).status for _ in range(rounds)]
+
+
 def finish_only(initial_peers, seed, num_peers, ready, options):
     """A peer that only finishes, with ``GossipOptimizer`` ``options``.
     Returns its parameters before and after, and how many rounds it averaged."""

@@ -11,7 +11,7 @@ import torch
 from gossiptrain.demo import spread
 from gossiptrain.exchange import Timeouts
 from gossiptrain.testing import LocalSwarm, ProcessOutput
-from tests.peer_workers import finish_only, run_averaging, weighted_mean
+from tests.peer_workers import finish_only, run_averaging, skewed_rounds, weighted_mean
 
 
 @pytest.mark.timeout(240)
@@ -153,3 +153,18 @@ def test_peers_join_through_a_hivemind_dht_node_and_status_lists_them():
             timeout=60,
         )
         assert "2 live peers" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.timeout(240)
+def test_a_peer_whose_clock_is_half_a_second_ahead_still_averages_with_the_others():
+    num_peers, rounds, skews = 4, 10, [0.5, 0.0, 0.0, 0.0]
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready, go = swarm.context.Queue(), swarm.context.Event()
+        for seed, skew in enumerate(skews):
+            swarm.spawn(seed, skewed_rounds, swarm.initial_peers, seed, num_peers, skew, ready, go, rounds)
+        for _ in range(num_peers):
+            ready.get(timeout=120)
+        go.set()
+        results = swarm.results(num_peers, timeout=180)
+    assert results[0].count("averaged") >= 0.8 * rounds, results

@@ -1,0 +1,109 @@
+"""The swarm's clock: round slots on the median of the peers' clocks, not on this machine's own.
+
+Rounds are slots of wall-clock time, so a peer whose clock is off by a few hundred milliseconds
+registers late, reads the round's participants before the others registered, and fails its
+rounds.  Each peer therefore measures its offset to a few live peers as NTP does (one request,
+``offset = their_time - (sent + received) / 2``, good to half the round trip) and runs its slots
+on ``local clock + offset``, where the offset is the median of the peers' offsets *and its own
+zero*: peers that measure each other then agree on the median clock of the swarm (a lone skewed
+peer moves to the others' time, the others stay), and one peer with a wild clock cannot move
+anyone.  Peers answer with their raw local clocks, so the estimates do not feed on each other.
+
+Failure semantics: a peer that cannot be reached or answers garbage is left out of the median; with
+no answer at all the offset stays what it was (zero at start).  An offset larger than
+``WARN_OFFSET`` is logged once per estimate, with the advice to run NTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import struct
+import time
+from collections.abc import Callable, Iterable
+
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+WARN_OFFSET = 0.1  # seconds: beyond this, say that this machine's clock is off
+_TIME = struct.Struct("!d")
+
+
+def clock_protocol(run_id: str) -> str:
+    return f"gossiptrain.{run_id}.clock"
+
+
+def swarm_offset(samples: Iterable[float]) -> float:
+    """The median of the peers' clock offsets from ours, with our own (zero) counted once."""
+    return statistics.median([0.0, *samples])
+
+
+class SwarmClock:
+    """This peer's reading of the swarm's time: ``local() + offset``.
+
+    Args:
+        local: this machine's clock in seconds since the epoch (hivemind's DHT time by default;
+            tests pass a skewed one).
+    """
+
+    def __init__(self, local: Callable[[], float] = get_dht_time):
+        self.local, self.offset = local, 0.0
+        self.round_trips: dict[str, float] = {}  # peer -> last measured round-trip seconds
+
+    def now(self) -> float:
+        return self.local() + self.offset
+
+    async def serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one request with our local clock (the requester sends one byte first)."""
+        try:
+            await reader.readexactly(1)
+            writer.write(_TIME.pack(self.local()))
+            await writer.drain()
+            await reader.read(1)  # the requester closes first: p2pd resets a stream whose local end closes
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def sample(self, p2p: P2P, run_id: str, peer: str, timeout: float) -> float | None:
+        """One NTP-style offset sample against ``peer``; None if it did not answer in time."""
+        writer = None
+        try:
+            async with asyncio.timeout(timeout):
+                protocol = clock_protocol(run_id)
+                _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
+                sent, started = self.local(), time.perf_counter()
+                writer.write(b"?")
+                await writer.drain()
+                (theirs,) = _TIME.unpack(await reader.readexactly(_TIME.size))
+                round_trip = time.perf_counter() - started
+        except Exception as e:  # unreachable, gone, or garbage: left out of the median
+            logger.debug("no clock sample from %s: %r", peer, e)
+            return None
+        finally:
+            if writer is not None:
+                writer.close()
+        if not isinstance(theirs, float) or theirs != theirs:
+            return None
+        self.round_trips[peer] = round_trip
+        return theirs - (sent + round_trip / 2)
+
+    async def estimate(self, p2p: P2P, run_id: str, peers: Iterable[str], timeout: float = 2.0) -> float:
+        """Measure the offset to ``peers`` (concurrently) and adopt their median; returns the offset."""
+        samples = await asyncio.gather(*(self.sample(p2p, run_id, peer, timeout) for peer in peers))
+        answered = [s for s in samples if s is not None]
+        if not answered:
+            return self.offset
+        self.offset = swarm_offset(answered)
+        if abs(self.offset) > WARN_OFFSET:
+            logger.warning(
+                "this machine's clock is %.3fs %s the swarm's (median of %d peers): rounds use the swarm's "
+                "time; keep clocks in sync with NTP",
+                abs(self.offset),
+                "behind" if self.offset > 0 else "ahead of",
+                len(answered),
+            )
+        return self.offset
