@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# The pure protocol, codec and strategy tests (no peers, no sockets): seconds, for iteration.
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark, one after the other; results (with each run's wall time) land in benchmarks/results/.
 bench: setup

@@ -9,3 +9,11 @@ from tests.peer_workers import train_digits
 def uncompressed_digits_runs() -> list[dict]:
     """Uncompressed digits training, run once per session: the swarm test and the codecs' baseline."""
     return train_digits("none")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test with a timeout of its own runs peers (processes, sockets): mark it ``slow``, so that
+    ``make test-fast`` (``-m "not slow"``) runs only the pure protocol, codec and strategy tests."""
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            item.add_marker(pytest.mark.slow)

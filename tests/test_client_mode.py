@@ -67,6 +67,7 @@ async def test_a_group_of_clients_only_fails_the_round_cleanly():
         assert torch.equal(result.averaged, torch.full((100,), own))
 
 
+@pytest.mark.timeout(60)
 def test_a_client_mode_peer_needs_initial_peers():
     with pytest.raises(ValueError, match="initial_peers"):
         Peer("lonely", client_mode=True)

@@ -1,14 +1,20 @@
-"""EmulatedLinks really limits bandwidth, leaves nothing behind, and carries a gossiptrain swarm."""
+"""EmulatedLinks really limits rate, delays and loses packets, leaves nothing behind, and carries a swarm."""
 
 import contextlib
+import math
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+import gossiptrain
+from gossiptrain.linkswitch import LinkSpec, Switch
 from gossiptrain.netns import NAME_PREFIX, EmulatedLinks, EmulationUnavailable, remove_stale
 from gossiptrain.testing import LocalSwarm, ProcessOutput
 
@@ -38,6 +44,57 @@ with socket.create_connection((sys.argv[1], 5000)) as conn:
     conn.sendall(b"x" * int(sys.argv[2]))
 """
 
+LISTENER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 5000), backlog=64)  # the kernel completes handshakes: no accept()
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+CONNECTOR = """
+import socket, statistics, sys, time
+seconds = []
+for _ in range(int(sys.argv[2])):
+    started = time.monotonic()
+    socket.create_connection((sys.argv[1], 5000)).close()
+    seconds.append(time.monotonic() - started)
+print(statistics.median(seconds), flush=True)
+"""
+
+UDP_RECEIVER = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 5001))  # bound, so that no ICMP "port unreachable" comes back; what it gets is not read
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+UDP_SENDER = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for k in range(int(sys.argv[2])):
+    sock.sendto(b"x" * 100, (sys.argv[1], 5001))
+    if k % 50 == 49:
+        time.sleep(0.001)  # about 40,000 packets/s: no queue overflows at 100 Mbit/s
+"""
+
+# An owner of EmulatedLinks that waits to be stopped by a signal.  It loads gossiptrain.netns without the package's
+# __init__ (which imports torch: 2 s), as netns and linkswitch need only the standard library.
+OWNER = f"""
+import subprocess, sys, time, types
+package = types.ModuleType("gossiptrain")
+package.__path__ = [{str(Path(gossiptrain.__file__).parent)!r}]
+sys.modules["gossiptrain"] = package
+from gossiptrain.netns import EmulatedLinks, EmulationUnavailable
+try:
+    with EmulatedLinks(2) as links:
+        sleeper = subprocess.Popen([*links.exec_prefix(1), "sleep", "600"])
+        print(" ".join(links.names), links._switch.process.pid, sleeper.pid, flush=True)
+        time.sleep(60)
+except EmulationUnavailable as e:
+    print("unavailable:", e, flush=True)
+"""
+
 
 @contextlib.contextmanager
 def emulated_links(n: int, **kwargs) -> Iterator[EmulatedLinks]:
@@ -61,32 +118,156 @@ def root_links() -> set[str]:
     return {line.split(":")[1].strip() for line in lines}
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def start_in(swarm: LocalSwarm, links: EmulatedLinks, i: int, script: str, *args: str) -> ProcessOutput:
+    """Run a Python ``script`` in namespace ``i``, owned by ``swarm``."""
+    process = subprocess.Popen(
+        [*links.exec_prefix(i), sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    swarm.track(process)
+    return ProcessOutput(process)
+
+
+ADDRESSES = [bytes([10, 47, 0, i + 1]) for i in range(3)]
+
+
+def ipv4_packet(src: int, dst: int, size: int = 1500, tag: int = 0) -> bytes:
+    """A minimal IPv4 packet from peer ``src`` to peer ``dst`` (the switch reads only the version and destination)."""
+    header = bytes([0x45, 0, 0, 0]) + tag.to_bytes(4, "big") + bytes(4) + ADDRESSES[src] + ADDRESSES[dst]
+    return header + bytes(size - len(header))
+
+
+def run_switch(switch: Switch, sends: list[tuple[float, int, bytes]]) -> list[tuple[float, bytes]]:
+    """Feed ``(time, src, packet)`` to ``switch``, each at its time; returns ``(delivery time, packet)``."""
+    sends, delivered = sorted(sends, key=lambda send: send[0]), []
+    while sends or switch.next_time() is not None:
+        now = min([t for t in (sends[0][0] if sends else None, switch.next_time()) if t is not None])
+        while sends and sends[0][0] <= now:
+            switch.receive(now, sends[0][1], sends.pop(0)[2])
+        delivered += [(now, packet) for _, packet in switch.due(now)]
+    return delivered
+
+
+@pytest.mark.timeout(10)
+def test_the_switch_delays_each_packet_by_half_the_rtt_and_serves_each_link_at_its_rate():
+    switch = Switch([LinkSpec(mbit=12.0, rtt_ms=40.0), LinkSpec(mbit=12.0, rtt_ms=40.0)], ADDRESSES[:2])
+    delivered = run_switch(switch, [(0.0, 0, ipv4_packet(0, 1, tag=k)) for k in range(10)])
+    # a packet takes 1 ms at 12 Mbit/s on each link: the first one 2 ms + 20 ms, the others 1 ms apart
+    assert [t for t, _ in delivered] == pytest.approx([0.022 + k * 1e-3 for k in range(10)])
+    counters = switch.counters()
+    assert (counters[0].sent_packets, counters[1].received_packets, counters[1].received_bytes) == (10, 10, 15000)
+
+
+@pytest.mark.timeout(10)
+def test_the_switch_gives_a_path_the_mean_delay_and_the_smaller_rate_of_its_two_ends():
+    switch = Switch([LinkSpec(mbit=120.0, rtt_ms=20.0), LinkSpec(mbit=12.0, rtt_ms=100.0)], ADDRESSES[:2])
+    delivered = run_switch(switch, [(0.0, 0, ipv4_packet(0, 1, tag=k)) for k in range(10)])
+    # 0.1 ms on the uplink, 5 ms, 1 ms per packet on the downlink, 25 ms: one way is half the mean RTT, 30 ms
+    assert [t for t, _ in delivered] == pytest.approx([0.0311 + k * 1e-3 for k in range(10)])
+
+
+@pytest.mark.timeout(10)
+def test_jitter_spreads_the_delay_but_never_reorders_a_path():
+    spec = LinkSpec(mbit=math.inf, rtt_ms=80.0, jitter_ms=10.0)
+    switch = Switch([spec, spec], ADDRESSES[:2], rng=random.Random(1))
+    sparse = run_switch(switch, [(k * 0.05, 0, ipv4_packet(0, 1, 100, k)) for k in range(400)])
+    delays = [t - k * 0.05 for k, (t, _) in enumerate(sparse)]
+    assert 0.030 <= min(delays) < 0.0305 and 0.0495 < max(delays) <= 0.050  # 40 ms ± 10 ms, uniform
+    dense = run_switch(switch, [(20 + k * 1e-3, 0, ipv4_packet(0, 1, 100, k)) for k in range(400)])
+    assert [packet[4:8] for _, packet in dense] == [k.to_bytes(4, "big") for k in range(400)]
+
+
+@pytest.mark.timeout(10)
+def test_a_full_queue_drops_the_tail_and_random_loss_hits_the_configured_share():
+    switch = Switch([LinkSpec(mbit=12.0, queue_ms=10.5), LinkSpec(mbit=12.0)], ADDRESSES[:2])
+    run_switch(switch, [(0.0, 0, ipv4_packet(0, 1, tag=k)) for k in range(20)])
+    assert switch.counters()[0].overflow_packets == 9  # the 12th packet would wait 11 ms, and so the rest
+    switch = Switch([LinkSpec(mbit=math.inf, loss=0.05)] * 2, ADDRESSES[:2], rng=random.Random(2))
+    for _ in range(20_000):
+        switch.receive(0.0, 0, ipv4_packet(0, 1, 40))
+    delivered = len(list(switch.due(1.0)))
+    lost = sum(c.lost_packets for c in switch.counters())
+    assert delivered + lost == 20_000
+    assert 0.045 < lost / 20_000 < 0.055  # 1000 ± 31 (one standard deviation)
+    switch.receive(0.0, 0, ipv4_packet(0, 1)[:16] + bytes([10, 47, 0, 99]))  # to no peer
+    assert switch.counters()[0].unroutable_packets == 1
+
+
+@pytest.mark.timeout(10)
+def test_overrides_must_name_known_peers_and_settings():
+    with pytest.raises(ValueError, match="peers"):
+        EmulatedLinks(2, overrides={2: {"mbit": 5.0}})
+    with pytest.raises(ValueError, match="unknown settings"):
+        EmulatedLinks(2, overrides={1: {"bandwidth": 5.0}})
+    assert [spec.mbit for spec in EmulatedLinks(3, overrides={1: {"mbit": 5.0}}).specs] == [50.0, 5.0, 50.0]
+
+
+@pytest.mark.timeout(30)
+def test_a_tcp_connect_takes_the_configured_rtt():
+    with emulated_links(2, rtt_ms=100.0) as links, LocalSwarm() as swarm:
+        start_in(swarm, links, 1, LISTENER, links.address(1)).wait_for(lambda line: line == "listening", timeout=10)
+        output = start_in(swarm, links, 0, CONNECTOR, links.address(1), "7")
+        median = float(output.wait_for(lambda line: line[0].isdigit(), timeout=10))
+    assert 0.09 <= median <= 0.11, f"a TCP connect took {median * 1e3:.1f} ms over a 100 ms RTT"
+
+
+@pytest.mark.timeout(30)
+def test_a_5_percent_loss_drops_4_to_6_percent_of_the_packets():
+    """10,000 packets, each lost with p = 0.05: 500 ± 22 (one standard deviation) lost; 400..600 is ± 4.6 sigma."""
+    sent = 10_000
+    with emulated_links(2, mbit=100.0, loss=0.05) as links, LocalSwarm() as swarm:
+        start_in(swarm, links, 1, UDP_RECEIVER, links.address(1)).wait_for(lambda line: line == "listening", timeout=10)
+        start_in(swarm, links, 0, UDP_SENDER, links.address(1), str(sent)).process.wait(timeout=15)
+
+        def accounted() -> bool:
+            a, b = links.counters(0), links.counters(1)
+            return a.sent_packets == sent and b.received_packets + a.lost_packets + b.lost_packets == sent
+
+        assert wait_until(accounted, timeout=5), (links.counters(0), links.counters(1))
+        a, b = links.counters(0), links.counters(1)
+    assert a.overflow_packets == b.overflow_packets == 0
+    assert 0.04 <= (a.lost_packets + b.lost_packets) / sent <= 0.06, (a, b)
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("senders", [1, 2], ids=["one-sender", "two-senders-share-the-receivers-ingress"])
-def test_a_transfer_takes_at_least_the_time_the_bandwidth_limit_implies(senders):
-    """5 MB at 20 Mbit/s takes >= 2 s; with two senders, the receiver's own ingress limit is what binds."""
-    mbit, total = 20, 5_000_000
-    with emulated_links(1 + senders, mbit=mbit) as links, LocalSwarm() as swarm:
-        receiver = subprocess.Popen(
-            [*links.exec_prefix(0), sys.executable, "-c", RECEIVER, links.address(0), str(senders)],
-            stdout=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        swarm.track(receiver)
-        output = ProcessOutput(receiver)
+@pytest.mark.parametrize(
+    "senders, rtt_ms", [(1, 20.0), (2, 0.0)], ids=["one-sender-20ms", "two-senders-share-the-receivers-downlink"]
+)
+def test_a_transfer_runs_at_the_configured_rate(senders, rtt_ms):
+    """4 MB at 20 Mbit/s arrive at 0.8-1.05x the rate; with two senders, the receiver's downlink is what binds.
+
+    Two senders run without delay: over 20 ms, when one flow ends the other's congestion window (CUBIC, sized for
+    half the link) takes a few hundred ms to fill the link alone, so the rate depends on when each one ends.
+    """
+    mbit, total = 20, 4_000_000
+    with emulated_links(1 + senders, mbit=mbit, rtt_ms=rtt_ms) as links, LocalSwarm() as swarm:
+        output = start_in(swarm, links, 0, RECEIVER, links.address(0), str(senders))
         output.wait_for(lambda line: line == "listening", timeout=20)
         for i in range(1, 1 + senders):
-            swarm.track(
-                subprocess.Popen(
-                    [*links.exec_prefix(i), sys.executable, "-c", SENDER, links.address(0), str(total // senders)],
-                    start_new_session=True,
-                )
-            )
+            start_in(swarm, links, i, SENDER, links.address(0), str(total // senders))
         received, seconds = map(float, output.wait_for(lambda line: line[0].isdigit(), timeout=40).split())
     assert received == total
-    implied = total * 8 / (mbit * 1e6)
-    assert seconds >= 0.8 * implied, f"{total} bytes took {seconds:.2f}s; {mbit} Mbit/s implies {implied:.2f}s"
+    rate = total * 8 / seconds / 1e6
+    assert 0.8 * mbit <= rate <= 1.05 * mbit, f"{total} bytes took {seconds:.2f}s: {rate:.1f} Mbit/s, not {mbit}"
 
 
 @pytest.mark.timeout(60)
@@ -94,22 +275,49 @@ def test_nothing_remains_after_the_context_exits_even_when_the_body_raises():
     before = root_links()
     with pytest.raises(KeyError):
         with emulated_links(3, mbit=10) as links:
-            names = [links.hub, *links.names]
+            names, switch = links.names, links._switch.process
             assert all(name in namespaces() for name in names)
+            assert root_links() == before  # nothing is ever created in the root namespace
             sleeper = subprocess.Popen([*links.exec_prefix(1), "sleep", "600"], start_new_session=True)
             raise KeyError("the body failed")
     assert not any(name in namespaces() for name in names)
-    assert root_links() == before  # nothing was ever created in the root namespace
+    assert root_links() == before
     assert sleeper.wait(timeout=10) != 0  # what still ran inside was killed, so the namespace really went
+    assert switch.poll() is not None  # the switch stopped, and its TUN devices went with it
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda sig: sig.name)
+def test_an_owner_stopped_by_a_signal_leaves_nothing_or_only_what_remove_stale_deletes(sig):
+    """SIGTERM and Ctrl-C clean up as an exception does; after SIGKILL the switch exits and remove_stale cleans."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        line = ProcessOutput(owner).wait_for(lambda line: NAME_PREFIX in line or "unavailable" in line, timeout=20)
+        if line.startswith("unavailable"):
+            pytest.skip(f"cannot emulate links here: {line}")
+        *names, switch, sleeper = line.split()
+        owner.send_signal(sig)
+        owner.wait(timeout=15)
+        assert wait_until(lambda: not alive(int(switch)), timeout=5), "the switch outlived its owner"
+        if sig == signal.SIGKILL:
+            assert all(name in namespaces() for name in names)
+            assert sorted(remove_stale()) == sorted(names)
+        assert not any(name in namespaces() for name in names)
+        assert wait_until(lambda: not alive(int(sleeper)), timeout=5), "a process in a namespace survived"
+    finally:
+        owner.kill()
+        owner.wait()
+        remove_stale()
 
 
 @pytest.mark.timeout(60)
 def test_no_namespace_remains_when_setup_fails_half_way():
     links = EmulatedLinks(2, mbit=10)
-    build = links._build
+    build, switches = links._build, []
 
     def build_then_fail() -> None:
         build()
+        switches.append(links._switch.process)
         raise ZeroDivisionError("setup failed after the links were made")
 
     links._build = build_then_fail
@@ -119,14 +327,15 @@ def test_no_namespace_remains_when_setup_fails_half_way():
         pytest.skip(f"cannot emulate links here: {e}")
     except ZeroDivisionError:
         pass
-    assert not any(name in namespaces() for name in [links.hub, *links.names])
+    assert not any(name in namespaces() for name in links.names)
+    assert all(switch.poll() is not None for switch in switches)
 
 
 @pytest.mark.timeout(60)
 def test_remove_stale_deletes_only_namespaces_of_dead_runs():
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = f"{NAME_PREFIX}-{dead.pid}-abcdef-hub"
+    stale = f"{NAME_PREFIX}-{dead.pid}-abcdef-0"
     try:
         subprocess.run(["ip", "netns", "add", stale], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError) as e:
