@@ -73,8 +73,11 @@ WORKER_ONLY = (
 )
 
 
-def hivemind_worker(args: argparse.Namespace) -> None:
-    """One ``hivemind.Optimizer`` peer: the CLI peer's training loop and evaluation, hivemind averaging."""
+def hivemind_worker(args: argparse.Namespace, evaluate_at_end: bool = False) -> None:
+    """One ``hivemind.Optimizer`` peer: the CLI peer's training loop and evaluation, hivemind averaging.
+
+    With ``evaluate_at_end``, the final record also holds the evaluation of the peer's model at the end.
+    """
     import hivemind
     import torch
     from hivemind.compression import Float16Compression
@@ -109,6 +112,8 @@ def hivemind_worker(args: argparse.Namespace) -> None:
             task.train_step(optimizer, next(batches))
             step += 1
         final = {"final": True, "step": step, "train_seconds": evaluation.train_seconds()}
+        if evaluate_at_end:
+            final.update(task.evaluate(task.model))
         metrics.write(json.dumps({**final, "epochs": optimizer.local_epoch}) + "\n")
     optimizer.shutdown()
     dht.shutdown()

@@ -2,8 +2,10 @@
 
 Rounds are slots of wall-clock time, so a peer whose clock is off by a few hundred milliseconds
 registers late, reads the round's participants before the others registered, and fails its
-rounds.  Each peer therefore measures its offset to a few live peers as NTP does (one request,
-``offset = their_time - (sent + received) / 2``, good to half the round trip) and runs its slots
+rounds.  Each peer therefore measures its offset to a few live peers as NTP does (a request,
+``offset = their_time - (sent + received) / 2``, good to half the round trip; of ``PINGS``
+requests it keeps the one with the shortest round trip, as NTP's clock filter does, since a
+reply queued behind a transfer or a busy event loop skews the others) and runs its slots
 on ``local clock + offset``, where the offset is the median of the peers' offsets *and its own
 zero*: peers that measure each other then agree on the median clock of the swarm (a lone skewed
 peer moves to the others' time, the others stay), and one peer with a wild clock cannot move
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import struct
 import time
@@ -29,6 +32,7 @@ from hivemind.utils import get_dht_time
 logger = logging.getLogger(__name__)
 
 WARN_OFFSET = 0.1  # seconds: beyond this, say that this machine's clock is off
+PINGS = 3  # requests per peer and estimate; the one with the shortest round trip counts
 _TIME = struct.Struct("!d")
 
 
@@ -57,39 +61,45 @@ class SwarmClock:
         return self.local() + self.offset
 
     async def serve(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer one request with our local clock (the requester sends one byte first)."""
+        """Answer each request (one byte) with our local clock, until the requester closes the stream
+        (it closes first: p2pd resets a stream whose local end closes, dropping a reply in flight)."""
         try:
-            await reader.readexactly(1)
-            writer.write(_TIME.pack(self.local()))
-            await writer.drain()
-            await reader.read(1)  # the requester closes first: p2pd resets a stream whose local end closes
+            for _ in range(PINGS):
+                await reader.readexactly(1)
+                writer.write(_TIME.pack(self.local()))
+                await writer.drain()
+            await reader.read(1)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         finally:
             writer.close()
 
     async def sample(self, p2p: P2P, run_id: str, peer: str, timeout: float) -> float | None:
-        """One NTP-style offset sample against ``peer``; None if it did not answer in time."""
-        writer = None
+        """The NTP-style offset to ``peer`` from its fastest of ``PINGS`` answers; None if it did not
+        answer in time or sent no finite time."""
+        writer, pings = None, []
         try:
             async with asyncio.timeout(timeout):
                 protocol = clock_protocol(run_id)
                 _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
-                sent, started = self.local(), time.perf_counter()
-                writer.write(b"?")
-                await writer.drain()
-                (theirs,) = _TIME.unpack(await reader.readexactly(_TIME.size))
-                round_trip = time.perf_counter() - started
+                for _ in range(PINGS):
+                    sent, started = self.local(), time.perf_counter()
+                    writer.write(b"?")
+                    await writer.drain()
+                    (theirs,) = _TIME.unpack(await reader.readexactly(_TIME.size))
+                    round_trip = time.perf_counter() - started
+                    if math.isfinite(theirs):
+                        pings.append((round_trip, theirs - (sent + round_trip / 2)))
         except Exception as e:  # unreachable, gone, or garbage: left out of the median
             logger.debug("no clock sample from %s: %r", peer, e)
-            return None
         finally:
             if writer is not None:
                 writer.close()
-        if not isinstance(theirs, float) or theirs != theirs:
+        if not pings:
             return None
+        round_trip, offset = min(pings)
         self.round_trips[peer] = round_trip
-        return theirs - (sent + round_trip / 2)
+        return offset
 
     async def estimate(self, p2p: P2P, run_id: str, peers: Iterable[str], timeout: float = 2.0) -> float:
         """Measure the offset to ``peers`` (concurrently) and adopt their median; returns the offset."""

@@ -11,9 +11,13 @@ Overlap: the round runs in the background while the inner steps go on (``GossipO
 so its result arrives a few steps late; the parameters become ``new anchor + (steps taken since
 the snapshot)``, so those steps are kept and enter the next pseudo-gradient, never counted twice.
 
-Compression: the pseudo-gradient goes through the run's codec with error feedback: what a codec
-drops (quantization error, the coordinates top-k left out) stays in a residual and is added to
-the next round's pseudo-gradient (as SparseLoCo does), so no progress is lost, only delayed.
+Compression: the pseudo-gradient goes through the run's codec with error feedback, but what a
+codec drops (quantization error, the coordinates top-k left out or the group's top-k mean did not
+return) is not reset to the anchor and kept in a hidden buffer, as SparseLoCo does: it stays in
+the parameters, ``params = new anchor - dropped``, so the next pseudo-gradient holds it again and
+the model keeps that local progress meanwhile (CHOCO-SGD's rule, as ``gossiptrain.wire`` does for
+parameter gossip).  Reset to the anchor, a 2% top-k chain lost most of a short run's progress: in a
+60 s char-LM run at 10 Mbit/s it ended at loss 3.23 against 2.77 for a peer training alone.
 
 Gossip, not all-reduce: a round needs only its group, and members of a group apply the same
 decoded mean, so peers that shared an anchor still share it.  Groups that average different
@@ -77,7 +81,7 @@ class OuterStrategy:
         self.outer = outer_optimizer(self.anchor_params)
         if not isinstance(self.outer, torch.optim.Optimizer):
             raise TypeError(f"outer_optimizer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
-        self.residual = torch.zeros(self.numel)  # error feedback of the pseudo-gradients
+        self.residual = torch.zeros(self.numel)  # what the exchange's codec dropped, folded into the parameters
 
     def _views(self, flat: torch.Tensor, requires_grad: bool = False) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -109,8 +113,9 @@ class OuterStrategy:
         mean = self.anchor - snapshot if alone else result.averaged
         self.outer_step(mean, held)
         moved = snapshot.clone()
-        for start, end in held:
-            moved[start:end] = self.anchor[start:end]
+        for start, end in held:  # what the codec dropped stays in the parameters, not in the residual
+            moved[start:end] = self.anchor[start:end] - self.residual[start:end]
+            self.residual[start:end] = 0.0
         return moved
 
     @torch.no_grad()

@@ -64,12 +64,19 @@ def test_a_slice_whose_owner_failed_keeps_the_anchor_momentum_and_parameters_the
     assert not torch.equal(strategy.anchor[:12], anchor[:12]) and torch.equal(after[:12], strategy.anchor[:12])
 
 
-def test_what_a_codec_drops_from_a_pseudo_gradient_is_sent_in_the_next_round():
+def test_what_a_codec_drops_from_a_pseudo_gradient_stays_in_the_parameters_for_the_next_round():
     anchor = torch.zeros(17)
     strategy = strategy_at(anchor, "topk:0.2")
-    pseudo_gradient = torch.arange(17.0)
-    contribution = strategy.contribution(anchor - pseudo_gradient, round_id=1)
-    assert contribution.residual is strategy.residual and torch.equal(contribution.values, pseudo_gradient)
+    snapshot = anchor - torch.arange(17.0)  # inner steps moved the parameters by -0..-16
+    contribution = strategy.contribution(snapshot, round_id=1)
+    assert contribution.residual is strategy.residual, "the exchange writes what the codec dropped there"
+    sent = torch.where(torch.arange(17) >= 13, contribution.values, torch.zeros(17))  # the top 4 went out
+    strategy.residual.copy_(contribution.values - sent)
+    after = strategy.combine(averaged(sent), snapshot, "outer")
+    assert torch.allclose(strategy.anchor, -1.9 * 0.7 * sent), "the anchor moves by the outer step on what was sent"
+    assert torch.equal(after, strategy.anchor - (contribution.values - sent)), "the rest stays in the parameters"
+    assert torch.equal(strategy.residual, torch.zeros(17))
+    assert torch.equal(strategy.contribution(after, round_id=1).values[:13], torch.arange(13.0)), "sent next round"
 
 
 @pytest.mark.timeout(180)
