@@ -59,7 +59,7 @@ The target, solo's steps/s and budget are per setting and repeat; repeats are in
 runs every setting and every system in order, then r + 1).  The machine's other load shifts every
 system: compare rows of one run.
 
-    python benchmarks/low_communication.py                       # 10 and 50 Mbit/s, 6 systems, 3 repeats (~75 min)
+    python benchmarks/low_communication.py             # 10 and 50 Mbit/s, 50 ms RTT, 6 systems, 3 repeats (~55 min)
     python benchmarks/low_communication.py --quick               # smoke run: 20 s, 50 Mbit/s, 1 repeat
     python benchmarks/low_communication.py --systems solo,outer --mbit 10 --outer-lr 1.0 --outer-momentum 0
 
@@ -106,7 +106,7 @@ METRICS = (
 UNSHAPED_MBIT = math.inf  # dp's unshaped links: EmulatedLinks without a rate limit
 STORE_PORT = 29500  # the torch.distributed store in namespace 0 (fresh namespaces: no other listener)
 SAMPLE_EVERY = 1.0  # seconds between samples of the link counters
-FULL = {"duration": 120.0, "repeats": 3, "mbit": [10.0, 50.0], "eval_every": 5.0, "inner_steps": 50}
+FULL = {"duration": 90.0, "repeats": 3, "mbit": [10.0, 50.0], "eval_every": 5.0, "inner_steps": 50}
 QUICK = {"duration": 20.0, "repeats": 1, "mbit": [50.0], "eval_every": 2.0, "inner_steps": 10}
 WORKER_ONLY = (
     "worker",
@@ -647,8 +647,8 @@ def main() -> None:
 
     parser.add_argument("--systems", type=names, default=list(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
     parser.add_argument("--mbit", type=numbers, default=None, help="link bandwidths, comma-separated (10,50)")
-    parser.add_argument("--rtt-ms", type=numbers, default=[0.0], help="round-trip times, comma-separated (0)")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of wall clock per swarm (120)")
+    parser.add_argument("--rtt-ms", type=numbers, default=[50.0], help="round-trip times, comma-separated (50)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of wall clock per swarm (90)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (3)")
     parser.add_argument("--baseline-repeats", type=int, default=1, help="repeats of dp and diloco (1)")
     parser.add_argument(
@@ -664,8 +664,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=float, default=None, help="seconds of training between evaluations (5)")
     parser.add_argument("--target-loss", type=float, default=None, help="fixed target (default: solo's final loss)")
     parser.add_argument("--inner-steps", type=int, default=None, help="H of diloco and outer (50)")
-    parser.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD learning rate of diloco and outer")
-    parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum (Nesterov if > 0)")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="outer SGD learning rate of diloco and outer")
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="outer SGD momentum (Nesterov if > 0)")
     parser.add_argument("--outer-codec", default="int8", help="the outer mode's codec for pseudo-gradients")
     parser.add_argument(
         "--outer-average-every",

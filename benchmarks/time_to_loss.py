@@ -1,7 +1,8 @@
 """Time to loss (issue 7): gossiptrain vs ``hivemind.Optimizer``, 4 peers on bandwidth-limited links.
 
 For each ``--mbit`` setting, ``EmulatedLinks`` puts a bootstrap node and ``--peers`` peers in network
-namespaces of their own, each behind a ``tbf`` link of that many Mbit/s per direction, and the two
+namespaces of their own, each behind a link of that many Mbit/s per direction and ``--rtt-ms`` of
+round-trip time (0 by default; the README's runs used 0, when the links were ``tbf`` veths), and the two
 systems train the char-LM (``charlm_task``: same model, same initial parameters, peer ``i`` draws
 its batches from seed ``i``, same per-peer batch size, Adam learning rate and one torch thread per
 peer) for ``--duration`` seconds each, one after the other:
@@ -294,9 +295,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 def run_setting(mbit: float, repeat: int, args: argparse.Namespace, workdir: Path) -> dict:
-    """Both systems, one after the other, over the same links of ``mbit`` Mbit/s."""
+    """Both systems, one after the other, over the same links of ``mbit`` Mbit/s and ``--rtt-ms``."""
     results = []
-    with EmulatedLinks(args.peers + 1, mbit=mbit) as links, LocalSwarm() as swarm:
+    with EmulatedLinks(args.peers + 1, mbit=mbit, rtt_ms=args.rtt_ms) as links, LocalSwarm() as swarm:
         argv = [sys.executable, "-m", "gossiptrain", "bootstrap", "--host-maddrs", links.maddr(0)]
         _, output = start_in(swarm, links, 0, argv)
         bootstrap = output.wait_for(lambda line: line.startswith("/ip4/"), timeout=60)
@@ -325,12 +326,19 @@ def run_setting(mbit: float, repeat: int, args: argparse.Namespace, workdir: Pat
                 flush=True,
             )
     compare(results)
-    return {"mbit": mbit, "repeat": repeat, "hivemind_epoch_steps": epoch_steps, "results": results}
+    return {
+        "mbit": mbit,
+        "rtt_ms": args.rtt_ms,
+        "repeat": repeat,
+        "hivemind_epoch_steps": epoch_steps,
+        "results": results,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mbit", type=float, nargs="+", default=[50.0, 10.0], help="link bandwidths, one run each")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time of every link (ms)")
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of training per swarm")
     parser.add_argument("--target-loss", type=float, default=2.6, help="validation loss to reach")
     parser.add_argument("--codec", default="int8", help="gossiptrain's codec")

@@ -241,8 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="average parameters 1 round in N, send deltas in the others (default: 10 for sparse codecs, 1 for dense)",
     )
     outer = peer.add_argument_group("outer mode (DiLoCo-style: average pseudo-gradients, then an outer SGD step)")
-    outer.add_argument("--outer-lr", type=float, default=None, help="outer learning rate; turns outer mode on")
-    outer.add_argument("--outer-momentum", type=float, default=0.9, help="outer SGD momentum (Nesterov)")
+    outer.add_argument(
+        "--outer-lr", type=float, default=None, help="outer learning rate (1.0 measured best); turns outer mode on"
+    )
+    outer.add_argument(
+        "--outer-momentum",
+        type=float,
+        default=0.0,
+        help="outer SGD momentum, Nesterov's (DiLoCo's paper: lr 0.7, momentum 0.9; at 1M params and short runs "
+        "momentum measured worse, benchmarks/README.md)",
+    )
     outer.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
     outer.add_argument("--inner-steps", type=int, default=None, metavar="H", help="at least H inner steps per round")
     outer.add_argument(
