@@ -363,7 +363,7 @@ class GossipOptimizer:
             logger.warning("averaging round crashed: %r", e)
             result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
         if result.status == "averaged" or (result.status == "alone" and self.strategy.steps_alone):
-            self._apply_delta(self.strategy.combine(result, self._snapshot, self._mode) - self._snapshot)
+            self._apply_round(result)
             self.rounds_done += result.status == "averaged"
         elif result.status == "failed":
             self.rounds_failed += 1
@@ -394,9 +394,12 @@ class GossipOptimizer:
             self.on_round(record)
         return record
 
-    def _apply_delta(self, delta: torch.Tensor) -> None:
+    def _apply_round(self, result: RoundResult) -> None:
+        """Move the strategy's state (reference, anchor, outer optimizer) and add ``after - snapshot`` to
+        the live parameters, together under the state lock: a joiner's snapshot sees both or neither."""
         offset = 0
         with self._state_lock, torch.no_grad():
+            delta = self.strategy.combine(result, self._snapshot, self._mode) - self._snapshot
             for p in self.params:
                 n = p.numel()
                 p.add_(delta[offset : offset + n].view_as(p).to(p.device, p.dtype))
