@@ -474,6 +474,9 @@ def summarize(report: dict, results: dict) -> None:
     report.update(per_run=per_run, summary=summary, summary_spread=spread)
 
 
+KEY = ("mbit", "rtt_ms", "system")
+
+
 def _median(values: list[float | None]) -> float | None:
     """The median, None (never reached, unknown) counting as larger than any number; None if that is the median."""
     ranked = sorted(math.inf if v is None else v for v in values)
@@ -563,6 +566,27 @@ def plot(report: dict, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_training_bytes(report: dict) -> None:
+    """Add ``training_bytes_per_peer_to_target`` to ``per_run`` and (medians) ``summary``: the bytes to the target
+    less what a peer's link had carried when its training started (the libp2p systems' start-up: DHT join and the
+    joiners' state download, which dp and diloco, started from one seed, never pay).  Reads only the JSON's
+    ``per_run`` and ``results`` (each peer's first evaluation, at training second 0, holds its link bytes then)."""
+    started = {
+        (r["mbit"], r["rtt_ms"], r["repeat"], r["system"]): statistics.fmean(
+            c[0][3] for c in r["curves_per_peer"].values()
+        )
+        for r in report["results"]
+        if r["system"] != "dp"
+    }
+    for run in report["per_run"]:
+        total = run["bytes_per_peer_to_target"]
+        start = started.get((run["mbit"], run["rtt_ms"], run["repeat"], run["system"]), 0.0)
+        run["training_bytes_per_peer_to_target"] = None if total is None else total - start
+    for entry in report["summary"]:
+        runs = [r for r in report["per_run"] if (r["mbit"], r["rtt_ms"], r["system"]) == tuple(entry[k] for k in KEY)]
+        entry["training_bytes_per_peer_to_target"] = _median([r["training_bytes_per_peer_to_target"] for r in runs])
+
+
 def write(report: dict, results: dict, out: Path) -> None:
     summarize(report, results)
     report["results"] = [
@@ -570,6 +594,7 @@ def write(report: dict, results: dict, out: Path) -> None:
         for (m, t, rep), run in results.items()
         for s, r in run.items()
     ]
+    add_training_bytes(report)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -5,7 +5,9 @@ registers late, reads the round's participants before the others registered, and
 rounds.  Each peer therefore measures its offset to a few live peers as NTP does (a request,
 ``offset = their_time - (sent + received) / 2``, good to half the round trip; of ``PINGS``
 requests it keeps the one with the shortest round trip, as NTP's clock filter does, since a
-reply queued behind a transfer or a busy event loop skews the others) and runs its slots
+reply queued behind a transfer or a busy event loop skews the others), shrinks it by half that round
+trip toward zero (``bounded_offset``: the true offset lies within it, so peers that share a clock are
+never "corrected" apart, however asymmetric their paths) and runs its slots
 on ``local clock + offset``, where the offset is the median of the peers' offsets *and its own
 zero*: peers that measure each other then agree on the median clock of the swarm (a lone skewed
 peer moves to the others' time, the others stay), and one peer with a wild clock cannot move
@@ -38,6 +40,12 @@ _TIME = struct.Struct("!d")
 
 def clock_protocol(run_id: str) -> str:
     return f"gossiptrain.{run_id}.clock"
+
+
+def bounded_offset(offset: float, round_trip: float) -> float:
+    """The smallest correction consistent with one NTP sample: the true offset lies within
+    ``offset +- round_trip / 2``, so 0 if that interval holds it, else its nearer end."""
+    return math.copysign(max(0.0, abs(offset) - round_trip / 2), offset)
 
 
 def swarm_offset(samples: Iterable[float]) -> float:
@@ -99,7 +107,7 @@ class SwarmClock:
             return None
         round_trip, offset = min(pings)
         self.round_trips[peer] = round_trip
-        return offset
+        return bounded_offset(offset, round_trip)
 
     async def estimate(self, p2p: P2P, run_id: str, peers: Iterable[str], timeout: float = 2.0) -> float:
         """Measure the offset to ``peers`` (concurrently) and adopt their median; returns the offset."""
