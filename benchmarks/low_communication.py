@@ -708,6 +708,9 @@ def main() -> None:
     parser.add_argument("--averaging-timeout", type=float, default=30.0, help="hivemind's averaging_timeout")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.png")
+    parser.add_argument(
+        "--resummarize", type=Path, metavar="JSON", help="add what newer versions derive to a saved result, print it"
+    )
     parser.add_argument("--worker", choices=[*TORCH_ONLY, "hivemind", "store"], help=argparse.SUPPRESS)
     for worker_arg in ("--run-id", "--host-maddr", "--initial-peer", "--master-addr", "--metrics-file", "--go-file"):
         parser.add_argument(worker_arg, help=argparse.SUPPRESS)
@@ -724,6 +727,11 @@ def main() -> None:
     if args.worker:
         return torch_worker(args)
 
+    if args.resummarize:
+        report = json.loads(args.resummarize.read_text())
+        add_training_bytes(report)
+        args.resummarize.write_text(json.dumps(report, indent=1) + "\n")
+        return print(table(report))
     if args.hivemind_epoch_steps is None:
         args.hivemind_epoch_steps = args.inner_steps
     if args.out is None:

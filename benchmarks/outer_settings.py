@@ -248,7 +248,7 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['config']:<24} failed: {r['error']}")
             continue
-        multi = r["workers"] > 1
+        multi = r["H"] > 0
         name = r["config"].replace("best", r["best_is"], 1) if "best_is" in r else r["config"]
         vs_solo = "-" if solo is None else f"{r['val_loss'] - solo:+.4f}"
         lines.append(
