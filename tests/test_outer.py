@@ -84,7 +84,8 @@ def test_a_joiner_copies_the_anchor_the_outer_momentum_and_the_inner_state():
     options = dict(outer_optimizer=nesterov(), run_id="outer-join", average_every=0.5, **PEER_OPTIONS)
     donor_model, joiner_model = mlp(0), mlp(1)
     with GossipOptimizer(torch.optim.Adam(donor_model.parameters(), lr=1e-2), **options) as donor:
-        while donor.last_round is None or donor.last_round.status != "alone":  # an outer step alone: momentum
+        while donor.last_round is None or (donor.last_round.status, donor.last_round.mode) != ("alone", "outer"):
+            # an outer step alone gives the outer optimizer momentum (an anchor-sync round would not)
             train(donor, donor_model, 1)
         train(donor, donor_model, 3)  # and inner steps since that anchor
         joiner_inner = torch.optim.Adam(joiner_model.parameters(), lr=1e-3)
