@@ -56,10 +56,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import datetime
 import io
 import json
+import math
 import multiprocessing
 import os
 import pstats
@@ -72,6 +74,7 @@ from pathlib import Path
 import torch
 from environment import machine_info
 
+from gossiptrain.netns import EmulatedLinks, enter_namespace
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_time.json"
@@ -144,6 +147,8 @@ def gossiptrain_peer(
     options: dict,
 ) -> dict:
     torch.set_num_threads(1)
+    if options["namespaces"]:
+        enter_namespace(options["namespaces"][index + 1])
     return asyncio.run(_gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_id, sync, options))
 
 
@@ -155,7 +160,7 @@ async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_
     async with Peer(
         run_id,
         initial_peers=initial_peers,
-        host_maddrs=[LOOPBACK],
+        host_maddrs=[options["host_maddrs"][index]],
         target_group_size=num_peers,
         round_interval=options["round_interval"],
     ) as peer:
@@ -236,7 +241,9 @@ def hivemind_peer(
     # and averager are processes.  They stay in this child's session, so LocalSwarm still kills them.
     multiprocessing.current_process()._config["daemon"] = False
     multiprocessing.set_start_method("fork", force=True)  # a spawned child inherits "spawn"; hivemind needs fork
-    dht = hivemind.DHT(start=True, initial_peers=initial_peers, host_maddrs=[LOOPBACK])
+    if options["namespaces"]:
+        enter_namespace(options["namespaces"][index + 1])
+    dht = hivemind.DHT(start=True, initial_peers=initial_peers, host_maddrs=[options["host_maddrs"][index]])
     tensor = torch.zeros(numel)
     averager = DecentralizedAverager(
         averaged_tensors=[tensor],
@@ -302,12 +309,23 @@ def run_swarm(system: str, num_peers: int, numel: int, args: argparse.Namespace,
         "request_timeout": args.request_timeout,
         "step_timeout": args.step_timeout,
         "profile_path": str(profile_path) if profile_path else None,
+        "namespaces": None,
+        "host_maddrs": [LOOPBACK] * num_peers,
     }
     name = f"bench{os.getpid()}x{num_peers}x{numel}x{int(time.time())}"
     target = gossiptrain_peer if system == "gossiptrain" else hivemind_peer
     started = time.monotonic()
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
+    with contextlib.ExitStack() as stack:
+        swarm = stack.enter_context(LocalSwarm())
+        if args.rtt_ms > 0:  # namespace 0: the bootstrap node; i + 1: peer i
+            links = stack.enter_context(EmulatedLinks(num_peers + 1, mbit=args.mbit or math.inf, rtt_ms=args.rtt_ms))
+            options["namespaces"] = links.names
+            options["host_maddrs"] = [links.maddr(i + 1) for i in range(num_peers)]
+            bootstrap = [sys.executable, "-m", "gossiptrain", "bootstrap", "--host-maddrs", links.maddr(0)]
+            _, output = swarm.start([*links.exec_prefix(0), *bootstrap])
+            swarm.initial_peers = [output.wait_for(lambda line: line.startswith("/ip4/"), timeout=30)]
+        else:
+            swarm.start_bootstrap()
         sessions = {process.pid for process in swarm._popen}
         sync = Sync(swarm.context, num_peers)
         for index in range(num_peers):
@@ -442,6 +460,8 @@ def main() -> None:
     parser.add_argument("--min-matchmaking-time", type=float, default=1.5)
     parser.add_argument("--request-timeout", type=float, default=1.0)
     parser.add_argument("--step-timeout", type=float, default=30.0, help="hivemind step(timeout=...)")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="run over EmulatedLinks with this RTT (0: loopback)")
+    parser.add_argument("--mbit", type=float, default=None, help="with --rtt-ms: each peer's link rate (default: none)")
     parser.add_argument("--profile", action="store_true", help="cProfile gossiptrain peer 0 (slows it down)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()

@@ -10,6 +10,8 @@ shard whose owner failed keeps the member's own values.  Nothing here touches th
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,30 +21,66 @@ from gossiptrain.codecs import BLOCK
 from gossiptrain.groups import group_digest
 
 
-def shard_bounds(numel: int, num_shards: int, align: int = 1) -> list[tuple[int, int]]:
-    """Split ``range(numel)`` into ``num_shards`` contiguous, nearly equal slices that start at
-    multiples of ``align``."""
-    edges = [numel * i // num_shards // align * align for i in range(num_shards)] + [numel]
+def shard_bounds(
+    numel: int, num_shards: int, align: int = 1, sizes: Sequence[float] | None = None
+) -> list[tuple[int, int]]:
+    """Split ``range(numel)`` into ``num_shards`` contiguous slices that start at multiples of
+    ``align``: nearly equal, or in proportion to ``sizes`` (one positive number per shard)."""
+    shares = [1.0] * num_shards if sizes is None else [float(x) for x in sizes]
+    if len(shares) != num_shards or not all(math.isfinite(x) and x > 0 for x in shares):
+        raise ValueError(f"sizes must be {num_shards} positive numbers, got {sizes!r}")
+    cumulative = [sum(shares[:i]) / sum(shares) for i in range(num_shards)]
+    edges = [0] + [round(numel * c) // align * align for c in cumulative[1:]] + [numel]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def straggler_quorum(expected: int) -> int:
+    """How many of ``expected`` transfers must be done before the rest get a straggler deadline: half,
+    rounded up (at least one)."""
+    return max(1, (expected + 1) // 2)
+
+
+SLOW_REDUCER = 0.25  # a member below this share of its group's fastest bandwidth reduces no shard
 
 
 @dataclass(frozen=True)
 class GroupPlan:
-    """Who is in the group, who reduces which shard, and the digest that names the group."""
+    """Who is in the group, who reduces which shard, and the digest that names the group.
+
+    ``bandwidths`` (Mbit/s, for the members that declared one) sizes the shards as hivemind's load
+    balancing does: a reducer's shard is in proportion to its bandwidth (members that declared none
+    count as the median of those that did), and a member below ``SLOW_REDUCER`` of the fastest
+    reduces nothing, so that a slow link carries only its own slices.  Every member computes the
+    plan from the same round records, so all agree on it.
+    """
 
     run_id: str
     round_id: int
     members: tuple[str, ...]
     reducers: tuple[str, ...]
     numel: int
+    shard_sizes: tuple[float, ...] | None = None
 
     @classmethod
     def build(
-        cls, run_id: str, round_id: int, members: list[str], numel: int, clients: frozenset[str] = frozenset()
+        cls,
+        run_id: str,
+        round_id: int,
+        members: list[str],
+        numel: int,
+        clients: frozenset[str] = frozenset(),
+        bandwidths: dict[str, float] | None = None,
     ) -> GroupPlan:
         members = sorted(members)
         reducers = [peer for peer in members if peer not in clients]
-        return cls(run_id, round_id, tuple(members), tuple(reducers), numel)
+        known = {peer: bw for peer, bw in (bandwidths or {}).items() if peer in reducers and bw > 0}
+        if not known or len(set(known.values())) == 1:
+            return cls(run_id, round_id, tuple(members), tuple(reducers), numel)
+        typical = statistics.median(known.values())
+        speed = {peer: known.get(peer, typical) for peer in reducers}
+        reducers = [peer for peer in reducers if speed[peer] >= SLOW_REDUCER * max(speed.values())]
+        sizes = tuple(speed[peer] for peer in reducers)
+        return cls(run_id, round_id, tuple(members), tuple(reducers), numel, sizes)
 
     @property
     def digest(self) -> str:
@@ -51,7 +89,7 @@ class GroupPlan:
     def shards(self) -> dict[str, tuple[int, int]]:
         """Shards start at a codec block, so a value falls in the same block whatever the group:
         a quantizer then gives back what agreeing peers hold (``codecs._Blockwise``)."""
-        return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers), align=BLOCK)))
+        return dict(zip(self.reducers, shard_bounds(self.numel, len(self.reducers), BLOCK, self.shard_sizes)))
 
 
 def check_hello(
@@ -80,22 +118,96 @@ def check_hello(
     return None
 
 
-class ShardReduction:
-    """Weighted mean of one shard over the contributions that arrived whole.
+@dataclass(frozen=True)
+class Defences:
+    """How owners and members bound what a hostile group member can do in one round (on by default).
 
-    Sums in float32, in place: a group's few contributions lose ~1e-7 relative to a float64 sum,
-    and the shard is never copied to a wider dtype (tens of MB per round for a large model).
+    Args:
+        clip: CenteredClip (Karimireddy et al., 2021; BTARD, Gorbunov et al., 2022) around the owner's
+            own values: a contribution farther from them than ``clip`` times the median distance of the
+            contributions counts only up to that radius.  Unclipped, the result is the weighted mean.
+        weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
+        mean_check: a member refuses an owner's mean whose distance from its own values, relative to
+            their size, exceeds ``mean_check`` times the round's median over its shards (plus
+            ``MEAN_CHECK_FLOOR``): it keeps its own values there and counts the owner as hostile.
+        None for any of them turns that defence off; ``Defences.off()`` turns all off (a plain mean).
+
+    What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
+    hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
+    distance, over the group's total weight; while fewer than half of a member's shards have hostile
+    owners, a shifted mean larger than ``mean_check`` times the typical one is refused.  Not covered: a
+    group of two (the median is the hostile one), a majority of hostile members, slow drift below the bounds.
     """
 
-    def __init__(self, own_values: torch.Tensor, own_weight: float):
-        self._sum = own_values.float() * own_weight
-        self.total_weight = own_weight
-        self.contributors = 0
+    clip: float | None = 2.0
+    weight_cap: float | None = 10.0
+    mean_check: float | None = 5.0
+
+    @classmethod
+    def off(cls) -> Defences:
+        return cls(None, None, None)
+
+
+DEFAULT_DEFENCES = Defences()
+MEAN_CHECK_FLOOR = 1e-3  # relative distance a mean may always have from a member's values (quantization, drift)
+
+
+def relative_distance(mean: torch.Tensor, own: torch.Tensor) -> float:
+    """``|mean - own| / |own|`` (L2, float64 sums; 0/0 counts as 0)."""
+    scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
+    distance = torch.linalg.vector_norm(mean - own, dtype=torch.float64).item()
+    return distance / scale if scale > 0 else (0.0 if distance == 0 else math.inf)
+
+
+def outlying_means(distances: dict[Any, float], defences: Defences) -> set[Any]:
+    """The shards (keys) whose mean is too far from a member's values for ``defences.mean_check``."""
+    if defences.mean_check is None or len(distances) < 2:
+        return set()
+    limit = defences.mean_check * statistics.median_low(distances.values()) + MEAN_CHECK_FLOOR
+    return {key for key, distance in distances.items() if distance > limit}
+
+
+class ShardReduction:
+    """Robust weighted mean of one shard over the contributions that arrived whole (``Defences``).
+
+    Keeps the contributions until the mean is taken (the clip radius depends on all of them), in
+    float32; the result is the owner's values plus the clipped, weighted mean of the differences.
+    """
+
+    def __init__(self, own_values: torch.Tensor, own_weight: float, defences: Defences = DEFAULT_DEFENCES):
+        self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
+        self._contributions: list[tuple[torch.Tensor, float]] = []
+        self.clipped = 0
+
+    @property
+    def contributors(self) -> int:
+        return len(self._contributions)
 
     def add(self, values: torch.Tensor, weight: float) -> None:
-        self._sum.add_(values, alpha=weight)
-        self.total_weight += weight
-        self.contributors += 1
+        self._contributions.append((values, weight))
+
+    def _weights(self) -> list[float]:
+        claimed = [self._own_weight] + [weight for _, weight in self._contributions]
+        if self.defences.weight_cap is None:
+            return claimed
+        cap = self.defences.weight_cap * statistics.median_low(claimed)
+        return [min(weight, cap) for weight in claimed]
+
+    @property
+    def total_weight(self) -> float:
+        return sum(self._weights())
 
     def mean(self) -> torch.Tensor:
-        return self._sum / self.total_weight
+        weights = self._weights()
+        total = sum(weights)
+        differences = [values - self._own for values, _ in self._contributions]
+        scales = [1.0] * len(differences)
+        if self.defences.clip is not None and differences:
+            norms = [torch.linalg.vector_norm(d, dtype=torch.float64).item() for d in differences]
+            radius = self.defences.clip * statistics.median_low(norms)
+            scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
+            self.clipped = sum(scale < 1.0 for scale in scales)
+        mean = self._own.clone()
+        for difference, weight, scale in zip(differences, weights[1:], scales):
+            mean.add_(difference, alpha=weight * scale / total)
+        return mean

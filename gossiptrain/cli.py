@@ -1,4 +1,4 @@
-"""The ``gossiptrain`` command: bootstrap | peer | status | demo."""
+"""The ``gossiptrain`` command: bootstrap | peer | status | demo | auth."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import signal
 import sys
 import time
 
-from gossiptrain.metrics import PeriodicEvaluation, RoundRecord, write_jsonl
-from gossiptrain.peer import DaemonStartError, dialable_first
+from gossiptrain.addresses import check_initial_peer
+from gossiptrain.dashboard import Column, Dashboard
+from gossiptrain.errors import DaemonStartError
 
 DEFAULT_RUN_ID = "gossiptrain-demo"
 DEFAULT_HOST = "/ip4/0.0.0.0/tcp/0"  # every interface: other machines of the LAN can dial us
@@ -24,9 +25,22 @@ def _print(*lines: str) -> None:
         print(line, flush=True)
 
 
+def _initial_peer(text: str) -> str:
+    """argparse's type for ``--initial-peers``: a bad address is refused before torch and hivemind are imported."""
+    try:
+        return check_initial_peer(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--initial-peers", nargs="*", default=[], metavar="MADDR", help="multiaddr of any live peer of the swarm"
+        "--initial-peers",
+        nargs="*",
+        default=[],
+        type=_initial_peer,
+        metavar="MADDR",
+        help="multiaddr of any live peer of the swarm",
     )
     parser.add_argument(
         "--host-maddrs",
@@ -54,17 +68,20 @@ async def _until_signalled() -> None:
 
 async def _bootstrap(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
-    from hivemind.p2p import P2P, P2PDaemonError
 
-    try:
-        p2p = await P2P.create(
-            initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
-        )
-    except P2PDaemonError as e:
-        raise DaemonStartError(
-            f"the libp2p daemon (p2pd) failed to start: {e}; check --host-maddrs, --announce-maddrs and --initial-peers"
-        ) from e
-    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers)
+    from gossiptrain.auth import Identity
+    from gossiptrain.membership import SignedRecords
+    from gossiptrain.peer import dialable_first, start_daemon
+
+    identity = Identity.load_or_create(args.identity) if args.identity else None  # an Ed25519 file, never RSA
+    p2p = await start_daemon(
+        args.initial_peers,
+        args.host_maddrs,
+        args.announce_maddrs,
+        identity_path=args.identity,
+        check_if_identity_free=False,
+    )
+    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers, record_validator=SignedRecords(identity))
     try:
         maddrs = dialable_first([str(m) for m in await p2p.get_visible_maddrs()])
         _print(*maddrs, f"peers join with: gossiptrain peer --initial-peers {maddrs[0]}")
@@ -99,11 +116,14 @@ def _outer_options(args: argparse.Namespace) -> dict:
 def cmd_peer(args: argparse.Namespace) -> None:
     import torch
 
+    from gossiptrain.metrics import PeriodicEvaluation, RoundRecord, write_jsonl
     from gossiptrain.optimizer import GossipOptimizer
-    from gossiptrain.tasks import TASKS
+    from gossiptrain.tasks import TASKS, load_task
 
     torch.set_num_threads(args.threads)
-    task = TASKS[args.example]()
+    if args.module:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's package in this directory is importable
+    task = load_task(args.module) if args.module else TASKS[args.example]()
     metrics = open(args.metrics_file, "a") if args.metrics_file else None
 
     def on_round(record: RoundRecord) -> None:
@@ -124,6 +144,9 @@ def cmd_peer(args: argparse.Namespace) -> None:
         codec=args.codec,
         sync_every=args.sync_every,
         client_mode=args.client_mode,
+        identity_path=args.identity,
+        credential=args.credential,
+        bandwidth_mbit=args.bandwidth_mbit,
         **_outer_options(args),
     )
     with optimizer:
@@ -168,8 +191,9 @@ def cmd_peer(args: argparse.Namespace) -> None:
             "startup_seconds": optimizer.startup_seconds,
             "train_seconds": train_seconds,
         }
+        accuracy = f"accuracy {result['accuracy']:.4f} " if "accuracy" in result else ""
         _print(
-            f"final: accuracy {result['accuracy']:.4f} loss {result['loss']:.4f} after {step} steps, "
+            f"final: {accuracy}loss {result['loss']:.4f} after {step} steps, "
             f"{optimizer.rounds_done} rounds averaged, {optimizer.rounds_failed} failed"
         )
         if args.save_model:
@@ -179,37 +203,142 @@ def cmd_peer(args: argparse.Namespace) -> None:
             metrics.close()
 
 
-async def _status(args: argparse.Namespace) -> list[tuple[str, dict]]:
+STATUS_COLUMNS = [
+    Column("peer", 54, left=True),
+    Column("step", 7),
+    Column("loss", 8),
+    Column("rounds", 7),  # averaging rounds since the peer started
+    Column("age", 7),  # of the peer's membership record
+    Column("startup", 8),
+    Column("client", 6),
+]
+
+
+def _status_rows(peers: list[tuple[str, dict]], now: float) -> list[list[str]]:
+    rows = []
+    for peer, info in peers:
+        loss = "n/a" if info.get("loss") is None else f"{info['loss']:.4f}"
+        age = "n/a" if info.get("time") is None else f"{max(0.0, now - info['time']):.1f}s"
+        startup = "n/a" if info.get("startup_seconds") is None else f"{info['startup_seconds']:.2f}s"
+        client = "yes" if info.get("client") else "no"
+        rows.append([peer, str(info.get("step", 0)), loss, str(info.get("rounds", 0)), age, startup, client])
+    return rows
+
+
+async def _status(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
-    from hivemind.p2p import P2P
 
-    from gossiptrain.membership import Membership
+    from gossiptrain.membership import Membership, SignedRecords
+    from gossiptrain.peer import start_daemon
 
-    p2p = await P2P.create(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, no_listen=True)
-    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers, client_mode=True)
+    p2p = await start_daemon(args.initial_peers, args.host_maddrs, no_listen=True)
     try:
-        return sorted((await Membership(dht, args.run_id, "status").live_peers()).items())
+        dht = await DHTNode.create(
+            p2p=p2p, initial_peers=args.initial_peers, client_mode=True, record_validator=SignedRecords()
+        )
+        try:
+            membership = Membership(dht, args.run_id, "status")
+            with Dashboard(STATUS_COLUMNS) as dashboard:
+                while True:
+                    peers = sorted((await membership.live_peers()).items())
+                    dashboard.show(f"run {args.run_id!r}: {len(peers)} live peers", _status_rows(peers, time.time()))
+                    if args.watch is None:
+                        return
+                    await asyncio.sleep(args.watch)
+        finally:
+            await dht.shutdown()
     finally:
-        await dht.shutdown()
         await p2p.shutdown()
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    peers = asyncio.run(_status(args))
-    _print(f"run {args.run_id!r}: {len(peers)} live peers")
-    _print(f"{'peer':<54} {'step':>7} {'loss':>8} {'rounds':>7} {'last round':>11} {'startup':>8} {'client':>6}")
-    for peer, info in peers:
-        loss = "n/a" if info.get("loss") is None else f"{info['loss']:.4f}"
-        step, rounds, last = info.get("step", 0), info.get("rounds", 0), str(info.get("last_round"))
-        startup = "n/a" if info.get("startup_seconds") is None else f"{info['startup_seconds']:.2f}s"
-        client = "yes" if info.get("client") else "no"
-        _print(f"{peer:<54} {step:>7} {loss:>8} {rounds:>7} {last:>11} {startup:>8} {client:>6}")
+    if args.watch is not None and not args.watch > 0:
+        raise ValueError(f"--watch must be a positive number of seconds, got {args.watch}")
+    asyncio.run(_status(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from gossiptrain.demo import run_demo
 
     run_demo(num_peers=args.peers, steps=args.steps, codec=args.codec)
+
+
+def _guarded_io(function):
+    """Run ``function``; an unreadable or unwritable file is a CredentialError (one line, no traceback)."""
+    from gossiptrain.auth import CredentialError
+
+    try:
+        return function()
+    except FileExistsError as e:
+        raise CredentialError(f"{e.filename} exists already: keys and identities are never overwritten") from None
+    except OSError as e:
+        raise CredentialError(f"{e.filename}: {e.strerror}") from None
+
+
+def cmd_auth_keygen(args: argparse.Namespace) -> None:
+    import base64
+
+    from gossiptrain.auth import AuthorityKey
+
+    key = AuthorityKey.generate()
+    _guarded_io(lambda: key.save(args.out))
+    _print(
+        f"run authority key written to {args.out} (keep it secret, off the peers' machines)",
+        f"public key: {base64.b64encode(key.public_bytes).decode()}",
+    )
+
+
+def cmd_auth_identity(args: argparse.Namespace) -> None:
+    from gossiptrain.auth import Identity
+
+    _print(_guarded_io(lambda: Identity.load_or_create(args.out)).peer_id)
+
+
+def cmd_auth_issue(args: argparse.Namespace) -> None:
+    from gossiptrain.auth import AuthorityKey
+
+    if not args.days > 0:
+        raise ValueError(f"--days must be positive, got {args.days}")
+    key = _guarded_io(lambda: AuthorityKey.load(args.key))
+    certificate = key.issue(args.peer_id, args.run_id, time.time() + args.days * 86400)
+    _guarded_io(lambda: certificate.save(args.out))
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(certificate.expires))
+    _print(f"certificate for peer {args.peer_id} in run {args.run_id!r} until {expires} written to {args.out}")
+
+
+def _auth_parser(commands) -> None:
+    auth = commands.add_parser(
+        "auth",
+        help="keys and certificates of a private run",
+        description="A private run admits only peers with a certificate of its authority: create the authority "
+        "key once (keygen), an identity per peer (identity), and a certificate per peer id (issue); then start "
+        "each peer with --identity and --credential.",
+    )
+    actions = auth.add_subparsers(dest="action", required=True)
+    keygen = actions.add_parser("keygen", help="create a run authority key (Ed25519)")
+    keygen.add_argument("--out", required=True, metavar="FILE", help="where to write the key (never overwritten)")
+    keygen.set_defaults(func=cmd_auth_keygen)
+    identity = actions.add_parser(
+        "identity", help="create a peer identity file (if missing) and print its peer id, for `auth issue`"
+    )
+    identity.add_argument("--out", required=True, metavar="FILE", help="the identity file (pass it to --identity)")
+    identity.set_defaults(func=cmd_auth_identity)
+    issue = actions.add_parser("issue", help="issue a certificate admitting one peer id to one run")
+    issue.add_argument("--key", required=True, metavar="FILE", help="the run authority key (from `auth keygen`)")
+    issue.add_argument("--peer-id", required=True, help="the peer id that `auth identity` printed (12D3KooW...)")
+    issue.add_argument("--run-id", required=True)
+    issue.add_argument("--days", type=float, default=30.0, help="days until the certificate expires (default: 30)")
+    issue.add_argument("--out", required=True, metavar="FILE", help="the certificate file (pass it to --credential)")
+    issue.set_defaults(func=cmd_auth_issue)
+
+
+def _identity_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--identity",
+        default=None,
+        metavar="FILE",
+        help="libp2p identity file, created if missing: the peer id (and address) then persists across restarts",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,12 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     bootstrap = commands.add_parser("bootstrap", help="run a DHT-only node that peers can join through")
     _network_args(bootstrap)
+    _identity_arg(bootstrap)
     bootstrap.set_defaults(func=cmd_bootstrap)
 
-    peer = commands.add_parser("peer", help="run a training peer on an example task")
+    peer = commands.add_parser("peer", help="run a training peer on an example task or your own (--module)")
     _network_args(peer)
     peer.add_argument("--run-id", default=DEFAULT_RUN_ID)
-    peer.add_argument("--example", default="digits", choices=["digits", "charlm"])
+    _identity_arg(peer)
+    peer.add_argument(
+        "--credential",
+        default=None,
+        metavar="FILE",
+        help="certificate of a private run for this peer's --identity (from `gossiptrain auth issue`): the peer "
+        "then admits only peers with a certificate of the same authority",
+    )
+    task = peer.add_mutually_exclusive_group()
+    task.add_argument("--example", default="digits", choices=["digits", "charlm"], help="an example task")
+    task.add_argument(
+        "--module",
+        default=None,
+        metavar="PKG.MOD:FACTORY",
+        help="train your own model: FACTORY() returns a gossiptrain.Task (model, batches, loss, evaluate); "
+        "PKG.MOD is imported from this directory or the Python path",
+    )
     peer.add_argument("--steps", type=int, default=0, help="local steps before finishing (0: train until interrupted)")
     peer.add_argument("--duration", type=float, default=0, help="seconds of training before finishing (0: no limit)")
     peer.add_argument("--batch-size", type=int, default=32)
@@ -234,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
     peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
     peer.add_argument("--codec", default="none", help="e.g. none, fp16, int8, int4, topk:0.01+int8, randomk:0.01+int8")
+    peer.add_argument(
+        "--bandwidth-mbit",
+        type=float,
+        default=None,
+        help="this peer's link speed: groups size its shard by it (a far slower peer reduces none)",
+    )
     peer.add_argument(
         "--sync-every",
         type=int,
@@ -284,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the live peers of a run")
     _network_args(status)
     status.add_argument("--run-id", default=DEFAULT_RUN_ID)
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="show the table again every SECONDS (default: 2) until interrupted; redrawn in place in a terminal",
+    )
     status.set_defaults(func=cmd_status)
 
     demo = commands.add_parser("demo", help="train digits with a local swarm of peers")
@@ -291,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=3000)
     demo.add_argument("--codec", default="none")
     demo.set_defaults(func=cmd_demo)
+
+    _auth_parser(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from gossiptrain.dashboard import Column, Dashboard
 from gossiptrain.testing import LocalSwarm
 
 
@@ -30,19 +31,33 @@ def parameter_spread(state_dicts: list[dict[str, torch.Tensor]]) -> float:
     return spread([torch.cat([t.flatten().double() for t in sd.values()]) for sd in state_dicts])
 
 
-def _table(records: dict[int, list[dict]]) -> str:
-    rows = [f"{'peer':>4} {'step':>6} {'round':>11} {'status':>9} {'group':>5} {'loss':>8} {'MiB sent':>9}"]
+DEMO_COLUMNS = [
+    Column("peer", 4),
+    Column("step", 8),
+    Column("rounds", 6),
+    Column("averaged", 8),
+    Column("status", 9),
+    Column("group", 5),
+    Column("loss", 8),
+    Column("MiB sent", 9),
+]
+
+
+def _rows(records: dict[int, list[dict]]) -> list[list[str]]:
+    """One row per peer: its step, rounds since it started (and how many averaged), its last round, loss, MiB sent."""
+    rows = []
     for index, recs in sorted(records.items()):
         rounds = [r for r in recs if "round" in r]
-        if rounds:
-            r = rounds[-1]
-            loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
-            sent = sum(x["bytes_sent"] for x in rounds) / 2**20
-            status = f"{r['round']:>11} {r['status']:>9} {r['group_size']:>5}"
-            rows.append(f"{index:>4} {r['step']:>6} {status} {loss:>8} {sent:>9.2f}")
-        else:
-            rows.append(f"{index:>4} {'starting':>6}")
-    return "\n".join(rows)
+        if not rounds:
+            rows.append([str(index), "starting"])
+            continue
+        last = rounds[-1]
+        averaged = sum(r["status"] == "averaged" for r in rounds)
+        loss = "n/a" if last["loss"] is None else f"{last['loss']:.4f}"
+        sent = sum(r["bytes_sent"] for r in rounds) / 2**20
+        row = [index, last["step"], len(rounds), averaged, last["status"], last["group_size"], loss, f"{sent:.2f}"]
+        rows.append([str(value) for value in row])
+    return rows
 
 
 def run_demo(
@@ -60,10 +75,12 @@ def run_demo(
             )[0]
             for i in range(num_peers)
         ]
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in peers) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            print(_table({i: read_records(work / f"peer{i}.jsonl") for i in range(num_peers)}) + "\n", flush=True)
+        started = time.monotonic()
+        with Dashboard(DEMO_COLUMNS) as dashboard:
+            while any(p.poll() is None for p in peers) and time.monotonic() < started + timeout:
+                time.sleep(1.0)
+                title = f"{num_peers} peers training digits, {time.monotonic() - started:.0f}s"
+                dashboard.show(title, _rows({i: read_records(work / f"peer{i}.jsonl") for i in range(num_peers)}))
         finals = [
             next((r for r in read_records(work / f"peer{i}.jsonl") if r.get("final")), None) for i in range(num_peers)
         ]

@@ -4,7 +4,12 @@ The stream from contributor ``i`` to owner ``j`` carries, in order: HELLO, ``i``
 ``j`` as PART frames, then from ``j`` back to ``i``: RESULT and the averaged shard as PART frames
 (or a REJECT).  Failure semantics: a slice that does not arrive whole within the timeouts is left
 out of the owner's mean (weights renormalised); an averaged shard that does not arrive whole is
-replaced by the peer's own values.  A round in which no shard was combined with another peer's
+replaced by the peer's own values.  Stragglers: once half the transfers a peer waits for are done,
+the rest get ``Timeouts.straggler_grace`` of the time that took: an owner then reduces without the
+late slices (their senders still receive the mean, marked late: their data is left out of this
+round, their values stay in step with the group), and a member gives up on the late means (keeping
+its own values there).  One slow link so costs its group a bounded share of its round time, not its
+pace.  A round in which no shard was combined with another peer's
 data reports ``status="alone"`` or ``"failed"``, never ``"averaged"``.
 
 Compression: contributors encode their slices with the round's codec and error feedback (what
@@ -30,7 +35,16 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
-from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello
+from gossiptrain.allreduce import (
+    DEFAULT_DEFENCES,
+    Defences,
+    GroupPlan,
+    ShardReduction,
+    check_hello,
+    outlying_means,
+    relative_distance,
+    straggler_quorum,
+)
 from gossiptrain.codecs import Codec, CodecError, NonFiniteValues, get_codec
 from gossiptrain.transport import (
     ByteCounter,
@@ -92,12 +106,23 @@ class Timeouts:
         join: opening a stream to a group member / waiting for an expected member's first frame.
         part: the next frame of a stream that has started.
         result: an owner's averaged shard, counted from the end of our upload.
+        straggler_grace: once half the transfers a peer waits for in a round are done, the others get
+            this fraction of the time that took (at least ``straggler_min`` seconds) before they are
+            left out; None waits for every transfer until its own timeout.
     """
 
     matchmaking: float = 2.0
     join: float = 3.0
     part: float = 3.0
     result: float = 10.0
+    straggler_grace: float | None = 0.5
+    straggler_min: float = 0.5
+
+    def straggler_deadline(self, started: float, now: float) -> float | None:
+        """When the transfers still pending at ``now`` are left out (loop time), or None for never."""
+        if self.straggler_grace is None:
+            return None
+        return now + max(self.straggler_grace * (now - started), self.straggler_min)
 
 
 @dataclass
@@ -164,9 +189,10 @@ class RoundExchange:
         rejections: Rejections,
         residual: torch.Tensor | None = None,
         mode: str = "params",
+        defences: Defences = DEFAULT_DEFENCES,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
-        self.rejections, self.mode = rejections, mode
+        self.rejections, self.mode, self.defences = rejections, mode, defences
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
@@ -174,23 +200,41 @@ class RoundExchange:
         self._shards = plan.shards()
         self._own_shard = self._shards.get(me)
         self._targets: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
-        self._reduction = ShardReduction(self._own_contribution(), weight) if self._own_shard else None
+        self._reduction = ShardReduction(self._own_contribution(), weight, defences) if self._own_shard else None
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes]] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
         self._replies: list[asyncio.Future[None]] = []
+        self._loop_started = asyncio.get_running_loop().time()
 
     async def run(self) -> RoundResult:
         started = time.perf_counter()
         averaged = self.values.clone()
-        uploads = [self._contribute(owner, bounds) for owner, bounds in self._shards.items() if owner != self.me]
-        outcomes = await asyncio.gather(self._reduce_own_shard(), *uploads)
-        combined = []
+        own = asyncio.create_task(self._reduce_own_shard())
+        uploads = {
+            asyncio.create_task(self._contribute(owner, bounds)): owner
+            for owner, bounds in self._shards.items()
+            if owner != self.me
+        }
+        try:
+            await self._wait_or_leave_out(uploads)
+            outcomes = await asyncio.gather(own, *uploads, return_exceptions=True)
+        finally:
+            for task in (own, *uploads):
+                task.cancel()
+        means = {}
         for outcome in outcomes:
+            if isinstance(outcome, asyncio.CancelledError):
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
             if outcome is not None:
-                (start, end), values = outcome
-                averaged[start:end] = values
-                combined.append((start, end))
+                bounds, values = outcome
+                means[bounds] = values
+        self._refuse_outlying_means(means)
+        combined = sorted(means)
+        for start, end in combined:
+            averaged[start:end] = means[(start, end)]
         if self._replies:
             await asyncio.wait(self._replies, timeout=self.timeouts.result)
         status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
@@ -199,7 +243,7 @@ class RoundExchange:
             status,
             list(self.plan.members),
             averaged,
-            sorted(combined),
+            combined,
             len(self._shards),
             self.counter.sent,
             self.counter.received,
@@ -211,19 +255,15 @@ class RoundExchange:
         """Wait for the other members' slices of our shard, then publish the weighted mean."""
         if self._reduction is None:
             return None
-        waiting = list(self._expected.values())
-        if waiting:
-            _, not_joined = await asyncio.wait(waiting, timeout=self.timeouts.join)
-            for peer, future in self._expected.items():
-                if future in not_joined and peer not in self._joined:
-                    future.set_result(False)
-                    self.errors.append(f"{peer} did not send its slice of our shard within join={self.timeouts.join}s")
-            await asyncio.wait(waiting)
+        await self._await_contributions()
         if not self._reduction.contributors:
             self._mean.set_result(None)
             self._undo_error_feedback(self._own_shard)
             return None
         mean = self._reduction.mean()
+        if self._reduction.clipped:
+            self.rejections["clipped"] += self._reduction.clipped
+            self.errors.append(f"clipped {self._reduction.clipped} contribution(s) to our shard (CenteredClip)")
         codec = self.codec.for_mean(self._reduction.contributors + 1, _union_fraction(mean))
         payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
         self._mean.set_result((codec.name, payloads))
@@ -233,6 +273,64 @@ class RoundExchange:
         self._keep_what_was_not_returned(self._own_shard, decoded)
         self._keep_what_the_mean_rounded_off(mean, decoded)
         return self._own_shard, decoded
+
+    def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> None:
+        """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
+        those shards keep our own values, as though their owner had failed."""
+        distances = {
+            bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
+        }
+        owners = {bounds: owner for owner, bounds in self._shards.items()}
+        for bounds in outlying_means(distances, self.defences) - {self._own_shard}:
+            detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
+            self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
+            self.errors.append(f"refused {owners[bounds]}'s mean: {detail}")
+            self._undo_error_feedback(bounds)
+            del means[bounds]
+
+    async def _wait_or_leave_out(self, uploads: dict[asyncio.Task, str]) -> None:
+        """Wait for our uploads' means; once half of them are back, the rest get the straggler deadline,
+        after which they are cancelled (``_contribute`` then keeps our own values there).  Our own
+        shard is not among them: an owner's mean comes one transfer after its slices, ours before."""
+        loop = asyncio.get_running_loop()
+        pending, cutoff = set(uploads), None
+        quorum = straggler_quorum(len(uploads))
+        while pending:
+            timeout = None if cutoff is None else max(0.0, cutoff - loop.time())
+            _, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if cutoff is None and len(uploads) - len(pending) >= quorum:
+                cutoff = self.timeouts.straggler_deadline(self._loop_started, loop.time())
+            if pending and cutoff is not None and loop.time() >= cutoff:
+                for task in pending:
+                    self.errors.append(
+                        f"left out {uploads[task]}'s shard: its mean was not back by the straggler deadline"
+                    )
+                    task.cancel()
+                return
+
+    async def _await_contributions(self) -> None:
+        """Wait for the other members' slices of our shard.  A member that has not sent its HELLO
+        within ``join`` is left out; once half are in, the rest are left out at the straggler deadline
+        (``handle_contribution`` still reads them and replies with the mean, marked late)."""
+        loop = asyncio.get_running_loop()
+        join_by, cutoff = loop.time() + self.timeouts.join, None
+        quorum = straggler_quorum(len(self._expected))
+        while pending := [future for future in self._expected.values() if not future.done()]:
+            deadlines = [t for t in (cutoff, join_by if set(self._expected) - self._joined else None) if t is not None]
+            timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
+            await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            now = loop.time()
+            if cutoff is None and sum(f.done() for f in self._expected.values()) >= quorum:
+                cutoff = self.timeouts.straggler_deadline(self._loop_started, now)
+            for peer, future in self._expected.items():
+                if future.done():
+                    continue
+                if peer not in self._joined and now >= join_by:
+                    future.set_result(False)
+                    self.errors.append(f"{peer} did not send its slice of our shard within join={self.timeouts.join}s")
+                elif cutoff is not None and now >= cutoff:
+                    future.set_result(False)
+                    self.errors.append(f"left out {peer}'s slice of our shard: not in by the straggler deadline")
 
     def _own_contribution(self) -> torch.Tensor:
         """Our values for our own shard, through the codec like everyone else's: a mean of sparse
@@ -249,8 +347,6 @@ class RoundExchange:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         future = self._expected.get(sender)
         refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name, self.mode)
-        if refusal is None and future is not None and future.done():
-            refusal = "late", "this shard was already reduced"
         if refusal is None and self._reduction is None:
             refusal = "not_in_group", "we reduce no shard in this round"
         if refusal is not None:
@@ -261,19 +357,22 @@ class RoundExchange:
         try:
             values = await _receive_tensor(reader, end - start, self.codec, self.counter, self.timeouts.part)
         except EXCHANGE_ERRORS as e:
-            future.set_result(False)
+            if not future.done():
+                future.set_result(False)
             await self._refuse(writer, sender, classify(e), f"slice dropped: {e!r}")
             return
-        self._reduction.add(values, float(hello["weight"]))
+        late = future.done()  # left out at the straggler (or join) deadline while it was on its way
         replied = asyncio.get_running_loop().create_future()
-        self._replies.append(replied)
-        future.set_result(True)
+        if not late:
+            self._reduction.add(values, float(hello["weight"]))
+            self._replies.append(replied)  # the round waits for these replies, not for late ones
+            future.set_result(True)
         try:
             mean = await self._mean
             if mean is not None:
                 spec, payloads = mean
                 async with asyncio.timeout(self._sending_time(len(payloads) * PART_NUMEL)):
-                    message = {"round_id": self.plan.round_id, "codec": spec}
+                    message = {"round_id": self.plan.round_id, "codec": spec, "late": late}
                     await write_message(writer, FrameKind.RESULT, message, self.counter)
                     await _send_payloads(writer, payloads, self.counter)
                 if not await close_after_peer(reader, writer, self.timeouts.part):
@@ -390,10 +489,15 @@ class RoundExchange:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
             else:
                 mean = await self._receive_mean(owner, message, reader, end - start)
+                if message.get("late"):
+                    self.errors.append(f"{owner} left our slice out (late): we take the group's mean without it")
                 self._keep_what_was_not_returned(bounds, mean)
                 return bounds, mean
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")
+        except asyncio.CancelledError:
+            self._undo_error_feedback(bounds)
+            raise
         finally:
             if writer is not None:
                 writer.close()

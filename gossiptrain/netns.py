@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 NAME_PREFIX = "gtnet"
 DEFAULT_SUBNET = "10.47.0.0/24"
+CLONE_NEWNET = 0x40000000
 DEVICE = "eth0"  # each namespace's TUN device
 TXQUEUELEN = 10_000  # packets a TUN device holds for the switch: a TCP burst waits there instead of being dropped
 
@@ -160,6 +161,15 @@ def _open_tun_in(namespace: str) -> int:
             )
         raise RuntimeError(f"cannot create a TUN device in {namespace}: {error}")
     return result["fd"]
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling process into network namespace ``name`` (``setns``): for a ``multiprocessing``
+    child that cannot be started with ``EmulatedLinks.exec_prefix``; what it starts afterwards (a
+    libp2p daemon) is in the namespace too."""
+    with open(f"/run/netns/{name}") as namespace:
+        if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot enter network namespace {name}")
 
 
 class EmulatedLinks:

@@ -141,21 +141,30 @@ class OuterStrategy:
         state = self.outer.state.get(param, {})
         return [param.data, *(t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape)]
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a joiner needs: the anchor and the outer optimizer's state (not the residual, which is
-        this peer's own unsent progress)."""
-        return {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
+    def state_dict(self, own: bool = False) -> dict[str, Any]:
+        """What a joiner needs: the anchor and the outer optimizer's state; with ``own`` (this peer's
+        checkpoint) also the residual, this peer's own unsent progress."""
+        state = {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
+        if own:
+            state["residual"] = self.residual.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer.load_state_dict(state["outer_optimizer"])
         self.anchor.copy_(state["anchor"])
-        self.residual.zero_()
+        if "residual" in state:
+            self.residual.copy_(state["residual"])
+        else:
+            self.residual.zero_()
 
     def check_state(self, state: Any) -> None:
         """Raise ValueError if ``state`` (from another peer) cannot be loaded here."""
-        anchor = state.get("anchor") if isinstance(state, dict) else None
-        if not isinstance(anchor, torch.Tensor) or anchor.shape != (self.numel,) or anchor.dtype != torch.float32:
-            raise ValueError(f"the outer state's anchor should be {self.numel} float32 values")
+        if not isinstance(state, dict):
+            raise ValueError(f"the outer state should be a dict, got {type(state).__name__}")
+        for key in ("anchor", "residual") if "residual" in state else ("anchor",):
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != (self.numel,) or value.dtype != torch.float32:
+                raise ValueError(f"the outer state's {key} should be {self.numel} float32 values")
         groups = (
             state["outer_optimizer"].get("param_groups") if isinstance(state.get("outer_optimizer"), dict) else None
         )

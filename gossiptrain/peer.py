@@ -9,10 +9,13 @@ participants when it starts, computes its group (``groups``) and runs the exchan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,33 +24,26 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
-from gossiptrain.allreduce import GroupPlan
+from gossiptrain.addresses import malformed_initial_peer
+from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences, GroupPlan
+from gossiptrain.auth import Admission, Certificate, CredentialError, Identity
 from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
+from gossiptrain.errors import DaemonStartError, InitialPeersError, ModelMismatchError
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
-from gossiptrain.membership import Membership
+from gossiptrain.membership import Membership, SignedRecords
 from gossiptrain.state import StateProvider, StateServer, state_protocol
+from gossiptrain.timing import RoundTiming
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message, write_message
 
 logger = logging.getLogger(__name__)
 
 
-class InitialPeersError(ConnectionError):
-    """None of the initial peers could be reached."""
-
-
-class ModelMismatchError(ValueError):
-    """Another peer of the same run trains a model of a different shape."""
-
-
-class DaemonStartError(RuntimeError):
-    """The libp2p daemon could not start (e.g. an address in host_maddrs that this machine cannot bind)."""
-
-
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
+CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -60,16 +56,65 @@ def dialable_first(maddrs: Sequence[str]) -> list[str]:
 
 
 def _checked_maddr(text: str) -> str:
+    """``text`` if hivemind parses it as a multiaddr naming its peer; else ``malformed_initial_peer``'s ValueError."""
     try:
         complete = "p2p" in Multiaddr(text)
     except Exception:
         complete = False
     if not complete:
-        raise ValueError(
-            f"initial peer {text!r} is not a full multiaddr such as /ip4/192.0.2.1/tcp/31337/p2p/12D3KooW...: "
-            f"copy the address that the peer or `gossiptrain bootstrap` printed"
-        )
+        raise malformed_initial_peer(text)
     return text
+
+
+async def start_daemon(
+    initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] | None = None, **options
+) -> P2P:
+    """Start a libp2p daemon (hivemind's ``P2P.create`` with ``options``) that dials ``initial_peers``.
+
+    Raises:
+        InitialPeersError: none of ``initial_peers`` answered (the message names them and what to check).
+        DaemonStartError: the daemon failed otherwise, e.g. on an address in ``host_maddrs`` it cannot bind.
+    """
+    try:
+        return await P2P.create(
+            initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), announce_maddrs=announce_maddrs, **options
+        )
+    except P2PDaemonError as e:
+        if initial_peers and "bootstrap" in str(e):
+            raise InitialPeersError(
+                f"no peer answered at {', '.join(initial_peers)}: is the address right "
+                f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
+            ) from None
+        raise DaemonStartError(
+            f"the libp2p daemon (p2pd) failed to start: {e}; check that host_maddrs {list(host_maddrs)} "
+            f"are addresses of this machine with free ports (or port 0), and announce_maddrs "
+            f"{announce_maddrs} name explicit ports"
+        ) from e
+
+
+def _load_credential(credential: Certificate | str | os.PathLike | None) -> Certificate | None:
+    if credential is None or isinstance(credential, Certificate):
+        return credential
+    try:
+        return Certificate.load(credential)
+    except OSError as e:
+        raise CredentialError(f"cannot read the certificate file {os.fspath(credential)!r}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def _identity_file(identity: Identity, path: str | os.PathLike | None) -> Iterator[str]:
+    """A file holding ``identity`` for the daemon to read at start: ``path`` itself, or a private temporary one."""
+    if path is not None:
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="gossiptrain-identity-") as folder:
+        identity.save(os.path.join(folder, "identity.key"))
+        yield os.path.join(folder, "identity.key")
+
+
+def _declared_mbit(record: dict | None) -> bool:
+    mbit = (record or {}).get("mbit")
+    return isinstance(mbit, (int, float)) and math.isfinite(mbit) and mbit > 0
 
 
 class Peer:
@@ -100,6 +145,19 @@ class Peer:
         heartbeat_ttl: seconds a membership record lives without refresh.
         clock: this machine's clock (seconds since the epoch); slots run on the swarm's median clock,
             estimated against live peers at start and every ``CLOCK_REFRESH`` seconds (``gossiptrain.clock``).
+        bandwidth_mbit: this peer's link speed, if known: groups then give it a shard in proportion to it,
+            and none at all if it is far slower than the others (``allreduce.GroupPlan``).  Without it, a
+            slow peer is still bounded by the straggler deadline (``Timeouts.straggler_grace``).
+        defences: robust averaging against hostile group members (``allreduce.Defences``, on by default);
+            ``Defences.off()`` takes plain weighted means.
+        identity_path: this peer's libp2p identity file (``gossiptrain.auth.Identity``; created there if missing),
+            so that its peer id persists across restarts; None for a new identity every start.
+        credential: for a private run, this peer's certificate (a ``gossiptrain.auth.Certificate`` or the path of
+            its file), issued by the run's authority for the peer id of ``identity_path``.  The peer then admits
+            only peers with a certificate of the same authority: it leaves every other peer's membership and
+            round records out of its view and refuses their streams (averaging, state download, clock), each
+            refusal counted in ``rejections`` (``uncredentialed_<kind>``), the first per peer and kind logged.
+            None for an open run.
     """
 
     exchange_class = RoundExchange  # gossiptrain.testing swaps in a misbehaving one
@@ -120,7 +178,13 @@ class Peer:
         model_schema: str | None = None,
         heartbeat_ttl: float = 6.0,
         clock: Callable[[], float] = get_dht_time,
+        bandwidth_mbit: float | None = None,
+        identity_path: str | os.PathLike | None = None,
+        credential: Certificate | str | os.PathLike | None = None,
+        defences: Defences = DEFAULT_DEFENCES,
     ):
+        if bandwidth_mbit is not None and not (math.isfinite(bandwidth_mbit) and bandwidth_mbit > 0):
+            raise ValueError(f"bandwidth_mbit must be a positive number of Mbit/s, got {bandwidth_mbit!r}")
         if not run_id or "." in run_id:
             raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
         self.run_id, self.initial_peers = run_id, [_checked_maddr(str(m)) for m in initial_peers]
@@ -129,8 +193,20 @@ class Peer:
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
-        self.model_schema, self.heartbeat_ttl = model_schema, heartbeat_ttl
+        self.model_schema, self.heartbeat_ttl, self.bandwidth_mbit = model_schema, heartbeat_ttl, bandwidth_mbit
         self.clock = SwarmClock(clock)
+        self.defences = defences
+        self.timing = RoundTiming()
+        self.identity_path, self.credential = identity_path, _load_credential(credential)
+        if self.credential is not None and identity_path is None:
+            raise CredentialError(
+                f"a credential admits one peer id ({self.credential.peer_id}): pass identity_path (--identity), the "
+                f"identity file it was issued for"
+            )
+        self.identity: Identity | None = None  # loaded or created by start()
+        self.admission = None if self.credential is None else Admission(run_id, self.credential.authority)
+        self._credential_lookup: asyncio.Task | None = None
+        self._credential_lookup_at = -math.inf
         self.protocol = f"gossiptrain.{run_id}.allreduce"
         self.info: dict[str, Any] = {}
         self.p2p: P2P | None = None
@@ -167,34 +243,50 @@ class Peer:
     async def start(self) -> None:
         """Start the libp2p daemon, join the DHT and the run; sets ``startup_seconds``."""
         started = time.perf_counter()
-        try:
-            self.p2p = await P2P.create(
-                initial_peers=self.initial_peers,
-                host_maddrs=self.host_maddrs,
-                announce_maddrs=self.announce_maddrs,
-                no_listen=self.client_mode,
-            )
-        except P2PDaemonError as e:
-            if self.initial_peers and "bootstrap" in str(e):
-                raise InitialPeersError(
-                    f"no peer answered at {', '.join(self.initial_peers)}: is the address right "
-                    f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
+        self.identity = Identity.load_or_create(self.identity_path) if self.identity_path else Identity.generate()
+        if self.credential is not None:
+            try:
+                self.credential.check(self.identity.peer_id, self.run_id, self.credential.authority, time.time())
+            except CredentialError as e:
+                raise CredentialError(
+                    f"this peer's own credential does not admit it ({e}): ask the run's authority for a certificate "
+                    f"for peer {self.identity.peer_id} (`gossiptrain auth issue --peer-id {self.identity.peer_id} "
+                    f"--run-id {self.run_id} ...`)"
                 ) from None
-            raise DaemonStartError(
-                f"the libp2p daemon (p2pd) failed to start: {e}; check that host_maddrs {self.host_maddrs} "
-                f"are addresses of this machine with free ports (or port 0), and announce_maddrs "
-                f"{self.announce_maddrs} name explicit ports"
-            ) from e
+        with _identity_file(self.identity, self.identity_path) as identity_path:
+            self.p2p = await start_daemon(
+                self.initial_peers,
+                self.host_maddrs,
+                self.announce_maddrs,
+                no_listen=self.client_mode,
+                identity_path=identity_path,
+                check_if_identity_free=False,  # hivemind's check reads RSA identities only
+            )
         try:
             self.dht = await DHTNode.create(
-                p2p=self.p2p, initial_peers=self.initial_peers, client_mode=self.client_mode
+                p2p=self.p2p,
+                initial_peers=self.initial_peers,
+                client_mode=self.client_mode,
+                record_validator=SignedRecords(self.identity),
             )
             suffix = Multiaddr(f"/p2p/{self.peer_id}")
             self._listen_maddrs = [str(Multiaddr(m).decapsulate(suffix)) for m in await self.maddrs()]
-            self.membership = Membership(self.dht, self.run_id, self.peer_id, self.heartbeat_ttl)
+            self.membership = Membership(
+                self.dht,
+                self.run_id,
+                self.peer_id,
+                self.heartbeat_ttl,
+                credential=None if self.credential is None else self.credential.to_bytes(),
+                admission=self.admission,
+                rejections=self.rejections,
+            )
             if not self.client_mode:  # no one can dial a client, and no one is meant to
-                await self.p2p.add_binary_stream_handler(self.protocol, self._handle_stream)
-                await self.p2p.add_binary_stream_handler(clock_protocol(self.run_id), self.clock.serve)
+                handle_stream = self._admitted_only("allreduce", self._handle_stream)
+                await self.p2p.add_binary_stream_handler(self.protocol, handle_stream)
+                serve_clock = self._admitted_only("clock", self.clock.serve, reject=False)
+                await self.p2p.add_binary_stream_handler(clock_protocol(self.run_id), serve_clock)
+            if self.admission is not None:  # others check our certificate in it before they answer our streams
+                await self.membership.publish(self._record())
             await self._check_model_schema()
             await self.estimate_clock()
             self._heartbeat = asyncio.create_task(self.membership.heartbeat(self._record))
@@ -223,7 +315,64 @@ class Peer:
                 logger.warning("could not announce leaving (peers will see us expire): %r", e)
         await self._shutdown_transport()
 
+    def _admitted_only(self, kind: str, handler: Callable, *, reject: bool = True) -> Callable:
+        """``handler`` in an open run; in a private run, ``handler`` for peers with a valid certificate only.
+
+        The remote peer id of a stream is the one libp2p authenticated; a refused stream is answered with a
+        REJECT frame (if ``reject``), closed, and counted as ``uncredentialed_<kind>``.
+        """
+        if self.admission is None:
+            return handler
+
+        async def handler_if_admitted(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sender = info.peer_id.to_base58()
+            if await self._has_credential(sender):
+                return await handler(info, reader, writer)
+            detail = f"{kind} stream refused: no valid certificate of run {self.run_id!r} in its DHT records"
+            self.admission.count_refusal(self.rejections, f"uncredentialed_{kind}", sender, "?", detail)
+            if not reject:
+                return writer.close()
+            reason = f"run {self.run_id!r} is private: join with a certificate of its authority (--credential)"
+            try:
+                await write_message(writer, FrameKind.REJECT, {"reason": reason}, ByteCounter())
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                await close_after_peer(reader, writer, self.timeouts.part)
+
+        return handler_if_admitted
+
+    async def _has_credential(self, peer: str) -> bool:
+        """Whether ``peer`` has shown a valid certificate in its DHT records.  One that we have not seen yet
+        (a joiner) is looked up in the members' records: one read at a time, at most one per
+        ``CREDENTIAL_LOOKUP_INTERVAL`` for all, shared by the streams that wait for it (within ``join``)."""
+        if self.admission.admitted(peer):
+            return True
+        loop = asyncio.get_running_loop()
+        if self._credential_lookup is None or self._credential_lookup.done():
+            delay = max(0.0, self._credential_lookup_at + CREDENTIAL_LOOKUP_INTERVAL - loop.time())
+            self._credential_lookup_at = loop.time() + delay
+            self._credential_lookup = asyncio.create_task(self._read_credentials(delay))
+        try:
+            async with asyncio.timeout(self.timeouts.join):
+                await asyncio.shield(self._credential_lookup)
+        except Exception as e:  # the peer stays unknown and is refused; it may try again
+            logger.debug("could not read the members' credentials: %r", e)
+        return self.admission.admitted(peer)
+
+    async def _read_credentials(self, delay: float) -> None:
+        """Read the members' records after ``delay`` seconds: ``Admission`` caches the certificates in them."""
+        await asyncio.sleep(delay)
+        try:
+            await self.membership.live_peers()
+        except Exception as e:  # the peers waiting for it are refused; they may try again
+            logger.debug("could not read the members' credentials: %r", e)
+
     async def _shutdown_transport(self) -> None:
+        if self._credential_lookup is not None:
+            self._credential_lookup.cancel()
+            await asyncio.gather(self._credential_lookup, return_exceptions=True)
+            self._credential_lookup = None
         if self.dht is not None:
             await self.dht.shutdown()
             self.dht = None
@@ -249,7 +398,8 @@ class Peer:
         if self.state_server is not None:
             raise RuntimeError("this peer already serves its state")
         server = self.state_server_class(provider, self.run_id, self.timeouts, **options)
-        await self.p2p.add_binary_stream_handler(state_protocol(self.run_id), server.handle)
+        handle = self._admitted_only("state", server.handle)
+        await self.p2p.add_binary_stream_handler(state_protocol(self.run_id), handle)
         self.state_server = server
         await self.publish_info()
 
@@ -348,8 +498,8 @@ class Peer:
     def next_round_id(self, lead: float | None = None) -> int:
         """The first round slot that starts at least ``lead`` seconds from now.
 
-        The default lead (time to register in the DHT) is half a slot, at most 0.5 s: a round
-        that ends in the first half of slot ``r`` then takes part in slot ``r + 1``.  A lead of a
+        The default lead (``registration_lead``, the time to register in the DHT) is at most half a
+        slot: a round that ends in the first half of slot ``r`` then takes part in slot ``r + 1``.  A lead of a
         whole slot or more would make every peer skip every other slot, and peers that started in
         slots of different parity would never meet.
         """
@@ -358,8 +508,9 @@ class Peer:
 
     @property
     def registration_lead(self) -> float:
-        """How long before a slot starts a peer registers for it: half a slot, at most 0.5 s."""
-        return min(0.5, self.round_interval / 2)
+        """How long before a slot starts a peer registers for it: twice its slowest recent DHT
+        registration, at least 0.5 s, at most half a slot (``timing.RoundTiming``)."""
+        return self.timing.registration_lead(self.round_interval)
 
     async def average(
         self,
@@ -388,9 +539,13 @@ class Peer:
         round_id = self.next_round_id() if round_id is None else round_id
         start = self.round_start(round_id)
         record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
+        if self.bandwidth_mbit is not None:
+            record["mbit"] = self.bandwidth_mbit
         try:
+            registering = time.perf_counter()
             async with asyncio.timeout(self.timeouts.matchmaking):
                 await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
+            registration_s = time.perf_counter() - registering
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not register for the round in the DHT")
         if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
@@ -412,7 +567,10 @@ class Peer:
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
         if self.client_mode:
             clients |= {self.peer_id}
-        plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients)
+        bandwidths = {peer: participants[peer]["mbit"] for peer in members if _declared_mbit(participants.get(peer))}
+        if self.bandwidth_mbit is not None:  # what we registered, even if our own read missed it
+            bandwidths[self.peer_id] = self.bandwidth_mbit
+        plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients, bandwidths)
         if self.client_mode and set(plan.reducers) - self._connected:
             await self._dial(await self.membership.live_peers())
         if not plan.reducers:
@@ -431,6 +589,7 @@ class Peer:
             self.rejections,
             residual,
             mode,
+            self.defences,
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():
@@ -442,6 +601,7 @@ class Peer:
             self._exchanges.pop(round_id, None)
             self._forget_old_rounds(round_id)
         result.seconds, result.participants = time.perf_counter() - started, len(compatible)
+        self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
 
     def _failed(self, round_id: int, snapshot: torch.Tensor, reason: str) -> RoundResult:

@@ -194,7 +194,10 @@ class FaultyExchange(RoundExchange):
     as a machine that dies in the middle of an exchange; ``die_before`` does so as the round starts,
     after registering for it, so that the others fail to dial it.  Use both only in a
     ``LocalSwarm.spawn`` child.  ``slow_reader`` uploads correctly and reads the reply a second
-    late, as a starved process does.
+    late, as a starved process does; ``slow_uploader`` sends its HELLO at once and its values
+    ``SLOW_UPLOAD_SECONDS`` later, as a peer on a slow link does.  Hostile but well-formed: ``huge``
+    sends its values times 1e4, ``heavy`` its values plus 1 with a weight of 1e9, and
+    ``shifted_mean`` (an owner: use it with ``client_mode=False``) returns its shard's mean plus 1.
     """
 
     fault = "nan"
@@ -212,7 +215,18 @@ class FaultyExchange(RoundExchange):
         "die",
         "die_before",
         "slow_reader",
+        "slow_uploader",
+        "huge",
+        "heavy",
+        "shifted_mean",
     )
+    SLOW_UPLOAD_SECONDS = 2.0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.fault == "shifted_mean" and self._reduction is not None:
+            honest_mean = self._reduction.mean
+            self._reduction.mean = lambda: honest_mean() + 1.0
 
     async def run(self) -> RoundResult:
         if self.fault == "die_before":
@@ -230,6 +244,7 @@ class FaultyExchange(RoundExchange):
                 "stale_round": {"round_id": hello["round_id"] - 5},
                 "wrong_run": {"run_id": "another-run"},
                 "not_in_group": {"sender": "12D3KooWNotAMemberOfThisGroupxxxxxxxxxxxxxxxxxxxxx"},
+                "heavy": {"weight": 1e9},
             }.get(self.fault, {})
         )
         await write_message(writer, FrameKind.HELLO, hello, self.counter)
@@ -248,6 +263,12 @@ class FaultyExchange(RoundExchange):
             return await writer.drain()
         elif self.fault == "stall":
             return await asyncio.sleep(3600)
+        elif self.fault == "huge":
+            values = values * 1e4
+        elif self.fault == "heavy":
+            values = values + 1.0
+        elif self.fault == "slow_uploader":
+            await asyncio.sleep(self.SLOW_UPLOAD_SECONDS)
         elif self.fault == "die":
             payloads = self.payloads(start, end)
             for payload in payloads[: max(1, len(payloads) // 2)]:

@@ -1,14 +1,17 @@
-"""A peer's training state as a joiner copies it: captured under the state lock, checked, loaded.
+"""A peer's training state as a joiner or a restarted peer copies it: captured under the state lock, checked, loaded.
 
 The state holds the parameters, the local optimizer's state dict (its hyperparameters too, e.g.
-a scheduled learning rate), the step counter and the round strategy's own state (the outer
-optimizer's anchor and momentum in outer mode).  ``check`` runs before anything is loaded, so a
-state that does not fit leaves the joiner as it was.
+a scheduled learning rate), the scheduler's state where there is one, the step counter and the
+round strategy's own state (the outer optimizer's anchor and momentum in outer mode).  A
+checkpoint (``own=True``) holds this peer's private part of the strategy's state too (its
+reference and residuals), and the attachment adds the model's buffers and its round counters.
+``check`` runs before anything is loaded, so a state that does not fit leaves the peer as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,22 +40,32 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def capture(
-    params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, local_step: int, strategy: Any, extra: dict
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    local_step: int,
+    strategy: Any,
+    extra: dict,
+    scheduler: Any | None = None,
+    own: bool = False,
 ) -> dict[str, Any]:
-    """Copies of everything a joiner needs (call it under the lock that guards the training step)."""
-    return {
+    """Copies of everything a joiner needs, or with ``own`` this peer's checkpoint (call it under the
+    lock that guards the training step)."""
+    state = {
         "params": [p.detach().to("cpu", copy=True) for p in params],
         "optimizer": _copied(optimizer.state_dict()),
         "local_step": local_step,
-        "strategy": _copied(strategy.state_dict()),
+        "strategy": _copied(strategy.state_dict(own=own)),
         "extra": extra,
     }
+    if scheduler is not None:
+        state["scheduler"] = _copied(scheduler.state_dict())
+    return state
 
 
 def check(
     state: dict[str, Any], params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, strategy: Any
 ) -> None:
-    """Raise ValueError if a downloaded state cannot be loaded here."""
+    """Raise ValueError if a downloaded state (or a checkpoint) cannot be loaded here."""
     theirs_params, theirs_optimizer, local_step = state.get("params"), state.get("optimizer"), state.get("local_step")
     if not isinstance(theirs_params, list) or len(theirs_params) != len(params):
         raise ValueError(f"expected a list of {len(params)} parameters, got {type(theirs_params).__name__}")
@@ -70,18 +83,30 @@ def check(
     if theirs != ours:
         raise ValueError(f"the optimizer's parameter groups hold {theirs} parameters, ours {ours}")
     strategy.check_state(state.get("strategy"))
+    if not isinstance(state.get("scheduler", {}), dict):
+        raise ValueError(f"the scheduler's state should be a dict, got {type(state['scheduler']).__name__}")
     tensors = [*theirs_params, *_tensors(theirs_optimizer), *_tensors(state.get("strategy"))]
     if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
         raise ValueError("the state holds NaN or Inf values")
 
 
 @torch.no_grad()
-def load(state: dict[str, Any], params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, strategy: Any) -> int:
-    """Load a checked state; returns its step counter.  Where the strategy names other start
-    parameters (outer mode: the anchor), the parameters start there."""
+def load(
+    state: dict[str, Any],
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    strategy: Any,
+    scheduler: Any | None = None,
+    own: bool = False,
+) -> int:
+    """Load a checked state; returns its step counter.  The scheduler's state is loaded where both the
+    state and this peer have one.  Where the strategy names other start parameters (outer mode: the
+    anchor), a joiner's parameters start there; a checkpoint (``own``) restores them as they were."""
     optimizer.load_state_dict(state["optimizer"])  # checks the groups before it changes anything
     strategy.load_state_dict(state["strategy"])
-    start = strategy.start_params()
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    start = None if own else strategy.start_params()
     if start is None:
         for p, value in zip(params, state["params"]):
             p.copy_(value)
@@ -91,3 +116,34 @@ def load(state: dict[str, Any], params: Sequence[torch.Tensor], optimizer: torch
             p.copy_(start[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     return state["local_step"]
+
+
+def swarm_step(records: Mapping[str, Mapping[str, Any]], own_id: str) -> int | None:
+    """The highest step that a live peer of the run other than this one published, None if none did."""
+    steps = [
+        record.get("step")
+        for peer, record in records.items()
+        if peer != own_id and isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool)
+    ]
+    return max(steps, default=None)
+
+
+def resume_source(own_step: int, swarm_step: int | None) -> str:
+    """Where a peer restarted from a checkpoint at ``own_step`` goes on from: ``"swarm"`` if the swarm is
+    ahead of it (a live peer took more steps), ``"checkpoint"`` otherwise (also with no live peer)."""
+    return "swarm" if swarm_step is not None and swarm_step > own_step else "checkpoint"
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: a peer killed mid-write leaves the previous file whole."""
+    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by ``save`` (tensors and plain containers only: ``weights_only``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a gossiptrain checkpoint (it holds a {type(state).__name__})")
+    return state

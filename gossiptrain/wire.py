@@ -111,16 +111,28 @@ class WireState:
         self.params_residual = torch.zeros_like(params)
         self.unsent = None
 
-    def state_dict(self) -> dict:
-        """Nothing travels to a joiner: its reference starts at the parameters it downloads."""
-        return {}
+    def state_dict(self, own: bool = False) -> dict:
+        """Nothing travels to a joiner: its reference starts at the parameters it downloads.  This peer's
+        own checkpoint (``own``) keeps its reference and the rounding carried between params rounds."""
+        if not own or self.reference is None:
+            return {}
+        return {"reference": self.reference.clone(), "params_residual": self.params_residual.clone()}
 
     def check_state(self, state: object) -> None:
         if not isinstance(state, dict):
             raise ValueError(f"the strategy's state should be a dict, got {type(state).__name__}")
+        if "reference" in state or "params_residual" in state:  # a checkpoint's: both, of the same size
+            reference, residual = state.get("reference"), state.get("params_residual")
+            tensors = isinstance(reference, torch.Tensor) and isinstance(residual, torch.Tensor)
+            if not tensors or reference.dtype != torch.float32 or reference.shape != residual.shape:
+                raise ValueError("the strategy's reference and params_residual should be float32 tensors of one size")
 
     def load_state_dict(self, state: dict) -> None:
-        self.reference = None  # reset from the downloaded parameters at the first round
+        """A joiner's reference is reset from the downloaded parameters at its first round; a checkpoint's
+        reference and residual are restored."""
+        self.reference, self.unsent = None, None
+        if "reference" in state:
+            self.reference, self.params_residual = state["reference"].clone(), state["params_residual"].clone()
 
     def start_params(self) -> None:
         """A joiner starts from the parameters it downloaded."""

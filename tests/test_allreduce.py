@@ -1,6 +1,16 @@
+import pytest
 import torch
 
-from gossiptrain.allreduce import GroupPlan, ShardReduction, check_hello, shard_bounds
+from gossiptrain.allreduce import (
+    Defences,
+    GroupPlan,
+    ShardReduction,
+    check_hello,
+    outlying_means,
+    relative_distance,
+    shard_bounds,
+)
+from gossiptrain.codecs import BLOCK
 
 
 def test_shards_are_contiguous_and_cover_everything():
@@ -61,3 +71,59 @@ def test_shard_reduction_is_the_weighted_mean_of_whole_contributions():
     expected = (own * 1 + other * 3 + third * 4) / 8
     assert torch.allclose(reduction.mean(), expected)
     assert reduction.contributors == 2
+
+
+def test_shards_follow_the_declared_bandwidths_and_a_far_slower_member_reduces_none():
+    numel = 1000 * BLOCK
+    plan = GroupPlan.build("run", 1, ["a", "b", "c", "d"], numel, bandwidths={"a": 10.0, "b": 30.0, "d": 2.0})
+    shards = plan.shards()
+    assert set(shards) == {"a", "b", "c"}, "d (2 of 30 Mbit/s) must reduce nothing"
+    sizes = {peer: end - start for peer, (start, end) in shards.items()}
+    assert sizes["b"] == pytest.approx(3 * sizes["a"], rel=0.01)
+    assert sizes["c"] == pytest.approx(sizes["a"], rel=0.01), "an undeclared member counts as the median (10)"
+    assert sum(sizes.values()) == numel and all(start % BLOCK == 0 for start, _ in shards.values())
+    same = GroupPlan.build("run", 1, ["a", "b"], numel, bandwidths={"a": 5.0, "b": 5.0})
+    assert same.shards() == GroupPlan.build("run", 1, ["a", "b"], numel).shards()
+
+
+def _honest_and_hostile(n_honest: int = 3, numel: int = 10_000):
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(numel, generator=generator)
+    honest = [centre + 0.01 * torch.randn(numel, generator=generator) for _ in range(n_honest)]
+    spread = max(torch.linalg.vector_norm(a - b).item() for a in honest for b in honest)
+    return honest, spread
+
+
+def test_centered_clip_bounds_a_huge_contribution_and_a_huge_weight():
+    honest, spread = _honest_and_hostile()
+    honest_mean = torch.stack(honest).mean(dim=0)
+    for values, weight in ((honest[1] + 1e4 * spread, 1.0), (honest[1] + 10 * spread, 1e9)):
+        reduction = ShardReduction(honest[0], 1.0)
+        reduction.add(honest[2], 1.0)
+        reduction.add(values, weight)
+        moved = torch.linalg.vector_norm(reduction.mean() - honest_mean).item()
+        assert moved <= 3 * spread, f"a hostile contribution moved the mean by {moved / spread:.1f}x the spread"
+        plain = ShardReduction(honest[0], 1.0, Defences.off())
+        plain.add(honest[2], 1.0)
+        plain.add(values, weight)
+        assert torch.linalg.vector_norm(plain.mean() - honest_mean).item() > 5 * spread, "the attack must matter"
+
+
+def test_without_an_outlier_the_robust_mean_is_the_weighted_mean():
+    honest, _ = _honest_and_hostile(4)
+    reduction = ShardReduction(honest[0], 1.0)
+    for values, weight in zip(honest[1:], (2.0, 3.0, 4.0)):
+        reduction.add(values, weight)
+    expected = sum(w * v for w, v in zip((1.0, 2.0, 3.0, 4.0), honest)) / 10.0
+    assert reduction.clipped == 0 and torch.allclose(reduction.mean(), expected, atol=1e-6)
+
+
+def test_a_member_refuses_only_the_mean_far_from_its_values():
+    honest, spread = _honest_and_hostile(4)
+    own = honest[0]
+    means = {shard: torch.stack(honest).mean(dim=0) for shard in ("a", "b", "c")}
+    means["d"] = means["a"] + 0.5
+    distances = {shard: relative_distance(mean, own) for shard, mean in means.items()}
+    assert outlying_means(distances, Defences()) == {"d"}
+    assert outlying_means(distances, Defences.off()) == set()
+    assert outlying_means({"a": 0.0, "b": 0.0, "c": 5e-4}, Defences()) == set(), "within the floor"

@@ -49,3 +49,49 @@ async def test_an_owner_ends_its_round_only_once_its_contributor_has_read_the_me
             mean, theirs = values + 0.5, await reading
             assert result.status == theirs.status == "averaged", (result, theirs)
             assert torch.allclose(theirs.averaged, mean, atol=1e-6) and torch.allclose(result.averaged, mean, atol=1e-6)
+
+
+async def _round_with_a_slow_uploader(timeouts: Timeouts) -> tuple[list, object, torch.Tensor, bool]:
+    """Two peers and a client on a slow link average one round: the two fast results, the slow one's,
+    the fast peers' mean, and whether the slow upload was still on its way when the fast rounds ended."""
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=timeouts)
+    inputs = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(1))
+    async with Peer("straggler", **options) as first:
+        maddrs = await first.maddrs()
+        async with (
+            Peer("straggler", initial_peers=maddrs, **options) as second,
+            FaultyPeer("straggler", initial_peers=maddrs, fault="slow_uploader", **options) as slow,
+        ):
+            await first.wait_for_peers(3, timeout=30)
+            round_id = first.next_round_id(lead=1.0)
+            slow_round = asyncio.create_task(slow.average(inputs[2], 1.0, round_id))
+            fast = await asyncio.gather(
+                first.average(inputs[0], 1.0, round_id), second.average(inputs[1], 1.0, round_id)
+            )
+            slow_was_pending = not slow_round.done()
+            return list(fast), await slow_round, inputs, slow_was_pending
+
+
+@pytest.mark.timeout(90)
+async def test_a_straggler_is_left_out_of_the_mean_and_still_receives_it():
+    """The owners reduce without the slice that is late by the straggler deadline and end their round
+    before it arrives; the straggler gets the fast peers' mean (marked late), so all three agree."""
+    fast, slow, inputs, slow_was_pending = await _round_with_a_slow_uploader(Timeouts(join=3.0, part=5.0))
+    fast_mean = inputs[:2].mean(dim=0)
+    assert slow_was_pending, "the fast peers waited for the straggler's upload"
+    for result in fast:
+        assert result.status == "averaged", result.errors
+        assert torch.allclose(result.averaged, fast_mean, atol=1e-6), "the late slice was averaged in"
+        assert any("straggler deadline" in error for error in result.errors), result.errors
+    assert slow.status == "averaged", slow.errors
+    assert torch.allclose(slow.averaged, fast_mean, atol=1e-6), "the straggler did not take the group's mean"
+    assert any("late" in error for error in slow.errors), slow.errors
+
+
+@pytest.mark.timeout(90)
+async def test_without_a_straggler_deadline_every_slice_is_waited_for():
+    fast, slow, inputs, _ = await _round_with_a_slow_uploader(Timeouts(join=3.0, part=5.0, straggler_grace=None))
+    mean = inputs.mean(dim=0)
+    for result in [*fast, slow]:
+        assert result.status == "averaged", result.errors
+        assert torch.allclose(result.averaged, mean, atol=1e-6)

@@ -1,0 +1,288 @@
+"""Rounds over internet-like links: share of rounds averaged, round time and consensus vs RTT and loss.
+
+For every setting (peers x RTT x loss, with ``--jitter-ms`` of jitter) it builds fresh
+``gossiptrain.netns.EmulatedLinks`` (namespace 0: a bootstrap node; 1..N: one peer each) and runs one
+worker process per peer in its namespace.  A worker holds a flat tensor of ``--numel`` values drawn
+from ``randn`` with its own seed and averages it every slot (``round_interval = --average-every``,
+nothing else set: the timing adapts itself) with ``--codec``, taking the result as its new values,
+until a common end time; then it writes its values.  Nothing else runs, so what the table shows is
+the rounds alone:
+
+- ``averaged_share``: rounds that came back ``averaged`` with more than one member, over every
+  round a peer tried (a round alone or failed counts against it);
+- ``round_p50_s``/``round_p95_s``: ``RoundResult.seconds`` (the slot's start to the result) over
+  the averaged rounds of every peer;
+- ``final_spread``: the peers' final values' standard deviation across peers, averaged over the
+  coordinates, relative to the start (1.0: no averaging at all; int8 rounding leaves ~1e-3).
+
+The heterogeneous case (``--slow-mbit``, one peer among ``--mbit`` peers) runs at ``--slow-rtt-ms``
+with 4 peers, three times in the same invocation: all peers fast; peer 4 slow; peer 4 slow and
+declaring its speed (``bandwidth_mbit``).  It reports the fast peers' round times
+(``fast_round_p50_s``) and their ratio to the all-fast run (``slowdown``).
+
+    sudo python benchmarks/wan.py                        # 4,8 peers x RTT 0,50,150,300 x loss 0,1% + slow peer
+    sudo python benchmarks/wan.py --peers 4 --rtt-ms 150 --loss 0.01 --duration 30 --no-slow
+
+Needs the rights to create network namespaces (root); writes ``benchmarks/results/wan.json`` and
+``wan.png`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import report_header  # noqa: E402
+
+from gossiptrain.netns import EmulatedLinks, EmulationUnavailable  # noqa: E402
+from gossiptrain.testing import LocalSwarm  # noqa: E402
+
+LINGER = 8.0  # seconds a worker stays up after the end, so that the others' last rounds can finish
+
+
+# --- worker (one peer, in its namespace) ---------------------------------------------------------------------------
+
+
+async def _worker(args: argparse.Namespace) -> None:
+    from gossiptrain.peer import Peer
+
+    generator = torch.Generator().manual_seed(args.index)
+    values = torch.randn(args.numel, generator=generator)
+    rounds = []
+    async with Peer(
+        args.run_id,
+        initial_peers=[args.entry],
+        host_maddrs=[args.host_maddr],
+        target_group_size=args.group_size,
+        round_interval=args.average_every,
+        codec=args.codec,
+        bandwidth_mbit=args.bandwidth_mbit,
+    ) as peer:
+        await peer.wait_for_peers(args.peers, timeout=120)
+        print("ready", flush=True)
+        while peer.now() + peer.registration_lead < args.end_time:
+            result = await peer.average(values)
+            rounds.append(
+                {
+                    "round_id": result.round_id,
+                    "status": result.status,
+                    "group_size": len(result.group),
+                    "seconds": result.seconds,
+                    "errors": result.errors[:3],
+                }
+            )
+            if result.status == "averaged":
+                values = result.averaged
+        await asyncio.sleep(max(0.0, args.end_time + LINGER - peer.now()))
+    torch.save(values, args.out.with_suffix(".pt"))
+    args.out.write_text(json.dumps({"index": args.index, "rounds": rounds}))
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    asyncio.run(_worker(args))
+
+
+# --- one setting ------------------------------------------------------------------------------------------------
+
+
+def run_setting(
+    peers: int, rtt_ms: float, loss: float, args: argparse.Namespace, slow: int | None = None, declare: bool = False
+) -> dict:
+    """One swarm of ``peers`` workers over fresh links; every peer's rounds and the final spread.
+    ``slow``: the peer on a ``--slow-mbit`` link; ``declare``: it passes that speed as ``bandwidth_mbit``."""
+    overrides = {slow: {"mbit": args.slow_mbit}} if slow else None
+    jitter = args.jitter_ms if rtt_ms > 0 else 0.0
+    links = EmulatedLinks(peers + 1, mbit=args.mbit, rtt_ms=rtt_ms, jitter_ms=jitter, loss=loss, overrides=overrides)
+    with tempfile.TemporaryDirectory() as work, links, LocalSwarm() as swarm:
+        work = Path(work)
+        env = {"OMP_NUM_THREADS": "1"}
+        bootstrap = [sys.executable, "-m", "gossiptrain", "bootstrap", "--host-maddrs", links.maddr(0)]
+        _, output = swarm.start([*links.exec_prefix(0), *bootstrap], env=env)
+        entry = output.wait_for(lambda line: line.startswith("/ip4/"), timeout=60)
+        end_time = time.time() + args.startup + args.duration
+        run_id = f"wan-{int(time.time())}-{peers}-{int(rtt_ms)}-{int(loss * 1000)}"
+        processes = []
+        for i in range(1, peers + 1):
+            argv = [sys.executable, __file__, "--worker", "--index", str(i), "--entry", entry, "--run-id", run_id]
+            argv += ["--host-maddr", links.maddr(i), "--peers", str(peers), "--group-size", str(args.group_size)]
+            argv += ["--numel", str(args.numel), "--codec", args.codec, "--average-every", str(args.average_every)]
+            argv += ["--end-time", str(end_time), "--out", str(work / f"peer{i}.json")]
+            if declare and i == slow:
+                argv += ["--bandwidth-mbit", str(args.slow_mbit)]
+            processes.append(swarm.start([*links.exec_prefix(i), *argv], env=env)[0])
+        deadline = end_time + LINGER + 60
+        while any(p.poll() is None for p in processes) and time.time() < deadline:
+            time.sleep(0.5)
+        failed = [i for i, p in enumerate(processes, 1) if p.poll() != 0]
+        if failed:
+            raise RuntimeError(f"peers {failed} did not finish cleanly (their output is above)")
+        records = [json.loads((work / f"peer{i}.json").read_text()) for i in range(1, peers + 1)]
+        finals = torch.stack([torch.load(work / f"peer{i}.pt") for i in range(1, peers + 1)])
+    start = torch.stack(
+        [torch.randn(args.numel, generator=torch.Generator().manual_seed(i)) for i in range(1, peers + 1)]
+    )
+    spread = (finals.std(dim=0).mean() / start.std(dim=0).mean()).item()
+    return {"peers": peers, "rtt_ms": rtt_ms, "loss": loss, "records": records, "final_spread": spread}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.floor(q * len(ordered)))]
+
+
+def summarize(result: dict, indices: range | None = None) -> dict:
+    """The summary entry of one setting; ``indices`` (1-based peers) restricts it to some peers."""
+    chosen = [r for r in result["records"] if indices is None or r["index"] in indices]
+    rounds = [round_ for record in chosen for round_ in record["rounds"]]
+    averaged = [r for r in rounds if r["status"] == "averaged" and r["group_size"] > 1]
+    seconds = [r["seconds"] for r in averaged]
+    return {
+        "peers": result["peers"],
+        "rtt_ms": result["rtt_ms"],
+        "loss": result["loss"],
+        "rounds": len(rounds),
+        "averaged_share": len(averaged) / len(rounds) if rounds else 0.0,
+        "round_p50_s": statistics.median(seconds) if seconds else None,
+        "round_p95_s": _quantile(seconds, 0.95),
+        "final_spread": result["final_spread"],
+        "first_errors": sorted({e for r in rounds for e in r["errors"]})[:5],
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(report: dict) -> str:
+    lines = ["peers  rtt_ms  loss   rounds  averaged  p50_s  p95_s  final_spread"]
+    for s in report["summary"]:
+        lines.append(
+            f"{s['peers']:>5}  {s['rtt_ms']:>6g}  {s['loss']:<5g}  {s['rounds']:>6}  {s['averaged_share']:>8.1%}  "
+            f"{_fmt(s['round_p50_s'], '5.2f')}  {_fmt(s['round_p95_s'], '5.2f')}  {s['final_spread']:>12.2e}"
+        )
+    if slow := report.get("slow_peer"):
+        lines.append(
+            f"one {slow['slow_mbit']:g} Mbit/s peer among {slow['mbit']:g} Mbit/s ({slow['peers']} peers, "
+            f"{slow['rtt_ms']:g} ms RTT): fast peers' round p50 {_fmt(slow['baseline_round_p50_s'], '.2f')} s alone"
+        )
+        for case in ("undeclared", "declared"):
+            if result := slow.get(case):
+                lines.append(
+                    f"  its bandwidth {case}: fast peers' p50 {_fmt(result['fast_round_p50_s'], '.2f')} s "
+                    f"({_fmt(result['slowdown'], '.2f')}x), fast peers averaged {result['fast_averaged_share']:.0%}, "
+                    f"slow peer {result['slow_peer_averaged_share']:.0%}, final spread {result['final_spread']:.1e}"
+                )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (share_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for peers in sorted({s["peers"] for s in report["summary"]}):
+        for loss in sorted({s["loss"] for s in report["summary"]}):
+            rows = sorted(
+                (s for s in report["summary"] if s["peers"] == peers and s["loss"] == loss), key=lambda s: s["rtt_ms"]
+            )
+            label = f"{peers} peers, {loss:.0%} loss"
+            share_ax.plot([s["rtt_ms"] for s in rows], [s["averaged_share"] for s in rows], "o-", label=label)
+            time_ax.plot([s["rtt_ms"] for s in rows], [s["round_p50_s"] or math.nan for s in rows], "o-", label=label)
+    share_ax.set(xlabel="RTT (ms)", ylabel="share of rounds averaged", ylim=(0, 1.05))
+    time_ax.set(xlabel="RTT (ms)", ylabel="round time p50 (s)")
+    share_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    numbers = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--peers", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
+    parser.add_argument("--rtt-ms", type=numbers, default=[0, 50, 150, 300])
+    parser.add_argument("--loss", type=numbers, default=[0.0, 0.01])
+    parser.add_argument("--jitter-ms", type=float, default=10.0)
+    parser.add_argument("--mbit", type=float, default=50.0)
+    parser.add_argument("--numel", type=int, default=1_000_000)
+    parser.add_argument("--codec", default="int8")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--average-every", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of rounds per setting")
+    parser.add_argument("--startup", type=float, default=15.0, help="seconds from launch to the first round")
+    parser.add_argument("--slow-mbit", type=float, default=5.0)
+    parser.add_argument("--slow-rtt-ms", type=float, default=50.0)
+    parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
+    parser.add_argument("--bandwidth-mbit", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wan.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--index", "--entry", "--run-id", "--host-maddr", "--end-time"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.index, args.end_time, args.peers, args.out = (
+            int(args.index),
+            float(args.end_time),
+            args.peers[0],
+            Path(args.out),
+        )
+        worker(args)
+        return
+
+    report = report_header("wan", args)
+    started = time.monotonic()
+    report["summary"], report["runs"] = [], []
+    try:
+        for peers in args.peers:
+            for rtt in args.rtt_ms:
+                for loss in args.loss:
+                    print(f"{peers} peers, RTT {rtt:g} ms, loss {loss:g} ...", flush=True)
+                    result = run_setting(peers, rtt, loss, args)
+                    report["runs"].append(result)
+                    report["summary"].append(summarize(result))
+                    print(table({"summary": report["summary"][-1:]}), flush=True)
+        if not args.no_slow:
+            peers, rtt, fast = 4, args.slow_rtt_ms, range(1, 4)
+            print(f"one {args.slow_mbit:g} Mbit/s peer among {peers} ...", flush=True)
+            baseline = run_setting(peers, rtt, 0.0, args)
+            base_p50 = summarize(baseline, fast)["round_p50_s"]
+            report["slow_peer"] = {"peers": peers, "rtt_ms": rtt, "mbit": args.mbit, "slow_mbit": args.slow_mbit}
+            report["slow_peer"]["baseline_round_p50_s"] = base_p50
+            report["runs"].append({**baseline, "case": "slow-baseline"})
+            for declare in (False, True):
+                slow = run_setting(peers, rtt, 0.0, args, slow=peers, declare=declare)
+                fast_p50 = summarize(slow, fast)["round_p50_s"]
+                report["slow_peer"]["declared" if declare else "undeclared"] = {
+                    "fast_round_p50_s": fast_p50,
+                    "slowdown": fast_p50 / base_p50 if fast_p50 and base_p50 else None,
+                    "fast_averaged_share": summarize(slow, fast)["averaged_share"],
+                    "slow_peer_averaged_share": summarize(slow, range(peers, peers + 1))["averaged_share"],
+                    "final_spread": slow["final_spread"],
+                }
+                report["runs"].append({**slow, "case": f"slow-peer-{'declared' if declare else 'undeclared'}"})
+    except EmulationUnavailable as e:
+        parser.exit(1, f"cannot emulate links here: {e}\n")
+    report["wall_s"] = time.monotonic() - started
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

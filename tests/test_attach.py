@@ -1,0 +1,170 @@
+"""attach(): the user's optimizer with schedulers, checkpoints and resume, bf16 parameters."""
+
+import logging
+
+import pytest
+import torch
+
+from gossiptrain import attach, training_state
+from gossiptrain.codecs import get_codec
+from gossiptrain.outer import OuterStrategy
+from gossiptrain.testing import LOOPBACK, LocalSwarm
+from gossiptrain.wire import WireState
+from tests.attach_workers import (
+    bf16_average,
+    checkpointing_peer,
+    one_cycle,
+    restarted_peer,
+    scheduled_training,
+    steady_peer,
+)
+from tests.peer_workers import nesterov, release
+from tests.test_state import mlp, train
+
+
+def test_a_checkpoint_restores_the_strategy_state_of_both_modes_and_the_scheduler(tmp_path):
+    model = mlp(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    params = list(model.parameters())
+    wire, outer = WireState(get_codec("int8"), sync_every=3), OuterStrategy(params, nesterov(), get_codec("int8"))
+    train(optimizer, model, 3)
+    for _ in range(3):
+        scheduler.step()
+    flat = torch.cat([p.detach().flatten() for p in params])
+    wire.reset(flat)
+    wire.params_residual += 0.25
+    outer.residual += 0.5
+    outer.outer_step(torch.ones_like(flat), [(0, flat.numel())])  # momentum in the outer optimizer's state
+    for strategy in (wire, outer):
+        path = tmp_path / f"{type(strategy).__name__}.pt"
+        training_state.save(path, training_state.capture(params, optimizer, 3, strategy, {}, scheduler, own=True))
+        fresh = mlp(1)
+        fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+        fresh_scheduler = torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=2)
+        fresh_params = list(fresh.parameters())
+        if strategy is wire:
+            twin = WireState(get_codec("int8"), sync_every=3)
+        else:
+            twin = OuterStrategy(fresh_params, nesterov(), get_codec("int8"))
+        state = training_state.read(path)
+        training_state.check(state, fresh_params, fresh_optimizer, twin)
+        assert training_state.load(state, fresh_params, fresh_optimizer, twin, fresh_scheduler, own=True) == 3
+        assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))  # own: not moved to the anchor
+        assert fresh_scheduler.state_dict() == scheduler.state_dict()
+        assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+        if strategy is wire:
+            assert torch.equal(twin.reference, wire.reference)
+            assert torch.equal(twin.params_residual, wire.params_residual)
+        else:
+            assert torch.equal(twin.anchor, outer.anchor) and torch.equal(twin.residual, outer.residual)
+            momentum = [s["momentum_buffer"] for s in outer.outer.state.values()]
+            assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum, twin.outer.state.values()))
+    assert "reference" not in wire.state_dict() and "residual" not in outer.state_dict()  # joiners get neither
+
+
+def test_a_restarted_peer_goes_on_from_the_swarm_only_if_the_swarm_is_ahead():
+    records = {"me": {"step": 900}, "a": {"step": 120}, "b": {"step": "many"}, "c": {}}
+    assert training_state.swarm_step(records, "me") == 120
+    assert training_state.swarm_step({"me": {"step": 5}}, "me") is None
+    assert training_state.resume_source(100, 120) == "swarm"
+    assert training_state.resume_source(120, 120) == "checkpoint"
+    assert training_state.resume_source(100, None) == "checkpoint"
+
+
+@pytest.mark.timeout(120)
+def test_attach_keeps_the_users_optimizer_and_restores_its_own_checkpoint_when_alone(tmp_path, caplog):
+    model = mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = one_cycle(optimizer)
+    path = tmp_path / "peer.pt"
+    options = dict(run_id="alone", host_maddrs=[LOOPBACK], model=model, scheduler=scheduler, checkpoint=path)
+    with attach(optimizer, checkpoint_every=5, **options) as swarm:
+        for _ in range(10):
+            train(optimizer, model, 1)
+            scheduler.step()
+        assert swarm.local_step == 10 and path.exists()  # written by checkpoint_every at steps 5 and 10
+        saved = [p.detach().clone() for p in model.parameters()]
+    train(optimizer, model, 1)  # closed: the hooks are gone, the optimizer is the plain one again
+    assert swarm.local_step == 10
+    fresh = mlp(1)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    fresh_scheduler = one_cycle(fresh_optimizer)
+    options.update(model=fresh, scheduler=fresh_scheduler)
+    with caplog.at_level(logging.INFO, logger="gossiptrain.attachment"), attach(fresh_optimizer, **options) as swarm:
+        assert swarm.local_step == 10 and swarm.resumed_from == "checkpoint"
+        assert all(torch.equal(a, b) for a, b in zip(saved, fresh.parameters()))
+        assert fresh_scheduler.state_dict()["last_epoch"] == 10
+        assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed run")]
+    assert f"from our own checkpoint {path} at step 10 (no other live peer)" in line
+
+
+@pytest.mark.timeout(180)
+def test_a_one_cycle_schedule_on_the_attached_optimizer_is_the_schedule_alone():
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready, go = swarm.context.Queue(), swarm.context.Event()
+        for seed in range(2):
+            swarm.spawn(seed, scheduled_training, swarm.initial_peers, seed, ready, go, 2)
+        for _ in range(2):
+            ready.get(timeout=60)
+        go.set()
+        results = swarm.results(2, timeout=150)
+    model = mlp(0)
+    alone = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    schedule = one_cycle(alone)
+    longest = max(len(result["lrs"]) for result in results.values())
+    expected = []
+    for _ in range(longest):
+        expected.append(alone.param_groups[0]["lr"])
+        alone.step()
+        schedule.step()
+    for result in results.values():
+        assert result["rounds"] >= 2, "both peers averaged while they trained"
+        assert result["lrs"] == expected[: len(result["lrs"])]
+        assert result["steps"] == len(result["lrs"])
+    spread = (results[0]["final"] - results[1]["final"]).abs().max().item()
+    assert spread <= 1e-6 * results[0]["final"].norm().item(), "the peers finished with one model"
+
+
+@pytest.mark.timeout(240)
+def test_a_peer_killed_and_restarted_from_its_checkpoint_rejoins_and_its_first_round_averages(tmp_path):
+    path = str(tmp_path / "peer.pt")
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        stop, saved = swarm.context.Event(), swarm.context.Queue()
+        swarm.spawn("steady", steady_peer, swarm.initial_peers, stop)
+        first = swarm.spawn("first life", checkpointing_peer, swarm.initial_peers, path, saved)
+        while (checkpoint := saved.get(timeout=90))["rounds"] < 2:
+            pass
+        swarm.kill(first.pid)
+        first.join(timeout=10)
+        swarm.spawn("restarted", restarted_peer, swarm.initial_peers, path)
+        restarted = swarm.results(1, timeout=120)["restarted"]
+        stop.set()
+        steady = swarm.results(1, timeout=60)["steady"]
+    assert restarted["first_round"] == "averaged", restarted
+    assert restarted["resumed_from"] == "swarm" and restarted["step"] > checkpoint["step"], (restarted, checkpoint)
+    [line] = restarted["log"]
+    assert line.startswith("resumed run 'resume' from the swarm's state at step"), line
+    assert f"our checkpoint {path} is behind, at step {checkpoint['step']}" in line
+    assert restarted["scheduler"] == checkpoint["scheduler"], "the swarm has no scheduler: ours is the checkpoint's"
+    assert steady["rounds"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bf16_parameters_average_within_bf16_rounding():
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        ready, go, start_round = swarm.context.Queue(), swarm.context.Event(), swarm.context.Value("q", 0)
+        for seed in range(2):
+            swarm.spawn(seed, bf16_average, swarm.initial_peers, seed, ready, go, start_round)
+        release(ready, go, start_round, 2, interval=1.0)
+        results = swarm.results(2, timeout=90)
+    mean = (results[0]["before"].float() + results[1]["before"].float()) / 2
+    for result in results.values():
+        assert result["status"] == "averaged" and result["after"].dtype == torch.bfloat16
+        error = (result["after"].float() - mean).abs()
+        assert (error <= 2**-8 * mean.abs()).all(), error.max()  # bf16 keeps 8 significant bits: half an ulp
+    assert torch.equal(results[0]["after"], results[1]["after"]), "equal means round to equal bf16 values"

@@ -1,0 +1,195 @@
+"""The command line: addresses refused at once, clear errors, the dashboard, and your own model (--module)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gossiptrain.addresses import check_initial_peer
+from gossiptrain.dashboard import Column, Dashboard
+from gossiptrain.demo import _rows, parameter_spread
+from gossiptrain.tasks import TASKS, Task, load_task
+from gossiptrain.testing import LocalSwarm
+
+REPO = Path(__file__).resolve().parents[1]
+UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY"
+PRINTED = [  # addresses as peers and `gossiptrain bootstrap` print them, and other well-formed ones
+    UNREACHABLE,
+    "/ip4/192.168.1.20/tcp/40935/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/ip6/::1/tcp/31337/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/dns4/example.org/tcp/31337/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/ip4/203.0.113.7/udp/31337/quic-v1/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+]
+MALFORMED = [
+    "127.0.0.1:4000",
+    "garbage",
+    "/ip4/1.2.3/tcp/31337/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/ip4/192.0.2.1/tcp/70000/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/ip4/192.0.2.1/tcpx/1/p2p/12D3KooWSqd4duRd8f1jqvBmiRi3HwxkBADhXgdSvSRjdUPBZ2hY",
+    "/ip4/192.0.2.1/tcp/31337",  # no /p2p/<peer id>
+    "/ip4/192.0.2.1/tcp/31337/p2p/",
+]
+
+
+def tiny_task() -> Task:
+    """A user's own task, for `gossiptrain peer --module tests.test_cli:tiny_task`: linear regression of 8 inputs."""
+    truth = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+    x_valid = torch.randn(256, 8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+
+    def batches(seed: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randn(batch_size, 8, generator=generator)
+            yield x, x @ truth
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"loss": F.mse_loss(model(x_valid), x_valid @ truth).item()}
+
+    return Task("tiny", model, batches, loss, evaluate)
+
+
+def _cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gossiptrain", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_addresses_peers_print_pass_the_light_check_and_hivemind_parses_them_too():
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for address in PRINTED:
+        assert check_initial_peer(address) == address
+        assert "p2p" in Multiaddr(address)
+
+
+@pytest.mark.parametrize("address", MALFORMED)
+def test_a_malformed_address_fails_the_light_check_with_what_to_copy_instead(address):
+    with pytest.raises(ValueError, match="is not a full multiaddr.*copy the address"):
+        check_initial_peer(address)
+
+
+@pytest.mark.parametrize("command", ["peer", "status", "bootstrap"])
+def test_a_malformed_initial_peer_is_refused_at_once_with_a_clear_message(command):
+    process = _cli(command, "--initial-peers", "127.0.0.1:4000", timeout=5)  # importing torch alone takes ~2 s
+    assert process.returncode != 0
+    assert "'127.0.0.1:4000' is not a full multiaddr" in process.stderr, process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_a_malformed_initial_peer_is_refused_before_torch_or_hivemind_is_imported():
+    code = (
+        "import sys\n"
+        "from gossiptrain.cli import main\n"
+        "try:\n"
+        "    main(['peer', '--initial-peers', 'garbage'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code != 0\n"
+        "print(sorted(m for m in ('torch', 'hivemind') if m in sys.modules))\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=5)
+    assert process.stdout.strip() == "[]", process.stdout + process.stderr
+
+
+def test_load_task_builds_the_examples_and_explains_a_bad_spec():
+    assert isinstance(load_task("gossiptrain.tasks.digits:digits_task"), Task)
+    assert load_task("tests.test_cli:tiny_task").name == "tiny"
+    with pytest.raises(ValueError, match="package.module:factory"):
+        load_task("tests.test_cli")
+    with pytest.raises(ValueError, match="cannot import 'no_such_package_xyz'"):
+        load_task("no_such_package_xyz:build")
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        load_task("tests.test_cli:missing")
+    with pytest.raises(ValueError, match="returned a str, not a gossiptrain.Task"):
+        load_task("os:getcwd")
+    assert set(TASKS) == {"digits", "charlm"}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_dashboard_prints_plain_lines_off_a_terminal_and_redraws_one_table_on_one():
+    columns = [Column("peer", 6, left=True), Column("rounds", 6)]
+    plain = io.StringIO()
+    with Dashboard(columns, plain) as dashboard:
+        dashboard.show("2 live peers", [["a", "1"], ["b"]])
+        dashboard.show("2 live peers", [["a", "2"], ["b", "1"]])
+    assert plain.getvalue().splitlines() == [
+        "2 live peers",
+        "peer   rounds",
+        "a           1",
+        "b",
+        "",
+        "2 live peers",
+        "peer   rounds",
+        "a           2",
+        "b           1",
+    ]
+    terminal = _Terminal()
+    with Dashboard(columns, terminal) as dashboard:
+        dashboard.show("2 live peers", [["a", "1"]])
+        dashboard.show("2 live peers", [["a", "7"]])
+    first, *redrawn = terminal.getvalue().split("\x1b[1A\x1b[2K\x1b[3m2 live peers")  # cursor up over the table
+    assert "│ a    │      1 │" in first and redrawn and all("│ a    │      7 │" in table for table in redrawn)
+    assert terminal.getvalue().count("┏") == len(redrawn) + 1  # no other copy of the table on the screen
+
+
+def test_the_demo_table_counts_rounds_since_the_peer_started_not_slot_ids():
+    def record(round_id: int, status: str) -> dict:
+        return {"round": round_id, "status": status, "step": 10, "group_size": 2, "loss": 0.5, "bytes_sent": 2**20}
+
+    rows = _rows({0: [record(3592323882, "averaged"), record(3592323883, "failed")], 1: []})
+    assert rows == [["0", "10", "2", "1", "failed", "2", "0.5000", "2.00"], ["1", "starting"]]
+
+
+@pytest.mark.timeout(60)
+def test_status_with_an_unreachable_initial_peer_says_so_without_a_traceback():
+    process = _cli("status", "--initial-peers", UNREACHABLE, timeout=50)
+    assert process.returncode != 0
+    assert f"gossiptrain status: no peer answered at {UNREACHABLE}" in process.stderr, process.stderr
+    assert "is the address right" in process.stderr and "Traceback" not in process.stderr
+
+
+@pytest.mark.timeout(180)
+def test_peer_module_trains_a_model_defined_in_this_test_with_a_second_peer(tmp_path):
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        peers = [
+            swarm.run_cli(
+                *("peer", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", *swarm.initial_peers),
+                *("--module", "tests.test_cli:tiny_task", "--run-id", "module", "--seed", str(i), "--lr", "0.01"),
+                *("--duration", "5", "--average-every", "0.5", "--wait-for-peers", "2", "--batch-size", "16"),
+                *("--metrics-file", str(tmp_path / f"peer{i}.jsonl"), "--save-model", str(tmp_path / f"peer{i}.pt")),
+                env=env,
+            )
+            for i in range(2)
+        ]
+        for process, output in peers:
+            output.wait_for(lambda line: line.startswith("final: loss"), timeout=120)
+            assert process.wait(timeout=30) == 0
+    initial = tiny_task()
+    before = initial.evaluate(initial.model)["loss"]
+    for i in range(2):
+        [final] = [r for r in map(json.loads, (tmp_path / f"peer{i}.jsonl").read_text().splitlines()) if r.get("final")]
+        assert final["rounds_done"] > 0, final
+        assert final["loss"] < 0.1 * before, (final, before)
+    models = [torch.load(tmp_path / f"peer{i}.pt") for i in range(2)]
+    assert set(models[0]) == {"weight", "bias"}  # the test's nn.Linear(8, 1), not an example task
+    assert parameter_spread(models) < 1e-2

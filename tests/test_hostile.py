@@ -1,0 +1,81 @@
+"""Hostile but well-formed group members: robust owners bound them, members refuse a shifted mean."""
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+
+from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
+from gossiptrain.exchange import Timeouts
+from gossiptrain.peer import Peer
+from gossiptrain.testing import LOOPBACK, FaultyPeer
+
+NUMEL = 40_000
+
+
+def honest_inputs(count: int = 3) -> torch.Tensor:
+    """Peers near one point, 0.01 apart per value, as after a few local steps from a common state."""
+    generator = torch.Generator().manual_seed(3)
+    centre = torch.randn(NUMEL, generator=generator)
+    return torch.stack([centre + 0.01 * torch.randn(NUMEL, generator=generator) for _ in range(count)])
+
+
+async def one_round(
+    fault: str, *, hostile_reduces: bool, defences: Defences = DEFAULT_DEFENCES
+) -> tuple[list, torch.Tensor]:
+    """Three honest peers and one hostile one average a round in one group: the honest results and inputs."""
+    options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=3.0, part=5.0), defences=defences)
+    inputs = honest_inputs()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(Peer("hostile", **options))
+        maddrs = await first.maddrs()
+        honest = [first] + [
+            await stack.enter_async_context(Peer("hostile", initial_peers=maddrs, **options)) for _ in "ab"
+        ]
+        bad = FaultyPeer("hostile", initial_peers=maddrs, fault=fault, client_mode=not hostile_reduces, **options)
+        bad = await stack.enter_async_context(bad)
+        await first.wait_for_peers(4, timeout=30)
+        round_id = first.next_round_id(lead=1.0)
+        results = await asyncio.gather(
+            *(peer.average(values, 1.0, round_id) for peer, values in zip(honest, inputs)),
+            bad.average(inputs.mean(dim=0), 1.0, round_id),
+        )
+        rejections = [peer.rejections for peer in honest]
+    return list(zip(results[:3], rejections)), inputs
+
+
+def spread(inputs: torch.Tensor) -> float:
+    return max(torch.linalg.vector_norm(a - b).item() for a in inputs for b in inputs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["huge", "heavy"])
+async def test_a_hostile_member_moves_honest_results_by_at_most_three_times_their_spread(fault):
+    """``huge``: its values times 1e4; ``heavy``: its values plus 1 with a claimed weight of 1e9."""
+    results, inputs = await one_round(fault, hostile_reduces=False)
+    honest_mean = inputs.mean(dim=0)
+    for result, _ in results:
+        assert result.status == "averaged" and len(result.combined) == 3, result.errors
+        moved = torch.linalg.vector_norm(result.averaged - honest_mean).item()
+        assert moved <= 3 * spread(inputs), f"moved {moved / spread(inputs):.1f}x the honest spread"
+
+
+@pytest.mark.timeout(120)
+async def test_without_defences_the_same_member_moves_them_far():
+    results, inputs = await one_round("huge", hostile_reduces=False, defences=Defences.off())
+    for result, _ in results:
+        assert torch.linalg.vector_norm(result.averaged - inputs.mean(dim=0)).item() > 100 * spread(inputs)
+
+
+@pytest.mark.timeout(120)
+async def test_a_shifted_mean_is_refused_counted_and_changes_no_honest_values():
+    results, inputs = await one_round("shifted_mean", hostile_reduces=True)
+    for index, (result, rejections) in enumerate(results):
+        assert rejections["hostile_mean"] == 1, rejections
+        held = torch.zeros(NUMEL, dtype=torch.bool)
+        for start, end in result.combined:
+            held[start:end] = True
+        assert len(result.combined) == 3, "the three honest owners' means are taken"
+        assert torch.equal(result.averaged[~held], inputs[index][~held]), "the refused shard keeps the own values"
+        assert (result.averaged[held] - inputs[index][held]).abs().max() < 0.1, "the honest means are near"
