@@ -78,7 +78,7 @@ from gossiptrain.netns import EmulatedLinks, enter_namespace
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_time.json"
-SYSTEMS = ("gossiptrain", "hivemind")
+SYSTEMS = ("gossiptrain", "hivemind", "undefended")  # undefended: gossiptrain with Defences.off()
 BARRIER_TIMEOUT = 120.0
 
 
@@ -153,6 +153,7 @@ def gossiptrain_peer(
 
 
 async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_id, sync, options) -> dict:
+    from gossiptrain.allreduce import Defences
     from gossiptrain.peer import Peer
 
     records = []
@@ -163,6 +164,7 @@ async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_
         host_maddrs=[options["host_maddrs"][index]],
         target_group_size=num_peers,
         round_interval=options["round_interval"],
+        defences=Defences() if options["defences"] else Defences.off(),
     ) as peer:
         join_round, registration = peer.membership.join_round, []
 
@@ -313,7 +315,8 @@ def run_swarm(system: str, num_peers: int, numel: int, args: argparse.Namespace,
         "host_maddrs": [LOOPBACK] * num_peers,
     }
     name = f"bench{os.getpid()}x{num_peers}x{numel}x{int(time.time())}"
-    target = gossiptrain_peer if system == "gossiptrain" else hivemind_peer
+    target = hivemind_peer if system == "hivemind" else gossiptrain_peer
+    options["defences"] = system != "undefended"
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         swarm = stack.enter_context(LocalSwarm())
@@ -393,7 +396,7 @@ def summarize(system: str, num_peers: int, numel: int, swarm: dict, warmup: int)
         "errors": sorted({e for k in range(rounds) for r in per_round[k] for e in r["errors"]})[:10],
         "per_peer": peers,
     }
-    if system == "gossiptrain" and measured:
+    if system != "hivemind" and measured:
         summary["bytes_sent_per_peer_round"] = statistics.median_low(
             r["bytes_sent"] for k in measured for r in per_round[k]
         )
@@ -425,6 +428,7 @@ def table(results: list[dict]) -> str:
         ("gossip s", 9, lambda r, g, h: _fmt(g and g["median_round_s"], ".3f")),
         ("hivemind s", 10, lambda r, g, h: _fmt(h and h["median_round_s"], ".3f")),
         ("ratio g/h", 9, lambda r, g, h: _fmt(r.get("ratio_gossiptrain_over_hivemind"), ".2f")),
+        ("undefended s", 12, lambda r, g, h: _fmt(r.get("undefended", {}).get("median_round_s"), ".3f")),
         ("g bytes/peer/rnd", 16, lambda r, g, h: _fmt(g and g.get("bytes_sent_per_peer_round"), ",d")),
         ("ideal", 10, lambda r, g, h: _fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
         ("g max err", 9, lambda r, g, h: _fmt(g and g["max_abs_error"], ".1e")),
@@ -451,7 +455,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1M,10M", help="comma-separated numbers of fp32 parameters (1M, 10M, 250K)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per swarm, warm-up included")
     parser.add_argument("--warmup", type=int, default=1, help="first rounds not counted")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="gossiptrain,hivemind or one of them")
+    parser.add_argument(
+        "--systems", default="gossiptrain,hivemind", help="gossiptrain,hivemind,undefended (Defences.off()) or some"
+    )
     parser.add_argument("--round-interval", type=float, default=1.0, help="gossiptrain slot length (s)")
     parser.add_argument(
         "--gossip-lead", type=float, default=0.5, help="gossiptrain: pick a slot at least this far ahead"
@@ -502,6 +508,10 @@ def main() -> None:
         if row.get("gossiptrain", {}).get("median_round_s") and row.get("hivemind", {}).get("median_round_s"):
             row["ratio_gossiptrain_over_hivemind"] = (
                 row["gossiptrain"]["median_round_s"] / row["hivemind"]["median_round_s"]
+            )
+        if row.get("gossiptrain", {}).get("median_round_s") and row.get("undefended", {}).get("median_round_s"):
+            row["ratio_defended_over_undefended"] = (
+                row["gossiptrain"]["median_round_s"] / row["undefended"]["median_round_s"]
             )
         results.append(row)
 

@@ -16,8 +16,8 @@ the rounds alone:
   coordinates, relative to the start (1.0: no averaging at all; int8 rounding leaves ~1e-3).
 
 The heterogeneous case (``--slow-mbit``, one peer among ``--mbit`` peers) runs at ``--slow-rtt-ms``
-with 4 peers, three times in the same invocation: all peers fast; peer 4 slow; peer 4 slow and
-declaring its speed (``bandwidth_mbit``).  It reports the fast peers' round times
+with 4 peers and ``--slow-numel`` values, three times in the same invocation: all peers fast;
+peer 4 slow; peer 4 slow and declaring its speed (``bandwidth_mbit``).  It reports the fast peers' round times
 (``fast_round_p50_s``) and their ratio to the all-fast run (``slowdown``).
 
     sudo python benchmarks/wan.py                        # 4,8 peers x RTT 0,50,150,300 x loss 0,1% + slow peer
@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--startup", type=float, default=15.0, help="seconds from launch to the first round")
     parser.add_argument("--slow-mbit", type=float, default=5.0)
     parser.add_argument("--slow-rtt-ms", type=float, default=50.0)
+    parser.add_argument("--slow-numel", type=int, default=4_000_000, help="values averaged in the slow-peer case")
     parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
     parser.add_argument("--bandwidth-mbit", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wan.json")
@@ -257,10 +258,17 @@ def main() -> None:
                     print(table({"summary": report["summary"][-1:]}), flush=True)
         if not args.no_slow:
             peers, rtt, fast = 4, args.slow_rtt_ms, range(1, 4)
+            args.numel = args.slow_numel
             print(f"one {args.slow_mbit:g} Mbit/s peer among {peers} ...", flush=True)
             baseline = run_setting(peers, rtt, 0.0, args)
             base_p50 = summarize(baseline, fast)["round_p50_s"]
-            report["slow_peer"] = {"peers": peers, "rtt_ms": rtt, "mbit": args.mbit, "slow_mbit": args.slow_mbit}
+            report["slow_peer"] = {
+                "peers": peers,
+                "rtt_ms": rtt,
+                "mbit": args.mbit,
+                "slow_mbit": args.slow_mbit,
+                "numel": args.numel,
+            }
             report["slow_peer"]["baseline_round_p50_s"] = base_p50
             report["runs"].append({**baseline, "case": "slow-baseline"})
             for declare in (False, True):

@@ -130,18 +130,22 @@ class Defences:
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
             ``MEAN_CHECK_FLOOR``): it keeps its own values there and counts the owner as hostile.
+            Off by default: a member whose values on one shard once stayed apart from the group's (a
+            failed shard, a peer that was alone) sees every later honest mean there as an outlier and
+            never catches up (``benchmarks/wan.py``: a final spread of 0.5 instead of 0).
         None for any of them turns that defence off; ``Defences.off()`` turns all off (a plain mean).
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
-    distance, over the group's total weight; while fewer than half of a member's shards have hostile
-    owners, a shifted mean larger than ``mean_check`` times the typical one is refused.  Not covered: a
-    group of two (the median is the hostile one), a majority of hostile members, slow drift below the bounds.
+    distance, over the group's total weight; with ``mean_check``, while fewer than half of a member's
+    shards have hostile owners, a shifted mean larger than ``mean_check`` times the typical one is
+    refused.  Not covered: a group of two (the median is the hostile one), a majority of hostile
+    members, slow drift below the bounds.
     """
 
     clip: float | None = 2.0
     weight_cap: float | None = 10.0
-    mean_check: float | None = 5.0
+    mean_check: float | None = None
 
     @classmethod
     def off(cls) -> Defences:

@@ -168,6 +168,10 @@ async def _receive_tensor(
     return out
 
 
+def _returned_something(task: asyncio.Task) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None and task.result() is not None
+
+
 def _union_fraction(values: torch.Tensor) -> float:
     """The largest share of non-zeros in any part, plus one value of slack for rounding."""
     return max((int(torch.count_nonzero(values[a:b])) + 1) / max(b - a, 1) for a, b in _parts(0, values.numel()))
@@ -289,16 +293,18 @@ class RoundExchange:
             del means[bounds]
 
     async def _wait_or_leave_out(self, uploads: dict[asyncio.Task, str]) -> None:
-        """Wait for our uploads' means; once half of them are back, the rest get the straggler deadline,
-        after which they are cancelled (``_contribute`` then keeps our own values there).  Our own
-        shard is not among them: an owner's mean comes one transfer after its slices, ours before."""
+        """Wait for our uploads' means; once half of them are back (failed ones do not count), the rest
+        get the straggler deadline, after which they are cancelled (``_contribute`` then keeps our own
+        values there).  Our own shard is not among them: an owner's mean comes one transfer after its
+        slices, ours before."""
         loop = asyncio.get_running_loop()
         pending, cutoff = set(uploads), None
         quorum = straggler_quorum(len(uploads))
         while pending:
             timeout = None if cutoff is None else max(0.0, cutoff - loop.time())
             _, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if cutoff is None and len(uploads) - len(pending) >= quorum:
+            back = sum(_returned_something(task) for task in uploads)
+            if cutoff is None and back >= quorum:
                 cutoff = self.timeouts.straggler_deadline(self._loop_started, loop.time())
             if pending and cutoff is not None and loop.time() >= cutoff:
                 for task in pending:
@@ -320,7 +326,7 @@ class RoundExchange:
             timeout = max(0.0, min(deadlines) - loop.time()) if deadlines else None
             await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             now = loop.time()
-            if cutoff is None and sum(f.done() for f in self._expected.values()) >= quorum:
+            if cutoff is None and sum(f.done() and f.result() for f in self._expected.values()) >= quorum:
                 cutoff = self.timeouts.straggler_deadline(self._loop_started, now)
             for peer, future in self._expected.items():
                 if future.done():

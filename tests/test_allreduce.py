@@ -124,6 +124,7 @@ def test_a_member_refuses_only_the_mean_far_from_its_values():
     means = {shard: torch.stack(honest).mean(dim=0) for shard in ("a", "b", "c")}
     means["d"] = means["a"] + 0.5
     distances = {shard: relative_distance(mean, own) for shard, mean in means.items()}
-    assert outlying_means(distances, Defences()) == {"d"}
+    checked = Defences(mean_check=5.0)
+    assert outlying_means(distances, checked) == {"d"}
     assert outlying_means(distances, Defences.off()) == set()
-    assert outlying_means({"a": 0.0, "b": 0.0, "c": 5e-4}, Defences()) == set(), "within the floor"
+    assert outlying_means({"a": 0.0, "b": 0.0, "c": 5e-4}, checked) == set(), "within the floor"

@@ -69,8 +69,8 @@ async def test_without_defences_the_same_member_moves_them_far():
 
 
 @pytest.mark.timeout(120)
-async def test_a_shifted_mean_is_refused_counted_and_changes_no_honest_values():
-    results, inputs = await one_round("shifted_mean", hostile_reduces=True)
+async def test_with_the_mean_check_a_shifted_mean_is_refused_counted_and_changes_no_honest_values():
+    results, inputs = await one_round("shifted_mean", hostile_reduces=True, defences=Defences(mean_check=5.0))
     for index, (result, rejections) in enumerate(results):
         assert rejections["hostile_mean"] == 1, rejections
         held = torch.zeros(NUMEL, dtype=torch.bool)

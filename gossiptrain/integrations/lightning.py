@@ -60,8 +60,10 @@ class GossipCallback(pl.Callback):
             self.attachment.wait_for_peers(self.min_peers, timeout=self.peers_timeout)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.attachment is None or batch_idx % max(1, trainer.log_every_n_steps):
+            return  # reading the loss waits for the device: only as often as Lightning logs
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if self.attachment is not None and loss is not None:
+        if loss is not None:
             self.attachment.report(loss=float(loss))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
