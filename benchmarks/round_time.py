@@ -25,8 +25,8 @@ Per round the time of the round is the **max over peers** (when the last peer ha
 honest "round done" time); the figure reported is the median of that over the measured rounds.
 The JSON also keeps the median over peers, and every peer's every time.
 
-Correctness: peer ``i`` averages ``randn(numel)`` drawn from seed ``(i, round)``; every peer also
-draws all peers' tensors and computes the true mean (in float64), and after the round compares:
+Correctness: peer ``i`` averages ``randn`` values drawn from seeds ``(i, round, chunk)``; after the
+round every peer draws all peers' values chunk by chunk, computes the true mean (in float64) and compares:
 ``max_abs_error`` is the largest |averaged - true mean| over all peers, rounds (warm-up included)
 and elements, among the peer-rounds that reported success (a success that averaged nothing shows
 here).  A round that did not average the whole group at every peer (gossiptrain status other
@@ -37,6 +37,10 @@ Bytes: gossiptrain's ``RoundResult.bytes_sent`` (payload + framing, both directi
 streams: its slices to the owners and its shard's mean back to the contributors), median over
 peers and measured rounds; the ideal for no compression is ``2 * 4 * numel * (N - 1) / N``.
 hivemind does not report it.
+
+Memory: ``peak_rss_mb_per_peer`` is the largest, over the peers, sum of the peak resident memory
+(``VmHWM``) of the processes of a peer's session (as for CPU), interpreter and libraries included;
+``model_mb`` is the tensor's fp32 size.  hivemind's shared-memory tensor counts in two of its processes.
 
 CPU: ``cpu_s`` is the user + system CPU time, during the round, of every process of the peer's
 session (its Python process, its p2pd daemon and, for hivemind, the DHT and averager processes it
@@ -85,20 +89,31 @@ BARRIER_TIMEOUT = 120.0
 # ----------------------------------------------------------------------------- data and checks
 
 
+CHUNK = 1 << 20  # values drawn per seed: the checks then need one chunk of each peer's values at a time
+
+
+def peer_chunk(index: int, round_index: int, start: int, end: int) -> torch.Tensor:
+    """Peer ``index``'s values ``[start, end)`` in round ``round_index`` (``start`` a multiple of ``CHUNK``)."""
+    generator = torch.Generator().manual_seed(1_000_003 * (index + 1) + 7919 * (start // CHUNK) + round_index)
+    return torch.randn(end - start, generator=generator)
+
+
+def chunks(numel: int) -> list[tuple[int, int]]:
+    return [(a, min(a + CHUNK, numel)) for a in range(0, numel, CHUNK)]
+
+
 def peer_tensor(index: int, round_index: int, numel: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1_000_003 * (index + 1) + round_index)
-    return torch.randn(numel, generator=generator)
+    return torch.cat([peer_chunk(index, round_index, a, b) for a, b in chunks(numel)])
 
 
-def true_mean(num_peers: int, round_index: int, numel: int) -> torch.Tensor:
-    total = torch.zeros(numel, dtype=torch.float64)
-    for index in range(num_peers):
-        total += peer_tensor(index, round_index, numel)
-    return total / num_peers
-
-
-def max_abs_error(averaged: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((averaged.double() - expected).abs().max())
+def max_abs_error(averaged: torch.Tensor, num_peers: int, round_index: int) -> float:
+    """The largest |averaged - true mean| (float64), the true mean computed chunk by chunk: the check
+    adds no whole-model copy to the peak memory that the benchmark reports."""
+    worst = 0.0
+    for a, b in chunks(averaged.numel()):
+        mean = sum(peer_chunk(i, round_index, a, b).double() for i in range(num_peers)) / num_peers
+        worst = max(worst, float((averaged[a:b].double() - mean).abs().max()))
+    return worst
 
 
 def session_cpu_seconds() -> float:
@@ -115,6 +130,23 @@ def session_cpu_seconds() -> float:
             if int(fields[3]) == session:
                 total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def session_peak_rss_mb() -> float:
+    """The sum of the peak resident memory (``VmHWM``) of every process in this process's session, in MB.
+    hivemind's averaged tensors live in shared memory, counted in both its peer and averager process."""
+    session, total = os.getsid(0), 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rindex(")") + 2 :].split()[3]) != session:
+                    continue
+                status = (entry / "status").read_text()
+            except (OSError, ValueError):
+                continue
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return total / 1024
 
 
 class Sync:
@@ -188,7 +220,7 @@ async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_
         peer.membership.round_participants = timed_round_participants
         await peer.wait_for_peers(num_peers, timeout=60)
         for k in range(rounds):
-            values, expected = peer_tensor(index, k, numel), true_mean(num_peers, k, numel)
+            values = peer_tensor(index, k, numel)
             round_id = int(
                 await asyncio.to_thread(sync.meet, index, lambda: peer.next_round_id(lead=options["gossip_lead"]))
             )
@@ -211,15 +243,17 @@ async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_
                     "group_size": result.group_size,
                     "bytes_sent": result.bytes_sent,
                     "bytes_received": result.bytes_received,
-                    "max_abs_error": max_abs_error(result.averaged, expected),
+                    "max_abs_error": max_abs_error(result.averaged, num_peers, k),
                     "errors": result.errors[:3],
                 }
             )
+            del values, result
         # Leave together: a peer that stops its daemon while a slower one still reads from it would fail that round.
         await asyncio.to_thread(sync.meet, index, lambda: 0)
+        peak_rss_mb = session_peak_rss_mb()
     if profiler is not None:
         profiler.dump_stats(options["profile_path"])
-    return {"peer": index, "rounds": records}
+    return {"peer": index, "rounds": records, "peak_rss_mb": peak_rss_mb}
 
 
 # ----------------------------------------------------------------------------- hivemind peer
@@ -260,7 +294,7 @@ def hivemind_peer(
     records = []
     try:
         for k in range(rounds):
-            values, expected = peer_tensor(index, k, numel), true_mean(num_peers, k, numel)
+            values = peer_tensor(index, k, numel)
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(values)
             start = sync.meet(index, lambda: time.time() + options["hivemind_lead"])
@@ -274,7 +308,7 @@ def hivemind_peer(
             seconds = time.perf_counter() - started
             cpu = session_cpu_seconds() - cpu
             with averager.get_tensors() as tensors:
-                error = max_abs_error(tensors[0], expected)
+                error = max_abs_error(tensors[0], num_peers, k)
                 unchanged = bool(torch.equal(tensors[0], values))
             records.append(
                 {
@@ -291,10 +325,11 @@ def hivemind_peer(
         # Leave together: a peer that shuts down while a slower one still downloads its averaged part makes
         # that peer keep its own values for the part, and hivemind still reports the step as a success.
         sync.meet(index, lambda: 0)
+        peak_rss_mb = session_peak_rss_mb()
     finally:
         averager.shutdown()
         dht.shutdown()
-    return {"peer": index, "rounds": records}
+    return {"peer": index, "rounds": records, "peak_rss_mb": peak_rss_mb}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -390,6 +425,8 @@ def summarize(system: str, num_peers: int, numel: int, swarm: dict, warmup: int)
             (r["max_abs_error"] for k in range(rounds) for r in per_round[k] if r["status"] == "averaged"), default=None
         ),
         "incomplete_rounds": incomplete,
+        "peak_rss_mb_per_peer": max(p["peak_rss_mb"] for p in peers),
+        "model_mb": 4 * numel / 2**20,
         "rounds_total": rounds,
         "wall_s": swarm["wall_s"],
         "left_behind": swarm["left_behind"],
@@ -433,6 +470,8 @@ def table(results: list[dict]) -> str:
         ("ideal", 10, lambda r, g, h: _fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
         ("g max err", 9, lambda r, g, h: _fmt(g and g["max_abs_error"], ".1e")),
         ("h max err", 9, lambda r, g, h: _fmt(h and h["max_abs_error"], ".1e")),
+        ("g peak MB", 9, lambda r, g, h: _fmt(g and g["peak_rss_mb_per_peer"], ".0f")),
+        ("h peak MB", 9, lambda r, g, h: _fmt(h and h["peak_rss_mb_per_peer"], ".0f")),
         ("g cpu s", 7, lambda r, g, h: _fmt(g and g["median_cpu_s_per_peer_round"], ".2f")),
         ("h cpu s", 7, lambda r, g, h: _fmt(h and h["median_cpu_s_per_peer_round"], ".2f")),
         (

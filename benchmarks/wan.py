@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import statistics
@@ -44,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from environment import report_header  # noqa: E402
 
+from gossiptrain.allreduce import DEFAULT_DEFENCES  # noqa: E402
 from gossiptrain.netns import EmulatedLinks, EmulationUnavailable  # noqa: E402
 from gossiptrain.testing import LocalSwarm  # noqa: E402
 
@@ -67,6 +69,7 @@ async def _worker(args: argparse.Namespace) -> None:
         round_interval=args.average_every,
         codec=args.codec,
         bandwidth_mbit=args.bandwidth_mbit,
+        defences=dataclasses.replace(DEFAULT_DEFENCES, mean_check=args.mean_check or None),
     ) as peer:
         await peer.wait_for_peers(args.peers, timeout=120)
         print("ready", flush=True)
@@ -118,6 +121,7 @@ def run_setting(
             argv += ["--host-maddr", links.maddr(i), "--peers", str(peers), "--group-size", str(args.group_size)]
             argv += ["--numel", str(args.numel), "--codec", args.codec, "--average-every", str(args.average_every)]
             argv += ["--end-time", str(end_time), "--out", str(work / f"peer{i}.json")]
+            argv += ["--mean-check", str(args.mean_check)]
             if declare and i == slow:
                 argv += ["--bandwidth-mbit", str(args.slow_mbit)]
             processes.append(swarm.start([*links.exec_prefix(i), *argv], env=env)[0])
@@ -228,6 +232,12 @@ def main() -> None:
     parser.add_argument("--slow-rtt-ms", type=float, default=50.0)
     parser.add_argument("--slow-numel", type=int, default=4_000_000, help="values averaged in the slow-peer case")
     parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
+    parser.add_argument(
+        "--mean-check",
+        type=float,
+        default=DEFAULT_DEFENCES.mean_check,
+        help="members' check of the owners' means (Defences.mean_check; 0: off), to measure what it costs",
+    )
     parser.add_argument("--bandwidth-mbit", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wan.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -118,6 +118,9 @@ def check_hello(
     return None
 
 
+RULES = ("clip", "trimmed")  # Defences.rule: CenteredClip or a coordinate-wise trimmed mean
+
+
 @dataclass(frozen=True)
 class Defences:
     """How owners and members bound what a hostile group member can do in one round (on by default).
@@ -129,23 +132,46 @@ class Defences:
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
-            ``MEAN_CHECK_FLOOR``): it keeps its own values there and counts the owner as hostile.
-            Off by default: a member whose values on one shard once stayed apart from the group's (a
-            failed shard, a peer that was alone) sees every later honest mean there as an outlier and
-            never catches up (``benchmarks/wan.py``: a final spread of 0.5 instead of 0).
-        None for any of them turns that defence off; ``Defences.off()`` turns all off (a plain mean).
+            ``MEAN_CHECK_FLOOR``): it keeps its own values there and counts the owner as hostile.  Only
+            shards where the member's previous round left a group mean are checked: elsewhere its values
+            may lie apart from the group's (a shard that failed or was refused, a round alone), and the
+            honest mean that brings them back must pass (checked everywhere, a member that missed one
+            shard saw every later honest mean there as an outlier: ``benchmarks/wan.py``, spread 0.5).
+            Another member far from the group on one shard moves the honest mean there too: at 5 that
+            refused honest means in ``wan.py`` (8 peers from random starts), at 10 it did not.
+        rule: how an owner combines the contributions: ``"clip"`` (CenteredClip, above) or ``"trimmed"``, a
+            coordinate-wise trimmed mean (Yin et al., 2018): per value, the ``trim`` largest and ``trim``
+            smallest of the contributions (the owner's own included) are dropped and the rest averaged
+            with their (capped) weights; ``clip`` is then not used.  With fewer than ``2 * trim + 1``
+            contributions it trims as many as leave one (a group of two: the plain mean).
+        trim: values dropped at each end, per coordinate, by the ``"trimmed"`` rule.
+        None for any of clip, weight_cap and mean_check turns that defence off; ``Defences.off()``
+        turns all off (a plain mean).
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
     distance, over the group's total weight; with ``mean_check``, while fewer than half of a member's
     shards have hostile owners, a shifted mean larger than ``mean_check`` times the typical one is
-    refused.  Not covered: a group of two (the median is the hostile one), a majority of hostile
-    members, slow drift below the bounds.
+    refused where the member's values agreed with its group last round (a hostile owner of a shard the
+    member did not hold a mean of is bounded only by the next rounds' honest means).  The trimmed rule
+    instead bounds each value of the mean by the honest contributions' range there while at most
+    ``trim`` contributions to a shard are hostile.  Groups of two, where the one other contribution
+    would set its own radius, occur only in swarms of two (``groups.MIN_GROUP``); there the owner's
+    recent spread (``ShardReduction.typical``) still bounds it, once the owner has one.  Not covered: a
+    majority of hostile members, a push below the bounds repeated round after round (it adds up).
     """
 
     clip: float | None = 2.0
     weight_cap: float | None = 10.0
-    mean_check: float | None = None
+    mean_check: float | None = 10.0
+    rule: str = "clip"
+    trim: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {RULES}")
+        if self.trim < 0:
+            raise ValueError(f"trim must be 0 or more values, got {self.trim!r}")
 
     @classmethod
     def off(cls) -> Defences:
@@ -159,28 +185,61 @@ MEAN_CHECK_FLOOR = 1e-3  # relative distance a mean may always have from a membe
 def relative_distance(mean: torch.Tensor, own: torch.Tensor) -> float:
     """``|mean - own| / |own|`` (L2, float64 sums; 0/0 counts as 0)."""
     scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
-    distance = torch.linalg.vector_norm(mean - own, dtype=torch.float64).item()
+    squares = 0.0  # a part at a time: no whole difference of the shard
+    for start in range(0, own.numel(), 2**18):
+        part = mean[start : start + 2**18] - own[start : start + 2**18]
+        squares += torch.linalg.vector_norm(part, dtype=torch.float64).item() ** 2
+    distance = math.sqrt(squares)
     return distance / scale if scale > 0 else (0.0 if distance == 0 else math.inf)
 
 
-def outlying_means(distances: dict[Any, float], defences: Defences) -> set[Any]:
-    """The shards (keys) whose mean is too far from a member's values for ``defences.mean_check``."""
+def outlying_means(
+    distances: dict[tuple[int, int], float], defences: Defences, agreed: Sequence[tuple[int, int]] | None = None
+) -> set[tuple[int, int]]:
+    """The shards (bounds) whose mean is too far from a member's values for ``defences.mean_check``.
+
+    Only shards inside ``agreed`` (where the member's values held a group mean after its previous
+    round; None: everywhere) are checked.  Elsewhere its values may lie apart from the group's (a shard
+    that failed, or was refused), and the honest mean that brings them back must not look hostile.
+    """
     if defences.mean_check is None or len(distances) < 2:
         return set()
     limit = defences.mean_check * statistics.median_low(distances.values()) + MEAN_CHECK_FLOOR
-    return {key for key, distance in distances.items() if distance > limit}
+    checked = distances if agreed is None else [bounds for bounds in distances if _inside(bounds, agreed)]
+    return {bounds for bounds in checked if distances[bounds] > limit}
+
+
+def _inside(bounds: tuple[int, int], intervals: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``[start, end)`` lies within the union of ``intervals``."""
+    start, end = bounds
+    for a, b in sorted(intervals):
+        if a > start:
+            break
+        start = max(start, b)
+    return start >= end
 
 
 class ShardReduction:
     """Robust weighted mean of one shard over the contributions that arrived whole (``Defences``).
 
     Keeps the contributions until the mean is taken (the clip radius depends on all of them), in
-    float32; the result is the owner's values plus the clipped, weighted mean of the differences.
+    float32; the result is the owner's values plus the clipped, weighted mean of the differences, or
+    with ``rule="trimmed"`` the weighted mean of what is left per value after trimming.  ``typical``
+    (the owner's median ``spread`` of its recent rounds) is one more vote for the clip radius, so that
+    a lone contribution, or one hostile member among two, is bounded by what the owner usually sees.
     """
 
-    def __init__(self, own_values: torch.Tensor, own_weight: float, defences: Defences = DEFAULT_DEFENCES):
+    def __init__(
+        self,
+        own_values: torch.Tensor,
+        own_weight: float,
+        defences: Defences = DEFAULT_DEFENCES,
+        typical: float | None = None,
+    ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
         self._contributions: list[tuple[torch.Tensor, float]] = []
+        self.typical = typical  # the owner's recent median distance, relative to its values (see ``mean``)
+        self.spread: float | None = None  # this round's, once ``mean`` has seen two contributions or more
         self.clipped = 0
 
     @property
@@ -203,15 +262,35 @@ class ShardReduction:
 
     def mean(self) -> torch.Tensor:
         weights = self._weights()
+        if self.defences.rule == "trimmed":
+            return self._trimmed_mean(weights)
         total = sum(weights)
         differences = [values - self._own for values, _ in self._contributions]
         scales = [1.0] * len(differences)
         if self.defences.clip is not None and differences:
             norms = [torch.linalg.vector_norm(d, dtype=torch.float64).item() for d in differences]
-            radius = self.defences.clip * statistics.median_low(norms)
+            size = torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
+            if len(norms) >= 2 and size > 0:
+                self.spread = statistics.median_low(norms) / size
+            # the owner's recent typical distance votes too: in a group of two, the one contribution
+            # cannot set its own radius (without a history, it does: groups of two are not covered)
+            votes = norms if self.typical is None else [*norms, self.typical * size]
+            radius = self.defences.clip * statistics.median_low(votes)
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
             self.clipped = sum(scale < 1.0 for scale in scales)
         mean = self._own.clone()
         for difference, weight, scale in zip(differences, weights[1:], scales):
             mean.add_(difference, alpha=weight * scale / total)
         return mean
+
+    def _trimmed_mean(self, weights: list[float]) -> torch.Tensor:
+        """Per value: drop the ``trim`` smallest and largest contributions, weighted mean of the rest."""
+        values = torch.stack([self._own] + [values.float() for values, _ in self._contributions])
+        trim = min(self.defences.trim, (len(values) - 1) // 2)
+        if trim == 0:
+            kept, kept_weights = values, torch.tensor(weights, dtype=torch.float32)[:, None].expand_as(values)
+        else:
+            values, order = values.sort(dim=0)
+            kept = values[trim : len(values) - trim]
+            kept_weights = torch.tensor(weights, dtype=torch.float32)[order[trim : len(order) - trim]]
+        return (kept * kept_weights).sum(dim=0) / kept_weights.sum(dim=0)

@@ -86,6 +86,26 @@ def host_copy(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+CHUNK_NUMEL = 2**20  # values per step of the chunked passes over the parameters (4 MiB of float32)
+
+
+def _chunks(p: torch.Tensor) -> list[tuple[int, int]]:
+    return [(a, min(a + CHUNK_NUMEL, p.numel())) for a in range(0, p.numel(), CHUNK_NUMEL)]
+
+
+@torch.no_grad()
+def norm_and_checksum(params: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """The L2 norm and the sum of all parameters, in float64, a chunk at a time: no copy of the model."""
+    squares, total = 0.0, 0.0
+    for p in params:
+        flat = p.detach().reshape(-1)
+        for a, b in _chunks(flat):
+            chunk = flat[a:b].to("cpu", torch.float64)
+            squares += float(torch.dot(chunk, chunk))
+            total += float(chunk.sum())
+    return squares**0.5, total
+
+
 def _within(value: Any, target: float, tolerance: float) -> bool:
     """Whether a number read from another peer's record is within ``tolerance`` of ``target``."""
     return isinstance(value, float) and abs(value - target) <= tolerance
@@ -124,8 +144,14 @@ class Attachment:
     initialisation.  A donor that fails mid-download is replaced by the next one; if none works,
     ``attach`` raises ``StateDownloadError`` and leaves the swarm.  Only the optimizer's
     parameters travel, not module buffers (e.g. BatchNorm statistics).  Once ready, every peer
-    serves its own state to later joiners; the snapshot is taken under a lock that the optimizer's
-    step holds (from the pre-hook to the post-hook) while it updates the parameters.
+    serves its own state to later joiners, under a lock that the optimizer's step holds (from the
+    pre-hook to the post-hook) while it updates the parameters: the counters and small tensors are
+    taken at one instant, the large tensors are streamed from the live ones a chunk at a time, each
+    chunk under the lock (``gossiptrain.state``: no copy of the state, so they may be a few steps newer).
+
+    Memory: a round holds the snapshot and one result vector (each the model's size in float32) and
+    what the exchange and the codec need on top (``gossiptrain.exchange``, ``benchmarks/README.md``);
+    the codec's own state (``gossiptrain.wire``) is made here, once.
 
     Checkpoints: ``save_checkpoint()`` writes this peer's whole training state to ``checkpoint``
     (parameters, the model's buffers if ``model`` is given, the optimizer, the scheduler, the
@@ -219,6 +245,7 @@ class Attachment:
         self.samples_per_step, self.on_round = samples_per_step, on_round
         if outer_optimizer is None:
             self.strategy = WireState(get_codec(codec), sync_every)
+            self.strategy.allocate(sum(p.numel() for p in self.params))  # the codec's state, made once
         else:
             self.strategy = OuterStrategy(self.params, outer_optimizer, get_codec(codec), anchor_sync_every)
         schema = model_schema(self.params) + ("-outer" if outer_optimizer is not None else "")
@@ -259,7 +286,8 @@ class Attachment:
             elif own is not None:
                 self._say_resumed("checkpoint", own, "state download is off")
             if not self.peer.client_mode:  # no one could dial a client to download from it
-                self._loop.run(self.peer.serve_state(self._state_snapshot), timeout=startup_timeout)
+                serving = self.peer.serve_state(self._state_snapshot, lock=self._state_lock)
+                self._loop.run(serving, timeout=startup_timeout)
         except BaseException:
             self.close()
             raise
@@ -452,8 +480,8 @@ class Attachment:
             self.rounds_failed += 1
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in self.params])
+        self._snapshot = None  # applied or not, the round is over: the next snapshot must not meet this one
+        param_norm, param_checksum = norm_and_checksum(self.params)
         record = RoundRecord(
             peer=self.peer.peer_id,
             round=result.round_id,
@@ -466,8 +494,8 @@ class Attachment:
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
             round_seconds=result.seconds,
-            param_norm=flat.norm().item(),
-            param_checksum=flat.sum().item(),
+            param_norm=param_norm,
+            param_checksum=param_checksum,
             errors=result.errors,
             rejected=dict(self.peer.rejections),
         )
@@ -493,6 +521,15 @@ class Attachment:
                 n = p.numel()
                 if unchanged and p.dtype != torch.float64:
                     p.copy_(after[offset : offset + n].view_as(p), non_blocking=True)
+                elif p.is_contiguous():  # a chunk at a time: the delta never takes a whole parameter's copy
+                    flat = p.view(-1)
+                    for a, b in _chunks(flat):
+                        delta = after[offset + a : offset + b] - self._snapshot[offset + a : offset + b]
+                        delta = delta.to(p.device, non_blocking=True)
+                        if p.dtype in (torch.float32, torch.float64):
+                            flat[a:b].add_(delta)
+                        else:
+                            flat[a:b].copy_(flat[a:b].float() + delta)
                 else:
                     delta = (after[offset : offset + n] - self._snapshot[offset : offset + n]).view_as(p)
                     delta = delta.to(p.device, non_blocking=True)
@@ -563,11 +600,12 @@ class Attachment:
         training_state.check(state, self.params, self.optimizer, self.strategy)
 
     def _state_snapshot(self) -> dict[str, Any]:
-        """What a joiner needs, copied under the state lock (the state server calls it from a worker thread)."""
+        """What a joiner needs, under the state lock (the state server calls it from a worker thread): the
+        live tensors, which the server reads a chunk at a time under that lock, not copies of them."""
         extra = {"schema": self.peer.model_schema, "rounds_done": self.rounds_done}
         with self._state_lock:
             return training_state.capture(
-                self.params, self.optimizer, self.local_step, self.strategy, extra, self.scheduler
+                self.params, self.optimizer, self.local_step, self.strategy, extra, self.scheduler, copy=False
             )
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> None:

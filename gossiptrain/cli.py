@@ -228,20 +228,27 @@ def _status_rows(peers: list[tuple[str, dict]], now: float) -> list[list[str]]:
 async def _status(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
 
+    from gossiptrain.auth import Admission, Certificate
+    from gossiptrain.exchange import Rejections
     from gossiptrain.membership import Membership, SignedRecords
     from gossiptrain.peer import start_daemon
 
+    admission = None if args.credential is None else Admission(args.run_id, Certificate.load(args.credential).authority)
+    rejections = Rejections()
     p2p = await start_daemon(args.initial_peers, args.host_maddrs, no_listen=True)
     try:
         dht = await DHTNode.create(
             p2p=p2p, initial_peers=args.initial_peers, client_mode=True, record_validator=SignedRecords()
         )
         try:
-            membership = Membership(dht, args.run_id, "status")
+            membership = Membership(dht, args.run_id, "status", admission=admission, rejections=rejections)
             with Dashboard(STATUS_COLUMNS) as dashboard:
                 while True:
                     peers = sorted((await membership.live_peers()).items())
-                    dashboard.show(f"run {args.run_id!r}: {len(peers)} live peers", _status_rows(peers, time.time()))
+                    title = f"run {args.run_id!r}: {len(peers)} live peers"
+                    if admission is not None:
+                        title += f" with a certificate ({rejections['uncredentialed_member']} refused)"
+                    dashboard.show(title, _status_rows(peers, time.time()))
                     if args.watch is None:
                         return
                     await asyncio.sleep(args.watch)
@@ -436,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the live peers of a run")
     _network_args(status)
     status.add_argument("--run-id", default=DEFAULT_RUN_ID)
+    status.add_argument(
+        "--credential",
+        default=None,
+        metavar="FILE",
+        help="a certificate of a private run (any peer's): list only the peers with a certificate of its authority",
+    )
     status.add_argument(
         "--watch",
         nargs="?",

@@ -21,6 +21,12 @@ fraction (gTop-k); where it is zero nothing was exchanged, and every member, the
 puts what it sent there back into its residual.  What a quantized mean of parameters rounds off
 goes to the owner's residual (owner-side error feedback).  Either way the group's weighted sum of
 what it holds (values plus residuals) is what it was before the round.
+
+Memory: a round holds one result vector the size of the values (``RoundResult.averaged``), into
+which the owners' means are received and the own shard's mean is written; slices are encoded part
+by part as they are sent, and the residual is moved only once a slice came back averaged, from the
+(compressed) payloads kept until then, so that no copy of what was sent is needed to undo it.  The
+own shard's contributions are released once their mean is taken.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -140,14 +147,16 @@ class RoundResult:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
+    answered: set[str] = field(default_factory=set)  # members whose slice or mean reached us whole
+    spread: float | None = None  # our shard's median contribution distance, relative (``ShardReduction``)
 
     @property
     def group_size(self) -> int:
         return len(self.group)
 
 
-async def _send_payloads(writer: asyncio.StreamWriter, payloads: list[bytes], counter: ByteCounter) -> None:
-    for payload in payloads:
+async def _send_payloads(writer: asyncio.StreamWriter, payloads: Iterable[bytes], counter: ByteCounter) -> None:
+    for payload in payloads:  # a generator encodes each part as it is sent: one part's bytes at a time
         await write_frame(writer, FrameKind.PART, payload, counter)
 
 
@@ -156,16 +165,32 @@ def _parts(start: int, end: int) -> list[tuple[int, int]]:
 
 
 async def _receive_tensor(
-    reader: asyncio.StreamReader, numel: int, codec: Codec, counter: ByteCounter, timeout: float
+    reader: asyncio.StreamReader,
+    numel: int,
+    codec: Codec,
+    counter: ByteCounter,
+    timeout: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Read a whole tensor of ``numel`` values sent as codec parts (never a partial one)."""
-    out = torch.empty(numel)
+    """Read a whole tensor of ``numel`` values sent as codec parts, into ``out`` if given.  On an error
+    ``out`` holds a partial tensor: the caller must not use it (``RoundExchange.run`` overwrites it)."""
+    out = torch.empty(numel) if out is None else out
     for start, end in _parts(0, numel):
         kind, payload = await read_frame(reader, counter, timeout=timeout)
         if kind != FrameKind.PART:
             raise ProtocolError(f"expected a PART frame, got {kind.name}")
         out[start:end] = codec.decode(payload, end - start)
     return out
+
+
+def uncovered(intervals: list[tuple[int, int]], numel: int) -> list[tuple[int, int]]:
+    """The parts of ``[0, numel)`` that no interval of ``intervals`` (sorted, disjoint) covers."""
+    gaps, position = [], 0
+    for start, end in intervals:
+        if start > position:
+            gaps.append((position, start))
+        position = max(position, end)
+    return gaps + [(position, numel)] if position < numel else gaps
 
 
 def _returned_something(task: asyncio.Task) -> bool:
@@ -194,26 +219,35 @@ class RoundExchange:
         residual: torch.Tensor | None = None,
         mode: str = "params",
         defences: Defences = DEFAULT_DEFENCES,
+        agreed: list[tuple[int, int]] | None = None,
+        typical: float | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
-        self.rejections, self.mode, self.defences = rejections, mode, defences
+        self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
         self.errors: list[str] = []
         self._shards = plan.shards()
         self._own_shard = self._shards.get(me)
-        self._targets: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
-        self._reduction = ShardReduction(self._own_contribution(), weight, defences) if self._own_shard else None
+        # error feedback is committed only where a slice came back averaged: until then, what was sent
+        self._sent: dict[tuple[int, int], list[bytes]] = {}
+        # the round's result, filled in place: means as they arrive, our own values where none did
+        self._averaged = torch.empty_like(values)
+        self._reduction = None
+        if self._own_shard is not None:
+            self._reduction = ShardReduction(self._own_contribution(), weight, defences, typical)
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
-        self._mean: asyncio.Future[tuple[str, list[bytes]] | None] = asyncio.get_running_loop().create_future()
+        self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
+        self._mean_values: torch.Tensor | None = None  # a lossless mean: a view of the round's result
+        self._replying = 0  # replies being sent
         self._replies: list[asyncio.Future[None]] = []
         self._loop_started = asyncio.get_running_loop().time()
 
     async def run(self) -> RoundResult:
         started = time.perf_counter()
-        averaged = self.values.clone()
+        averaged = self._averaged
         own = asyncio.create_task(self._reduce_own_shard())
         uploads = {
             asyncio.create_task(self._contribute(owner, bounds)): owner
@@ -226,7 +260,7 @@ class RoundExchange:
         finally:
             for task in (own, *uploads):
                 task.cancel()
-        means = {}
+        means, owners = {}, {bounds: owner for owner, bounds in self._shards.items()}
         for outcome in outcomes:
             if isinstance(outcome, asyncio.CancelledError):
                 continue
@@ -235,12 +269,23 @@ class RoundExchange:
             if outcome is not None:
                 bounds, values = outcome
                 means[bounds] = values
+        answered = {owners[bounds] for bounds in means} - {self.me}
+        answered |= {peer for peer, future in self._expected.items() if future.done() and future.result()}
         self._refuse_outlying_means(means)
         combined = sorted(means)
-        for start, end in combined:
-            averaged[start:end] = means[(start, end)]
+        for bounds in combined:
+            self._commit_error_feedback(bounds, means[bounds])
+            if means[bounds].data_ptr() != averaged[bounds[0] : bounds[1]].data_ptr():
+                averaged[bounds[0] : bounds[1]] = means[bounds]
+        if not combined:  # nothing averaged: the values themselves, not a copy of them
+            averaged = self._averaged = self.values
+        else:
+            for start, end in uncovered(combined, averaged.numel()):  # partial or refused means, failed shards
+                averaged[start:end] = self.values[start:end]
         if self._replies:
             await asyncio.wait(self._replies, timeout=self.timeouts.result)
+        if self._replying and self._mean_values is not None:  # late replies still read the mean: the
+            self._mean_values = self._mean_values.clone()  # caller may change the result in place
         status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
         return RoundResult(
             self.plan.round_id,
@@ -253,6 +298,8 @@ class RoundExchange:
             self.counter.received,
             time.perf_counter() - started,
             self.errors,
+            answered=answered,
+            spread=None if self._reduction is None else self._reduction.spread,
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
@@ -264,28 +311,37 @@ class RoundExchange:
             self._mean.set_result(None)
             self._undo_error_feedback(self._own_shard)
             return None
-        mean = self._reduction.mean()
-        if self._reduction.clipped:
-            self.rejections["clipped"] += self._reduction.clipped
-            self.errors.append(f"clipped {self._reduction.clipped} contribution(s) to our shard (CenteredClip)")
-        codec = self.codec.for_mean(self._reduction.contributors + 1, _union_fraction(mean))
+        reduction, start, end = self._reduction, *self._own_shard
+        mean = reduction.mean()
+        # the contributions are not needed any more (later ones are late): their memory goes now
+        self._reduction, total_weight = None, reduction.total_weight
+        if reduction.clipped:
+            self.rejections["clipped"] += reduction.clipped
+            self.errors.append(f"clipped {reduction.clipped} contribution(s) to our shard (CenteredClip)")
+        codec = self.codec.for_mean(reduction.contributors + 1, _union_fraction(mean))
+        del reduction
+        result = self._averaged[start:end]
+        if codec.lossless:  # kept once, in the round's result; encoded anew for each reply
+            self._mean_values = result.copy_(mean)
+            self._mean.set_result((codec.name, None))
+            return self._own_shard, result
         payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
         self._mean.set_result((codec.name, payloads))
-        if codec.lossless:
-            return self._own_shard, mean
-        decoded = torch.cat([codec.decode(p, b - a) for p, (a, b) in zip(payloads, _parts(0, mean.numel()))])
-        self._keep_what_was_not_returned(self._own_shard, decoded)
-        self._keep_what_the_mean_rounded_off(mean, decoded)
-        return self._own_shard, decoded
+        for payload, (a, b) in zip(payloads, _parts(0, mean.numel())):
+            result[a:b] = codec.decode(payload, b - a)
+        self._commit_error_feedback(self._own_shard, result)
+        self._keep_what_the_mean_rounded_off(mean, result, total_weight)
+        return self._own_shard, result
 
     def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> None:
         """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
-        those shards keep our own values, as though their owner had failed."""
+        those shards keep our own values, as though their owner had failed.  Only where our values held
+        a group mean after our previous round (``agreed``) are means checked."""
         distances = {
             bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
         }
         owners = {bounds: owner for owner, bounds in self._shards.items()}
-        for bounds in outlying_means(distances, self.defences) - {self._own_shard}:
+        for bounds in outlying_means(distances, self.defences, self.agreed) - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
             self.errors.append(f"refused {owners[bounds]}'s mean: {detail}")
@@ -344,8 +400,10 @@ class RoundExchange:
         start, end = self._own_shard
         if self.codec.lossless:
             return self.values[start:end]
-        parts = zip(self.payloads(start, end), _parts(start, end))
-        return torch.cat([self.codec.decode(payload, b - a) for payload, (a, b) in parts])
+        out = torch.empty(end - start)
+        for payload, (a, b) in zip(self.encoded(start, end), _parts(start, end)):
+            out[a - start : b - start] = self.codec.decode(payload, b - a)
+        return out
 
     async def handle_contribution(
         self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -353,7 +411,7 @@ class RoundExchange:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         future = self._expected.get(sender)
         refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name, self.mode)
-        if refusal is None and self._reduction is None:
+        if refusal is None and self._own_shard is None:
             refusal = "not_in_group", "we reduce no shard in this round"
         if refusal is not None:
             await self._refuse(writer, sender, *refusal)
@@ -367,20 +425,27 @@ class RoundExchange:
                 future.set_result(False)
             await self._refuse(writer, sender, classify(e), f"slice dropped: {e!r}")
             return
-        late = future.done()  # left out at the straggler (or join) deadline while it was on its way
+        late = future.done() or self._reduction is None  # left out at the straggler (or join) deadline
         replied = asyncio.get_running_loop().create_future()
         if not late:
             self._reduction.add(values, float(hello["weight"]))
             self._replies.append(replied)  # the round waits for these replies, not for late ones
             future.set_result(True)
+        del values  # the reduction holds it until the mean is taken, this reply need not
         try:
             mean = await self._mean
             if mean is not None:
                 spec, payloads = mean
-                async with asyncio.timeout(self._sending_time(len(payloads) * PART_NUMEL)):
-                    message = {"round_id": self.plan.round_id, "codec": spec, "late": late}
-                    await write_message(writer, FrameKind.RESULT, message, self.counter)
-                    await _send_payloads(writer, payloads, self.counter)
+                if payloads is None:  # a lossless mean: encoded part by part as it is sent
+                    payloads = self._mean_parts(get_codec(spec), end - start)
+                self._replying += 1
+                try:
+                    async with asyncio.timeout(self._sending_time(end - start)):
+                        message = {"round_id": self.plan.round_id, "codec": spec, "late": late}
+                        await write_message(writer, FrameKind.RESULT, message, self.counter)
+                        await _send_payloads(writer, payloads, self.counter)
+                finally:
+                    self._replying -= 1
                 if not await close_after_peer(reader, writer, self.timeouts.part):
                     self.errors.append(
                         f"{sender} did not close the stream within part={self.timeouts.part}s of our reply"
@@ -397,6 +462,12 @@ class RoundExchange:
             await write_message(writer, FrameKind.REJECT, {"reason": f"{kind}: {detail}"}, self.counter)
         except EXCHANGE_ERRORS:
             pass
+
+    def _mean_parts(self, codec: Codec, numel: int) -> Iterator[bytes]:
+        """A lossless mean's parts, encoded from ``_mean_values`` as they are sent (that may be swapped
+        for a copy meanwhile: ``run`` hands the result over while late replies are still being sent)."""
+        for a, b in _parts(0, numel):
+            yield codec.encode(self._mean_values[a:b])
 
     def _mean_codec(self, spec: object) -> Codec:
         try:
@@ -428,34 +499,48 @@ class RoundExchange:
     async def upload(self, writer: asyncio.StreamWriter, start: int, end: int) -> None:
         """Send our slice of one owner's shard (testing.FaultyExchange overrides this to misbehave)."""
         await write_message(writer, FrameKind.HELLO, self.hello(start, end), self.counter)
-        await _send_payloads(writer, self.payloads(start, end), self.counter)
+        await _send_payloads(writer, self.encoded(start, end), self.counter)
 
     def payloads(self, start: int, end: int) -> list[bytes]:
-        """Encode our slice ``[start, end)`` part by part, with error feedback into ``residual``.
+        """Our slice ``[start, end)`` encoded, all parts at once (``encoded`` yields them one by one)."""
+        return list(self.encoded(start, end))
+
+    def encoded(self, start: int, end: int) -> Iterator[bytes]:
+        """Encode our slice ``[start, end)`` part by part, as it is sent: ``values + residual`` (error
+        feedback).  The residual is not changed yet: ``_commit_error_feedback`` moves it once the slice
+        has come back averaged, from the payloads kept here (compressed, a fraction of the slice); a
+        slice that never does leaves it as it was.
 
         Parts share a seed across the group (round and offset), so randomk picks the same indices
         at every member and the owner's mean stays as sparse as one contribution.
         """
-        payloads, targets = [], []
+        sent = self._sent.setdefault((start, end), []) if self.residual is not None else None
         for a, b in _parts(start, end):
             target = self.values[a:b] if self.residual is None else self.values[a:b] + self.residual[a:b]
             payload = self.codec.encode(target, seed=zlib.crc32(f"{self.plan.round_id}:{a}".encode()))
-            if self.residual is not None:
-                self.residual[a:b] = target - self.codec.decode(payload, b - a)
-            payloads.append(payload)
-            targets.append((a, b, target))
-        self._targets[(start, end)] = targets
-        return payloads
+            if sent is not None:
+                sent.append(payload)
+            yield payload
+
+    def _commit_error_feedback(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
+        """Our slice ``bounds`` came back averaged: its residual becomes what the codec did not send, plus,
+        where a sparse mean is zero (the group exchanged nothing there), all we sent, to be sent again
+        (the members' sum there is unchanged, so no mass is lost)."""
+        if self.residual is None:
+            return
+        start, _ = bounds
+        for payload, (a, b) in zip(self._sent.pop(bounds, []), _parts(*bounds)):
+            sent = self.codec.decode(payload, b - a)
+            if not self.codec.is_dense:
+                sent[mean[a - start : b - start] == 0] = 0.0
+            self.residual[a:b] = self.values[a:b] + self.residual[a:b] - sent
 
     def _undo_error_feedback(self, bounds: tuple[int, int]) -> None:
         """A slice that never came back averaged: the round did not happen for it, so its residual
-        returns to what it was before (its values are sent afresh next round)."""
-        if self.residual is None:
-            return
-        for a, b, target in self._targets.pop(bounds, []):
-            self.residual[a:b] = target - self.values[a:b]
+        stays what it was (its values are sent afresh next round)."""
+        self._sent.pop(bounds, None)
 
-    def _keep_what_the_mean_rounded_off(self, mean: torch.Tensor, decoded: torch.Tensor) -> None:
+    def _keep_what_the_mean_rounded_off(self, mean: torch.Tensor, decoded: torch.Tensor, total_weight: float) -> None:
         """Owner-side error feedback (DoubleSqueeze, Tang et al., ICML 2019) for quantized parameters:
         every member takes the decoded mean, so the group's weighted sum loses ``W * (mean - decoded)``;
         the owner adds that to its residual, scaled by ``W / own weight``, so that its next
@@ -466,18 +551,8 @@ class RoundExchange:
         if self.residual is None or self.mode != "params":
             return
         start, end = self._own_shard
-        scale = min(self._reduction.total_weight / self.weight, 4.0 * len(self.plan.members))
+        scale = min(total_weight / self.weight, 4.0 * len(self.plan.members))
         self.residual[start:end].add_(mean, alpha=scale).sub_(decoded, alpha=scale)
-
-    def _keep_what_was_not_returned(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
-        """Where a sparse mean is zero the group exchanged nothing: what we sent there goes back to
-        the residual, to be sent again (the members' sum there is unchanged, so no mass is lost)."""
-        if self.residual is None or self.codec.is_dense:
-            return
-        start, _ = bounds
-        for a, b, target in self._targets.get(bounds, []):
-            dropped = mean[a - start : b - start] == 0
-            self.residual[a:b][dropped] = target[dropped]
 
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""
@@ -494,10 +569,9 @@ class RoundExchange:
             if kind == FrameKind.REJECT:
                 self.errors.append(f"{owner} refused our slice: {message.get('reason')}")
             else:
-                mean = await self._receive_mean(owner, message, reader, end - start)
+                mean = await self._receive_mean(owner, message, reader, end - start, self._averaged[start:end])
                 if message.get("late"):
                     self.errors.append(f"{owner} left our slice out (late): we take the group's mean without it")
-                self._keep_what_was_not_returned(bounds, mean)
                 return bounds, mean
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")
@@ -510,11 +584,13 @@ class RoundExchange:
         self._undo_error_feedback(bounds)
         return None
 
-    async def _receive_mean(self, owner: str, result: dict, reader: asyncio.StreamReader, numel: int) -> torch.Tensor:
-        """The owner's averaged shard; malformed data is counted as a rejection of that owner."""
+    async def _receive_mean(
+        self, owner: str, result: dict, reader: asyncio.StreamReader, numel: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The owner's averaged shard (into ``out``); malformed data is counted as a rejection of that owner."""
         try:
             codec = self._mean_codec(result.get("codec"))
-            values = await _receive_tensor(reader, numel, codec, self.counter, self.timeouts.part)
+            values = await _receive_tensor(reader, numel, codec, self.counter, self.timeouts.part, out)
         except (ProtocolError, CodecError) as e:
             self.rejections.record(classify(e), owner, self.plan.round_id, f"averaged shard dropped: {e!r}")
             raise

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from gossiptrain.codecs import Codec
-from gossiptrain.exchange import RoundResult
+from gossiptrain.exchange import RoundResult, uncovered
 from gossiptrain.wire import Contribution
 
 OuterFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -105,17 +105,21 @@ class OuterStrategy:
         """The parameters after the round (``snapshot`` where it failed); moves the anchor."""
         alone = result.status == "alone"
         held = [(0, self.numel)] if alone else result.combined
+        # formed in place in result.averaged (the round does not use it again), which holds the mean
+        # where it was held and this peer's own values elsewhere
+        moved = result.averaged
         if mode == "params":
-            moved = snapshot.clone()
             for start, end in held:
-                self.anchor[start:end] = moved[start:end] = result.averaged[start:end]
+                self.anchor[start:end] = moved[start:end]
             return moved
-        mean = self.anchor - snapshot if alone else result.averaged
-        self.outer_step(mean, held)
-        moved = snapshot.clone()
+        if alone:  # our own pseudo-gradient
+            torch.sub(self.anchor, snapshot, out=moved)
+        self.outer_step(moved, held)
         for start, end in held:  # what the codec dropped stays in the parameters, not in the residual
-            moved[start:end] = self.anchor[start:end] - self.residual[start:end]
+            torch.sub(self.anchor[start:end], self.residual[start:end], out=moved[start:end])
             self.residual[start:end] = 0.0
+        for start, end in uncovered(held, self.numel):
+            moved[start:end] = snapshot[start:end]
         return moved
 
     @torch.no_grad()
@@ -143,10 +147,11 @@ class OuterStrategy:
 
     def state_dict(self, own: bool = False) -> dict[str, Any]:
         """What a joiner needs: the anchor and the outer optimizer's state; with ``own`` (this peer's
-        checkpoint) also the residual, this peer's own unsent progress."""
-        state = {"anchor": self.anchor.clone(), "outer_optimizer": self.outer.state_dict()}
+        checkpoint) also the residual, this peer's own unsent progress.  The live tensors, not copies
+        (``training_state.capture`` copies them where it must)."""
+        state = {"anchor": self.anchor, "outer_optimizer": self.outer.state_dict()}
         if own:
-            state["residual"] = self.residual.clone()
+            state["residual"] = self.residual
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

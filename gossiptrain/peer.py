@@ -9,10 +9,12 @@ participants when it starts, computes its group (``groups``) and runs the exchan
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +46,9 @@ ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
+VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
+MAX_VOUCHES = 64  # and names at most this many of them (a reader reads no more of anyone's)
+SPREAD_ROUNDS = 8  # an owner's clip radius also weighs the median spread of its shards in this many rounds
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -110,6 +115,14 @@ def _identity_file(identity: Identity, path: str | os.PathLike | None) -> Iterat
     with tempfile.TemporaryDirectory(prefix="gossiptrain-identity-") as folder:
         identity.save(os.path.join(folder, "identity.key"))
         yield os.path.join(folder, "identity.key")
+
+
+def _vouches(record: dict | None) -> frozenset[str]:
+    """The peers a round record says answered its writer lately (``groups.guarded_groups``)."""
+    answered = (record or {}).get("answered")
+    if not isinstance(answered, list):
+        return frozenset()
+    return frozenset(peer for peer in answered[:MAX_VOUCHES] if isinstance(peer, str))
 
 
 def _declared_mbit(record: dict | None) -> bool:
@@ -221,6 +234,9 @@ class Peer:
         self.inbound_streams = 0  # allreduce streams opened to us by other peers
         self._listen_maddrs: list[str] = []  # ours, without /p2p/, published in our record
         self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
+        self._answered: collections.deque[set[str]] = collections.deque(maxlen=VOUCH_ROUNDS)  # per recent round
+        self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a group mean
+        self._spreads: dict[str, collections.deque[float]] = {}  # per mode: our shards' recent spreads
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -539,6 +555,7 @@ class Peer:
         round_id = self.next_round_id() if round_id is None else round_id
         start = self.round_start(round_id)
         record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
+        record["answered"] = self._recent_vouches()
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         try:
@@ -562,8 +579,9 @@ class Peer:
             for peer, info in participants.items()
             if (info.get("schema"), info.get("numel"), info.get("mode")) == (self.model_schema, snapshot.numel(), mode)
         }
-        compatible.add(self.peer_id)
-        members = group_of(self.peer_id, compatible, round_id, self.target_group_size, salt=self.run_id)
+        vouches = {peer: _vouches(participants[peer]) for peer in compatible}
+        vouches[self.peer_id] = frozenset(record["answered"])  # what we registered, even if our own read missed it
+        members = group_of(self.peer_id, vouches, round_id, self.target_group_size, salt=self.run_id)
         clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
         if self.client_mode:
             clients |= {self.peer_id}
@@ -575,7 +593,9 @@ class Peer:
             await self._dial(await self.membership.live_peers())
         if not plan.reducers:
             if len(members) == 1:
-                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=len(compatible))
+                self._answered.append(set())
+                self._agreed[mode] = []
+                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=len(vouches))
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
         exchange = self.exchange_class(
             self.p2p,
@@ -590,6 +610,8 @@ class Peer:
             residual,
             mode,
             self.defences,
+            self._agreed.get(mode),
+            statistics.median(self._spreads[mode]) if self._spreads.get(mode) else None,
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():
@@ -600,9 +622,18 @@ class Peer:
         finally:
             self._exchanges.pop(round_id, None)
             self._forget_old_rounds(round_id)
-        result.seconds, result.participants = time.perf_counter() - started, len(compatible)
+        result.seconds, result.participants = time.perf_counter() - started, len(vouches)
+        self._answered.append(result.answered)
+        self._agreed[mode] = result.combined
+        if result.spread is not None:
+            self._spreads.setdefault(mode, collections.deque(maxlen=SPREAD_ROUNDS)).append(result.spread)
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
+
+    def _recent_vouches(self) -> list[str]:
+        """Who answered us in our last ``VOUCH_ROUNDS`` rounds, the latest first (at most ``MAX_VOUCHES``)."""
+        recent = dict.fromkeys(peer for answered in reversed(self._answered) for peer in sorted(answered))
+        return list(recent)[:MAX_VOUCHES]
 
     def _failed(self, round_id: int, snapshot: torch.Tensor, reason: str) -> RoundResult:
         logger.warning("round %s failed: %s", round_id, reason)

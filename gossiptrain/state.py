@@ -7,11 +7,23 @@ state serves it on the protocol ``gossiptrain.{run_id}.state`` and says so in it
 record (``serves_state``); a peer that is still downloading does not, so joiners never copy
 each other's initialisation.
 
-One download is one stream.  The joiner sends HELLO ``{"run_id"}``; the donor takes a snapshot
-(``StateProvider``), serializes it once for this request with ``torch.save``, and answers with a
-STATE frame ``{"size", "sha256", "chunk_bytes"}`` (or a REJECT with a reason), then the bytes as
-PART frames of at most ``chunk_bytes``.  The joiner loads them with ``torch.load(weights_only=True)``:
-tensors and plain containers only, so a donor cannot make the joiner run code.
+One download is one stream.  The joiner sends HELLO ``{"run_id"}``; the donor answers with a
+STATE frame ``{"size", "chunk_bytes"}`` (or a REJECT with a reason), then the state's bytes as PART
+frames of at most ``chunk_bytes``, then a STATE frame ``{"sha256"}`` of the bytes it sent.  The bytes
+(``StateStream``): ``MAGIC``, the length of a skeleton, the skeleton (``torch.save`` of the state
+with every tensor of more than ``SMALL_TENSOR_BYTES`` replaced by a ``{TENSOR_KEY: [dtype, shape,
+offset]}`` entry), then those tensors' bytes, each at an offset aligned to ``ALIGN``.  The joiner
+loads the skeleton with ``torch.load(weights_only=True)`` (tensors and plain containers only, so a
+donor cannot make the joiner run code) and views the tensors in the bytes it received.
+
+Memory: the donor serializes nothing whole and copies no tensor whole.  It takes the skeleton under
+the state lock (the step counters, hyperparameters and small tensors, such as Adam's step counts,
+from one instant) and then reads each large tensor, a chunk at a time, from the live tensor under
+the lock, as the chunks are sent: a download costs the donor ``READ_AHEAD`` chunks of memory,
+whatever the model's size.  The price: while the donor trains on, the large tensors (parameters,
+optimizer moments) arrive as they are when each chunk is read, a few local steps newer than the
+counters where the download takes that long, as hivemind's state download does.  A joiner then
+averages with the swarm, which evens that out.
 
 Failure semantics: a donor that cannot be reached, refuses, dies or stalls mid-stream (each
 frame is bounded by ``Timeouts.part``), sends more or other bytes than it announced, or a state
@@ -27,13 +39,16 @@ when no donor works within the total timeout, ``download_state`` raises ``StateD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import itertools
 import logging
 import random
+import struct
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,12 +79,33 @@ logger = logging.getLogger(__name__)
 # 1 MiB chunks needed 2.8 Mbit/s, and three joiners of one donor on a 10 Mbit/s link timed out.
 STATE_CHUNK_BYTES = 2**18
 RETRY_PAUSE, MAX_RETRY_PAUSE = 1.0, 8.0  # seconds between passes over donors that may yet answer
+READ_AHEAD = 16  # chunks a download reads from the live state at once (one worker-thread hop, 4 MiB)
+SMALL_TENSOR_BYTES = 2**16  # tensors up to this size travel in the skeleton, copied at the snapshot's instant
+MAGIC = b"gtstate1"
+ALIGN = 64  # each large tensor's bytes start at a multiple of this offset
+TENSOR_KEY = "gossiptrain.tensor"
+_LENGTH = struct.Struct("<Q")
+_DTYPES = {
+    str(dtype): dtype
+    for dtype in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 StateProvider = Callable[[], dict[str, Any]]
 """Returns this peer's training state: a dict of tensors and plain containers (ints, floats, strings,
 lists, tuples, dicts), e.g. ``{"params": [...], "optimizer": optimizer.state_dict(), "local_step": n}``.
-It is called in a worker thread, once per request, and must return a consistent snapshot that does not
-change afterwards (copies of the live tensors, taken under the lock that guards training)."""
+It is called in a worker thread, once per request, under the server's ``lock`` if it has one; its
+tensors may be the live ones (not copies): the server reads them under that lock, a chunk at a time."""
 
 
 class StateDownloadError(ConnectionError):
@@ -115,14 +151,138 @@ def serialize_state(state: Mapping[str, Any]) -> memoryview:
 
 
 def deserialize_state(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Load bytes made by ``serialize_state``; only tensors and plain containers are accepted."""
+    """Load bytes made by ``serialize_state`` or a ``StateStream``; only tensors and plain containers
+    are accepted.  A stream's large tensors are views of ``data`` (it must be writable: a bytearray)."""
+    view = memoryview(data).cast("B")
+    streamed = bytes(view[: len(MAGIC)]) == MAGIC
+    if streamed:
+        (length,) = _LENGTH.unpack_from(view, len(MAGIC)) if len(view) >= len(MAGIC) + _LENGTH.size else (-1,)
+        start = len(MAGIC) + _LENGTH.size
+        if not 0 < length <= len(view) - start:
+            raise InvalidState(f"the state's skeleton of {length} bytes does not fit in {len(view)} bytes")
+        view = view[start : start + length]
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(view), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InvalidState(f"not a loadable state: {e}") from None
     if not isinstance(state, dict):
         raise InvalidState(f"the state is a {type(state).__name__}, not a dict")
-    return state
+    if not streamed:
+        return state
+    if not isinstance(data, bytearray):  # the tensors are views of it: it must be writable
+        data = bytearray(data)
+    return _filled(state, data, start + length + -(start + length) % ALIGN)  # the skeleton is padded
+
+
+def _filled(obj: Any, data: bytes | bytearray | memoryview, body: int) -> Any:
+    """``obj`` with each ``{TENSOR_KEY: [dtype, shape, offset]}`` entry replaced by its tensor, a view of
+    ``data`` from ``body + offset`` (checked to lie in ``data``)."""
+    if isinstance(obj, dict):
+        if TENSOR_KEY in obj:
+            entry = obj[TENSOR_KEY]
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in _DTYPES):
+                raise InvalidState(f"malformed tensor entry {entry!r}")
+            dtype, shape, offset = _DTYPES[entry[0]], entry[1], entry[2]
+            if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+                raise InvalidState(f"malformed tensor shape {shape!r}")
+            count = 1
+            for n in shape:
+                count *= n
+            start = body + offset if isinstance(offset, int) and offset >= 0 else -1
+            if start < body or start % ALIGN or start + count * dtype.itemsize > len(data):
+                raise InvalidState(f"a tensor of {count} {dtype} values at offset {offset} lies outside the state")
+            if count == 0:
+                return torch.empty(shape, dtype=dtype)
+            return torch.frombuffer(data, dtype=dtype, count=count, offset=start).view(shape)
+        return {key: _filled(value, data, body) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_filled(value, data, body) for value in obj)
+    return obj
+
+
+class StateStream:
+    """The bytes of one download (module docstring), read from the state as they are sent.
+
+    Made in a worker thread under ``lock``: the skeleton is the state at that instant (large tensors
+    by their dtype, shape and offset only).  ``chunks`` then reads the large tensors' bytes from the
+    live tensors, taking ``lock`` for each piece, and hashes what it yields (``hexdigest`` once done).
+    """
+
+    def __init__(self, state: Mapping[str, Any], lock: Any = None):
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.tensors: list[tuple[torch.Tensor, int]] = []  # (live tensor, offset in the body)
+        self._body = 0
+        skeleton = io.BytesIO()
+        torch.save(self._skeleton(dict(state)), skeleton)
+        head = MAGIC + _LENGTH.pack(len(skeleton.getbuffer())) + skeleton.getvalue()
+        self.head = head + bytes(-len(head) % ALIGN)
+        self.size = len(self.head) + self._body
+        self._hash = hashlib.sha256()
+
+    def _skeleton(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if obj.numel() * obj.element_size() <= SMALL_TENSOR_BYTES or str(obj.dtype) not in _DTYPES:
+                return obj.detach().to("cpu", copy=True)
+            offset, self._body = self._body, self._body + obj.numel() * obj.element_size()
+            self._body += -self._body % ALIGN
+            self.tensors.append((obj.detach(), offset))
+            return {TENSOR_KEY: [str(obj.dtype), list(obj.shape), offset]}
+        if isinstance(obj, dict):
+            return {key: self._skeleton(value) for key, value in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._skeleton(value) for value in obj)
+        return obj
+
+    def read(self, start: int, length: int) -> bytes:
+        """``length`` bytes of the stream from ``start`` (in a worker thread: it takes the lock)."""
+        out = bytearray(length)
+        position, end = start, start + length
+        if position < len(self.head):
+            piece = self.head[position : min(end, len(self.head))]
+            out[: len(piece)] = piece
+            position += len(piece)
+        for tensor, offset in self.tensors:
+            low, nbytes = len(self.head) + offset, tensor.numel() * tensor.element_size()
+            high = low + nbytes + (-nbytes % ALIGN)
+            if position >= end or high <= position:
+                continue
+            a, b = position - low, min(end, low + nbytes) - low  # bytes of this tensor to copy
+            if b > a:
+                with self.lock, torch.no_grad():
+                    flat = tensor.reshape(-1) if tensor.is_contiguous() else None
+                    if flat is None:  # not contiguous: copy it whole (rare: parameters are contiguous)
+                        flat = tensor.contiguous().reshape(-1)
+                    size = tensor.element_size()
+                    first, last = a // size, -(-b // size)
+                    values = flat[first:last].to("cpu", copy=True).view(torch.uint8).numpy()
+                raw = memoryview(values)[a - first * size : b - first * size]
+                out[position - start : position - start + len(raw)] = raw
+            position = min(end, high)  # the alignment padding stays zero
+        return bytes(out)
+
+    async def chunks(self, chunk_bytes: int) -> AsyncIterator[bytes]:
+        """The stream in chunks of ``chunk_bytes``, read ``READ_AHEAD`` at a time in a worker thread."""
+        span = chunk_bytes * READ_AHEAD
+        for start in range(0, self.size, span):
+            block = await asyncio.to_thread(self._read_and_hash, start, min(span, self.size - start))
+            view = memoryview(block)
+            for a in range(0, len(block), chunk_bytes):
+                yield view[a : a + chunk_bytes]
+
+    def _read_and_hash(self, start: int, length: int) -> bytes:
+        block = self.read(start, length)
+        self._hash.update(block)
+        return block
+
+    def hexdigest(self) -> str:
+        """The sha256 of the bytes that ``chunks`` yielded."""
+        return self._hash.hexdigest()
+
+
+def encode_state(state: Mapping[str, Any]) -> bytes:
+    """The bytes a download of ``state`` sends (for tests and sizes): a ``StateStream`` read whole."""
+    stream = StateStream(state)
+    return stream.read(0, stream.size)
 
 
 def _step(record: Mapping[str, Any]) -> int:
@@ -150,8 +310,8 @@ class StateServer:
         run_id: the run whose joiners are served; a HELLO of another run is refused.
         timeouts: ``join`` bounds the wait for a joiner's HELLO, ``part`` the sending of each frame.
         chunk_bytes: payload of one PART frame.
-        max_concurrent: joiners served at once; more are refused and try another donor, which bounds the
-            memory taken by serialized copies.
+        max_concurrent: joiners served at once; more are refused and try another donor.
+        lock: taken to call the provider and to read each chunk of the live tensors (the training lock).
     """
 
     def __init__(
@@ -162,20 +322,22 @@ class StateServer:
         *,
         chunk_bytes: int = STATE_CHUNK_BYTES,
         max_concurrent: int = 4,
+        lock: Any = None,
     ):
         if not 0 < chunk_bytes <= MAX_FRAME_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_FRAME_BYTES}], got {chunk_bytes}")
         self.provider, self.run_id, self.timeouts = provider, run_id, timeouts
         self.chunk_bytes, self.max_concurrent = chunk_bytes, max_concurrent
+        self.lock = lock if lock is not None else threading.RLock()
         self.served = 0
         self._streams: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self._busy = 0
         self.closed = asyncio.Event()
 
-    def snapshot(self) -> tuple[memoryview, str]:
-        """Take and serialize one snapshot (in a worker thread); returns the bytes and their sha256."""
-        data = serialize_state(self.provider())
-        return data, hashlib.sha256(data).hexdigest()
+    def snapshot(self) -> StateStream:
+        """Take one snapshot of the state's skeleton (in a worker thread, under the lock)."""
+        with self.lock:
+            return StateStream(self.provider(), self.lock)
 
     async def handle(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The stream handler registered on the peer's P2P."""
@@ -203,22 +365,24 @@ class StateServer:
     async def _serve(self, writer: asyncio.StreamWriter, counter: ByteCounter, joiner: str) -> None:
         started = time.perf_counter()
         try:
-            data, digest = await asyncio.to_thread(self.snapshot)
+            stream = await asyncio.to_thread(self.snapshot)
         except Exception as e:
             logger.warning("could not take a snapshot of the state for %s: %r", joiner, e)
             return await self._reject(writer, counter, f"the donor could not take a snapshot: {e!r}")
-        header = {"size": len(data), "sha256": digest, "chunk_bytes": self.chunk_bytes}
+        header = {"size": stream.size, "chunk_bytes": self.chunk_bytes}
         async with asyncio.timeout(self.timeouts.part):
             await write_message(writer, FrameKind.STATE, header, counter)
-        await self.send_parts(writer, data, counter)
+        await self.send_parts(writer, stream, counter)
+        async with asyncio.timeout(self.timeouts.part):
+            await write_message(writer, FrameKind.STATE, {"sha256": stream.hexdigest()}, counter)
         self.served += 1
-        logger.info("served %d bytes of state to %s in %.2fs", len(data), joiner, time.perf_counter() - started)
+        logger.info("served %d bytes of state to %s in %.2fs", stream.size, joiner, time.perf_counter() - started)
 
-    async def send_parts(self, writer: asyncio.StreamWriter, data: memoryview, counter: ByteCounter) -> None:
-        """Send ``data`` as PART frames, each within ``timeouts.part`` (testing overrides this to misbehave)."""
-        for start in range(0, len(data), self.chunk_bytes):
+    async def send_parts(self, writer: asyncio.StreamWriter, stream: StateStream, counter: ByteCounter) -> None:
+        """Send ``stream`` as PART frames, each within ``timeouts.part`` (testing overrides this to misbehave)."""
+        async for chunk in stream.chunks(self.chunk_bytes):
             async with asyncio.timeout(self.timeouts.part):
-                await write_frame(writer, FrameKind.PART, data[start : start + self.chunk_bytes], counter)
+                await write_frame(writer, FrameKind.PART, chunk, counter)
 
     async def _reject(self, writer: asyncio.StreamWriter, counter: ByteCounter, reason: str) -> None:
         async with asyncio.timeout(self.timeouts.part):
@@ -257,11 +421,9 @@ async def fetch_state(
         )
         if kind == FrameKind.REJECT:
             raise DonorRefused(f"refused: {header.get('reason')}")
-        size, digest, chunk_bytes = header.get("size"), header.get("sha256"), header.get("chunk_bytes")
+        size, chunk_bytes = header.get("size"), header.get("chunk_bytes")
         if not isinstance(size, int) or not 0 < size <= max_bytes:
             raise OversizedFrame(f"the donor announced a state of {size!r} bytes; at most {max_bytes} are accepted")
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise ProtocolError(f"the donor announced a malformed sha256 digest {digest!r}")
         if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= MAX_FRAME_BYTES:
             raise ProtocolError(f"the donor announced chunks of {chunk_bytes!r} bytes")
         data, hasher, progress.size = bytearray(), hashlib.sha256(), size
@@ -274,6 +436,10 @@ async def fetch_state(
             hasher.update(part)
             data += part
             progress.received = len(data)
+        _, trailer = await read_message(reader, counter, timeout=peer.timeouts.part, expect=(FrameKind.STATE,))
+        digest = trailer.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ProtocolError(f"the donor sent a malformed sha256 digest {digest!r}")
         if hasher.hexdigest() != digest:
             raise ChecksumMismatch(f"sha256 of the {size} bytes received is {hasher.hexdigest()}, not {digest}")
         return data

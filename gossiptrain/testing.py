@@ -23,9 +23,16 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from gossiptrain.exchange import RoundExchange, RoundResult
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import P2P
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from gossiptrain.auth import Identity
+from gossiptrain.exchange import PART_NUMEL, RoundExchange, RoundResult
+from gossiptrain.membership import Membership, SignedRecords
 from gossiptrain.peer import Peer
-from gossiptrain.state import StateServer
+from gossiptrain.state import StateServer, StateStream
 from gossiptrain.transport import FRAME_PREFIX, ByteCounter, FrameKind, write_frame, write_message
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -274,7 +281,8 @@ class FaultyExchange(RoundExchange):
             for payload in payloads[: max(1, len(payloads) // 2)]:
                 await write_frame(writer, FrameKind.PART, payload, self.counter)
             os.killpg(os.getpgrp(), signal.SIGKILL)
-        await write_frame(writer, FrameKind.PART, self.codec.encode(values), self.counter)
+        for a in range(0, max(len(values), 1), PART_NUMEL):  # in parts, as RoundExchange.upload sends them
+            await write_frame(writer, FrameKind.PART, self.codec.encode(values[a : a + PART_NUMEL]), self.counter)
         if self.fault == "slow_reader":
             await asyncio.sleep(1.0)
 
@@ -302,10 +310,11 @@ class FaultyStateServer(StateServer):
     fault = "corrupt"
     FAULTS = ("corrupt", "stall", "close", "die")
 
-    async def send_parts(self, writer: asyncio.StreamWriter, data: memoryview, counter: ByteCounter) -> None:
-        chunks = [data[start : start + self.chunk_bytes] for start in range(0, len(data), self.chunk_bytes)]
-        for index, chunk in enumerate(chunks):
-            if index == len(chunks) // 2:
+    async def send_parts(self, writer: asyncio.StreamWriter, stream: StateStream, counter: ByteCounter) -> None:
+        count, index = -(-stream.size // self.chunk_bytes), -1
+        async for chunk in stream.chunks(self.chunk_bytes):
+            index += 1
+            if index == count // 2:
                 if self.fault == "corrupt":
                     chunk = bytes([chunk[0] ^ 0xFF]) + bytes(chunk[1:])
                 elif self.fault == "stall":
@@ -325,3 +334,69 @@ def faulty_state_server(fault: str) -> type[StateServer]:
     if fault not in FaultyStateServer.FAULTS:
         raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyStateServer.FAULTS}")
     return type(f"FaultyStateServer[{fault}]", (FaultyStateServer,), {"fault": fault})
+
+
+class _GhostSigner(SignedRecords):
+    """Signs each record in the name of whichever of its ghosts the record's subkey names."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.ghosts: dict[bytes, Identity] = {}
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        ghost = self.ghosts.get(record.subkey)
+        if ghost is None:
+            return record.value
+        return record.value + ghost.sign(self.signed_bytes(record, record.value)) + self.MARKER
+
+
+class GhostFlood:
+    """Registers ``count`` fresh identities for every round slot of an open run, ghosts that never answer.
+
+    Their round records are validly signed (each by its own new key) and look like an honest peer's:
+    ``record`` gives the fields (numel, mode, schema), and each ghost claims that the honest participants
+    of the previous round answered it.  Use as ``async with GhostFlood(run_id, maddrs, record=...)``.
+    """
+
+    def __init__(
+        self, run_id: str, initial_peers: list[str], *, record: dict, count: int = 20, round_interval: float = 1.0
+    ):
+        self.run_id, self.initial_peers, self.record = run_id, initial_peers, record
+        self.count, self.round_interval = count, round_interval
+        self.registered = 0  # ghost round records stored
+        self._signer = _GhostSigner()
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> GhostFlood:
+        self.p2p = await P2P.create(initial_peers=self.initial_peers, host_maddrs=[LOOPBACK])
+        self.dht = await DHTNode.create(
+            p2p=self.p2p, initial_peers=self.initial_peers, client_mode=True, record_validator=self._signer
+        )
+        self._task = asyncio.create_task(self._flood())
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self.dht.shutdown()
+        await self.p2p.shutdown()
+
+    async def _flood(self) -> None:
+        honest: list[str] = []
+        while True:
+            round_id = int(get_dht_time() / self.round_interval) + 1
+            ghosts = [Identity.generate() for _ in range(self.count)]
+            self._signer.ghosts = {MSGPackSerializer.dumps(ghost.peer_id): ghost for ghost in ghosts}
+            info = {**self.record, "client": False, "answered": honest}
+            expiration = (round_id + 2) * self.round_interval
+            stored = await asyncio.gather(
+                *(
+                    Membership(self.dht, self.run_id, ghost.peer_id).join_round(round_id, info, expiration)
+                    for ghost in ghosts
+                )
+            )
+            self.registered += sum(map(bool, stored))
+            await asyncio.sleep(max(0.0, round_id * self.round_interval - get_dht_time()))
+            seen = await Membership(self.dht, self.run_id, "").round_participants(round_id)
+            names = {ghost.peer_id for ghost in ghosts}
+            honest = sorted(peer for peer in seen if peer not in names)[:32]

@@ -47,18 +47,21 @@ def capture(
     extra: dict,
     scheduler: Any | None = None,
     own: bool = False,
+    copy: bool = True,
 ) -> dict[str, Any]:
     """Copies of everything a joiner needs, or with ``own`` this peer's checkpoint (call it under the
-    lock that guards the training step)."""
+    lock that guards the training step).  ``copy=False`` returns the live tensors instead, for a state
+    server that reads them a chunk at a time under that lock (``gossiptrain.state.StateStream``)."""
+    copied = _copied if copy else (lambda obj: obj)
     state = {
-        "params": [p.detach().to("cpu", copy=True) for p in params],
-        "optimizer": _copied(optimizer.state_dict()),
+        "params": [copied(p.detach()) for p in params],
+        "optimizer": copied(optimizer.state_dict()),
         "local_step": local_step,
-        "strategy": _copied(strategy.state_dict(own=own)),
+        "strategy": copied(strategy.state_dict(own=own)),
         "extra": extra,
     }
     if scheduler is not None:
-        state["scheduler"] = _copied(scheduler.state_dict())
+        state["scheduler"] = copied(scheduler.state_dict())
     return state
 
 

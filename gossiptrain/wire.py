@@ -35,6 +35,12 @@ mean of its residuals, up to a quantization step, away from the peers that had a
 
 A slice of a round that failed (its owner died, its data was refused) is as if the round did
 not happen for it: the reference and the residual stay as they were, the local values are kept.
+
+Memory: a peer keeps only the state its codec needs, each a float32 vector of the model's size: the
+reference where there are delta rounds (``sync_every > 1``), the rounding carried between params
+rounds where the dense stage is lossy (``int8``, ``fp16``...).  ``none`` keeps neither.  ``allocate``
+makes them when the peer attaches, so that a round does not; the vector of what a delta round's codec
+dropped (``unsent``) lives for that round only.
 """
 
 from __future__ import annotations
@@ -78,61 +84,101 @@ class WireState:
         if sync_every < 1:
             raise ValueError(f"sync_every must be at least 1, got {sync_every}")
         self.codec, self.sync_every = codec, 1 if codec.lossless else sync_every
+        self.keeps_reference = self.sync_every > 1  # delta rounds: what they send is measured from it
+        self.keeps_residual = not codec.dense_stage.lossless  # params rounds quantize: error feedback
         self.reference: torch.Tensor | None = None
         self.params_residual: torch.Tensor | None = None  # rounding carried between params rounds
         self.unsent: torch.Tensor | None = None  # the part of the round's delta the codec dropped
+        self._reset_due = True  # the state starts afresh from the next snapshot
+
+    def allocate(self, numel: int) -> None:
+        """Make the state for ``numel`` values now (it is reset from the first snapshot, in place)."""
+        if self.keeps_reference and (self.reference is None or self.reference.numel() != numel):
+            self.reference = torch.zeros(numel)
+        if self.keeps_residual and (self.params_residual is None or self.params_residual.numel() != numel):
+            self.params_residual = torch.zeros(numel)
 
     def mode(self, round_id: int) -> str:
         return "params" if round_id % self.sync_every == 0 else "delta"
 
     def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
         """This round's values; ``mode`` overrides the round id's kind ("params", "delta" or "final")."""
-        if self.reference is None or self.reference.numel() != snapshot.numel():
+        if self._reset_due or self._sized_for() != snapshot.numel():
             self.reset(snapshot)
         if mode == "final":
+            if self.params_residual is None:
+                return Contribution(snapshot, None, "params", self.codec.dense_stage)
             values = snapshot + self.params_residual
             self.params_residual.zero_()
             return Contribution(values, None, "params", self.codec.dense_stage)
         if (mode or self.mode(round_id)) == "params":
             return Contribution(snapshot, self.params_residual, "params", self.codec.dense_stage)
-        self.unsent = torch.zeros_like(snapshot)  # the exchange writes what it could not send here
+        if self.unsent is not None and self.unsent.numel() == snapshot.numel():
+            self.unsent.zero_()  # a failed round's, not combined: reused rather than held twice
+        else:
+            self.unsent = None
+            self.unsent = torch.zeros_like(snapshot)  # the exchange writes what it could not send here
         return Contribution(snapshot - self.reference, self.unsent, "delta", self.codec)
 
+    def _sized_for(self) -> int | None:
+        state = self.reference if self.keeps_reference else self.params_residual
+        return None if state is None else state.numel()
+
     def combine(self, result: RoundResult, snapshot: torch.Tensor, mode: str) -> torch.Tensor:
-        """The parameters after the round (``snapshot`` where it failed); moves the reference."""
-        moved = result.averaged if mode == "params" else self.reference + result.averaged
+        """The parameters after the round (``snapshot`` where it failed); moves the reference.  Formed in
+        place in ``result.averaged``, which the round does not use again."""
+        if mode == "params":
+            if self.reference is not None:
+                for start, end in result.combined:
+                    self.reference[start:end] = result.averaged[start:end]
+            return result.averaged
+        moved = result.averaged.add_(self.reference)
         for start, end in result.combined:
             self.reference[start:end] = moved[start:end]
-        return moved if mode == "params" else moved + self.unsent
+        if self.unsent is not None:
+            moved.add_(self.unsent)
+        self.unsent = None
+        return moved
 
     def reset(self, params: torch.Tensor) -> None:
-        """Start afresh from ``params`` (the first round, or after loading another peer's state)."""
-        self.reference = params.clone()
-        self.params_residual = torch.zeros_like(params)
+        """Start afresh from ``params`` (the first round, or after loading another peer's state), in the
+        state's own buffers where they have the size."""
+        self.allocate(params.numel())
+        if self.keeps_reference:
+            self.reference.copy_(params)
+        if self.keeps_residual:
+            self.params_residual.zero_()
         self.unsent = None
+        self._reset_due = False
 
     def state_dict(self, own: bool = False) -> dict:
         """Nothing travels to a joiner: its reference starts at the parameters it downloads.  This peer's
         own checkpoint (``own``) keeps its reference and the rounding carried between params rounds."""
-        if not own or self.reference is None:
+        if not own or self._reset_due:
             return {}
-        return {"reference": self.reference.clone(), "params_residual": self.params_residual.clone()}
+        state = {"reference": self.reference, "params_residual": self.params_residual}
+        return {key: value.clone() for key, value in state.items() if value is not None}
 
     def check_state(self, state: object) -> None:
         if not isinstance(state, dict):
             raise ValueError(f"the strategy's state should be a dict, got {type(state).__name__}")
-        if "reference" in state or "params_residual" in state:  # a checkpoint's: both, of the same size
-            reference, residual = state.get("reference"), state.get("params_residual")
-            tensors = isinstance(reference, torch.Tensor) and isinstance(residual, torch.Tensor)
-            if not tensors or reference.dtype != torch.float32 or reference.shape != residual.shape:
-                raise ValueError("the strategy's reference and params_residual should be float32 tensors of one size")
+        kept = [state[key] for key in ("reference", "params_residual") if key in state]  # a checkpoint's
+        if kept and (
+            not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 1 for t in kept)
+            or len({t.numel() for t in kept}) > 1
+        ):
+            raise ValueError("the strategy's reference and params_residual should be float32 tensors of one size")
 
     def load_state_dict(self, state: dict) -> None:
         """A joiner's reference is reset from the downloaded parameters at its first round; a checkpoint's
         reference and residual are restored."""
-        self.reference, self.unsent = None, None
-        if "reference" in state:
-            self.reference, self.params_residual = state["reference"].clone(), state["params_residual"].clone()
+        self.unsent, self._reset_due = None, True
+        if "reference" in state or "params_residual" in state:
+            for key in ("reference", "params_residual"):
+                if key in state:
+                    setattr(self, key, state[key].clone())
+            needed = [self.reference] * self.keeps_reference + [self.params_residual] * self.keeps_residual
+            self._reset_due = any(t is None for t in needed)
 
     def start_params(self) -> None:
         """A joiner starts from the parameters it downloaded."""

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gossiptrain.allreduce import (
+    DEFAULT_DEFENCES,
     Defences,
     GroupPlan,
     ShardReduction,
@@ -109,6 +110,32 @@ def test_centered_clip_bounds_a_huge_contribution_and_a_huge_weight():
         assert torch.linalg.vector_norm(plain.mean() - honest_mean).item() > 5 * spread, "the attack must matter"
 
 
+def test_in_a_group_of_two_the_owners_recent_spread_bounds_the_other_member():
+    honest, spread = _honest_and_hostile(2)
+    typical = torch.linalg.vector_norm(honest[1] - honest[0]).item() / torch.linalg.vector_norm(honest[0]).item()
+    for values in (honest[1] + 1e4 * spread, honest[1]):
+        reduction = ShardReduction(honest[0], 1.0, typical=typical)
+        reduction.add(values, 1.0)
+        moved = torch.linalg.vector_norm(reduction.mean() - honest[0]).item()
+        assert moved <= 2.0 * typical * torch.linalg.vector_norm(honest[0]).item() / 2 + 1e-6
+    assert torch.allclose(reduction.mean(), (honest[0] + honest[1]) / 2), "an honest partner is not clipped"
+    alone = ShardReduction(honest[0], 1.0)
+    alone.add(honest[1] + 1e4 * spread, 1.0)
+    assert torch.linalg.vector_norm(alone.mean() - honest[0]).item() > 1e3 * spread, "no history: not covered"
+    assert alone.spread is None, "one contribution tells nothing about the group's spread"
+
+
+def test_an_owner_records_the_median_spread_of_its_contributions():
+    honest, _ = _honest_and_hostile(4)
+    reduction = ShardReduction(honest[0], 1.0)
+    for values in honest[1:]:
+        reduction.add(values, 1.0)
+    reduction.mean()
+    size = torch.linalg.vector_norm(honest[0]).item()
+    distances = sorted(torch.linalg.vector_norm(v - honest[0]).item() / size for v in honest[1:])
+    assert reduction.spread == pytest.approx(distances[1])
+
+
 def test_without_an_outlier_the_robust_mean_is_the_weighted_mean():
     honest, _ = _honest_and_hostile(4)
     reduction = ShardReduction(honest[0], 1.0)
@@ -128,3 +155,60 @@ def test_a_member_refuses_only_the_mean_far_from_its_values():
     assert outlying_means(distances, checked) == {"d"}
     assert outlying_means(distances, Defences.off()) == set()
     assert outlying_means({"a": 0.0, "b": 0.0, "c": 5e-4}, checked) == set(), "within the floor"
+
+
+def test_the_mean_check_passes_a_shard_where_the_member_held_no_group_mean_last_round():
+    """The honest mean that brings a once-failed shard back must pass, or the member never catches up."""
+    distances = {(0, 10): 0.01, (10, 20): 0.01, (20, 30): 0.01, (30, 40): 1.0}
+    assert outlying_means(distances, DEFAULT_DEFENCES) == {(30, 40)}, "on by default"
+    assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 25), (25, 30)]) == set()
+    assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 5), (5, 40)]) == {(30, 40)}, "intervals merge"
+    assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 35)]) == set(), "only half of it agreed"
+
+
+def _trimmed_reference(rows: list[list[float]], weights: list[float], trim: int) -> list[float]:
+    """Per coordinate: sort the (value, weight) pairs, drop ``trim`` at each end, weighted mean of the rest."""
+    out = []
+    for column in zip(*rows):
+        kept = sorted(zip(column, weights))[trim : len(column) - trim]
+        out.append(sum(v * w for v, w in kept) / sum(w for _, w in kept))
+    return out
+
+
+def test_the_trimmed_mean_drops_an_outlying_value_and_is_the_plain_mean_elsewhere():
+    own = torch.tensor([1.0, 2.0, 3.0])
+    others = [torch.tensor([1.5, 1.0, 2.0]), torch.tensor([0.5, 3.0, 4.0]), torch.tensor([1e6, 2.0, 3.0])]
+    trimmed = ShardReduction(own, 1.0, Defences(rule="trimmed", trim=1))
+    plain = ShardReduction(own, 1.0, Defences.off())
+    for values in others:
+        trimmed.add(values, 1.0)
+        plain.add(values, 1.0)
+    # coordinate 0: 1e6 and 0.5 are dropped, (1 + 1.5) / 2 is left; coordinates 1 and 2 are symmetric
+    # around the owner's value, so trimming their ends leaves the plain mean
+    assert trimmed.mean().tolist() == [1.25, 2.0, 3.0]
+    assert plain.mean()[1:].tolist() == [2.0, 3.0] and plain.mean()[0] > 1e5
+
+
+def test_the_trimmed_mean_weights_what_it_keeps_per_coordinate_and_caps_a_huge_weight():
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(5, 64, generator=generator)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0]
+    reduction = ShardReduction(rows[0], weights[0], Defences(rule="trimmed", trim=1, weight_cap=None))
+    for values, weight in zip(rows[1:], weights[1:]):
+        reduction.add(values, weight)
+    expected = torch.tensor(_trimmed_reference(rows.tolist(), weights, 1))
+    assert torch.allclose(reduction.mean(), expected, atol=1e-6)
+    # a contribution with a claimed weight of 1e9 counts as 10x the median weight where it is kept
+    heavy = ShardReduction(rows[0], 1.0, Defences(rule="trimmed", trim=1))
+    for values, weight in zip(rows[1:], (1.0, 1.0, 1.0, 1e9)):
+        heavy.add(values, weight)
+    expected = torch.tensor(_trimmed_reference(rows.tolist(), [1.0, 1.0, 1.0, 1.0, 10.0], 1))
+    assert torch.allclose(heavy.mean(), expected, atol=1e-6)
+
+
+def test_the_trimmed_mean_of_a_group_of_two_is_the_weighted_mean():
+    reduction = ShardReduction(torch.tensor([1.0, 4.0]), 1.0, Defences(rule="trimmed", trim=1))
+    reduction.add(torch.tensor([3.0, 0.0]), 3.0)
+    assert reduction.mean().tolist() == [2.5, 1.0]
+    with pytest.raises(ValueError, match="unknown rule"):
+        Defences(rule="median")

@@ -1,6 +1,6 @@
 import torch
 
-from gossiptrain.groups import grid_depth, group_digest, group_of, make_groups
+from gossiptrain.groups import established, grid_depth, group_digest, group_of, guarded_groups, make_groups
 
 
 def peers(n):
@@ -13,7 +13,7 @@ def test_partition_covers_every_peer_once():
             groups = make_groups(peers(n), round_id, group_size=4, salt="run")
             flat = [p for g in groups for p in g]
             assert sorted(flat) == peers(n)
-            assert all(1 <= len(g) <= 4 for g in groups)
+            assert all(min(3, n) <= len(g) <= 4 + 2 for g in groups), "pairs and lone peers are pooled"
 
 
 def test_every_peer_computes_the_same_partition_regardless_of_input_order():
@@ -47,3 +47,50 @@ def test_a_peer_outside_the_view_is_alone_and_digests_differ_for_different_views
     assert group_digest("run", 3, ["a", "b"]) == group_digest("run", 3, ["b", "a"])
     assert group_digest("run", 3, ["a", "b"]) != group_digest("run", 3, ["a", "b", "c"])
     assert group_digest("run", 3, ["a", "b"]) != group_digest("run", 4, ["a", "b"])
+
+
+def mutual(peer_ids):
+    """Vouches of peers that all answered one another."""
+    return {peer: set(peer_ids) - {peer} for peer in peer_ids}
+
+
+def test_guarded_groups_are_moshpit_groups_when_everyone_is_established_or_no_one_is():
+    view = peers(16)
+    for round_id in range(4):
+        expected = make_groups(view, round_id, 4, "run")
+        assert guarded_groups(mutual(view), round_id, 4, "run") == expected
+        assert guarded_groups({peer: set() for peer in view}, round_id, 4, "run") == expected
+
+
+def test_ghosts_take_only_the_newcomer_seats_and_honest_peers_keep_each_other():
+    """Half the ghosts claim that every peer answered them, half claim none did: no vouch of theirs is returned."""
+    honest, ghosts = peers(6), [f"ghost{i:02d}" for i in range(20)]
+    vouches = {
+        **mutual(honest),
+        **{ghost: set(honest) for ghost in ghosts[:10]},
+        **{ghost: set() for ghost in ghosts[10:]},
+    }
+    assert established(vouches) == set(honest)
+    for round_id in range(8):
+        groups = guarded_groups(vouches, round_id, 4, "run")
+        moshpit = [set(group) for group in make_groups(honest, round_id, 4, "run")]
+        assert sorted(p for g in groups for p in g) == sorted(honest + ghosts), "everyone is placed, once"
+        for group in groups:
+            members = set(group) & set(honest)
+            if members:
+                assert members in moshpit, f"ghosts changed which honest peers average together: {group}"
+                assert len(set(group) - members) <= max(1, 4 - len(members)), f"too many newcomers: {group}"
+                assert group_of(group[0], vouches, round_id, 4, "run") == group
+
+
+def test_an_honest_newcomer_gets_a_seat_with_established_peers_within_a_few_rounds():
+    honest, joiner = peers(4), "joiner"
+    vouches = {**mutual(honest), joiner: set(), **{f"ghost{i:02d}": set() for i in range(7)}}
+    seated = [r for r in range(32) if set(group_of(joiner, vouches, r, 4, "run")) & set(honest)]
+    assert len(seated) >= 2, "the joiner hardly ever sat with an established peer"
+
+
+def test_guarded_groups_do_not_depend_on_the_order_of_the_view():
+    view = {**mutual(peers(5)), "new1": set(), "new2": {"peer00"}}
+    reordered = dict(reversed(list(view.items())))
+    assert guarded_groups(view, 7, 4, "run") == guarded_groups(reordered, 7, 4, "run")

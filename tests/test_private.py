@@ -93,6 +93,9 @@ async def test_an_outsider_that_knows_the_run_id_is_refused_everywhere_and_count
             records = await outsider.wait_for_peers(3, timeout=30)  # it sees the honest peers' records...
             assert set(honest) <= set(records)
             outsider.model_schema = records[honest[0]]["schema"]
+            status = ("status", "--initial-peers", *swarm.initial_peers, "--run-id", "private")
+            listed = await asyncio.to_thread(gossiptrain, *status, "--credential", str(tmp_path / "a.cert"))
+            assert "2 live peers with a certificate (1 refused)" in listed and outsider.peer_id not in listed, listed
             statuses = [(await outsider.average(torch.zeros(numel), 1.0)).status for _ in range(3)]
             assert "averaged" not in statuses, statuses  # ...but no honest peer takes it into a group
             with pytest.raises(StateDownloadError):

@@ -1,6 +1,7 @@
 """Joining with state download: a joiner copies a live peer's state, and survives donors that fail mid-download."""
 
 import asyncio
+import hashlib
 import logging
 import re
 import signal
@@ -14,9 +15,13 @@ from gossiptrain.exchange import Timeouts
 from gossiptrain.optimizer import GossipOptimizer, model_schema
 from gossiptrain.peer import Peer
 from gossiptrain.state import (
+    SMALL_TENSOR_BYTES,
+    InvalidState,
     StateDownloadError,
+    StateStream,
     deserialize_state,
     download_state,
+    encode_state,
     serialize_state,
     state_donors,
     state_protocol,
@@ -113,6 +118,31 @@ def test_optimizer_states_round_trip_with_weights_only(optimizer_class):
     train(optimizer, model, 2)
     state = {"params": [p.detach() for p in model.parameters()], "optimizer": optimizer.state_dict(), "local_step": 2}
     assert_same_state(deserialize_state(serialize_state(state)), state)
+    assert_same_state(deserialize_state(encode_state(state)), state)  # as a download streams it
+
+
+def test_a_download_streams_the_live_tensors_and_copies_only_small_ones_at_the_snapshot():
+    """The donor copies no large tensor whole: it reads each chunk of it from the live tensor as the
+    chunk is sent (here after a change made since the snapshot), while small tensors (step counts)
+    are those of the snapshot's instant.  Any chunk size gives the same bytes and digest."""
+    big = torch.randn(3 * SMALL_TENSOR_BYTES // 4 + 5)  # about 3 chunks of float32 past the small size
+    state = {"params": [big, torch.arange(7.0)], "optimizer": {"step": torch.tensor(3.0)}, "local_step": 3}
+    expected = encode_state(state)
+    stream = StateStream(state)
+    big.add_(1.0)  # the donor trained on after the snapshot
+    state["optimizer"]["step"].fill_(4.0)
+
+    async def read(chunk_bytes: int) -> bytes:
+        return b"".join([bytes(chunk) async for chunk in stream.chunks(chunk_bytes)])
+
+    data = asyncio.run(read(1000))
+    assert len(data) == stream.size == len(expected) and stream.hexdigest() == hashlib.sha256(data).hexdigest()
+    loaded = deserialize_state(data)
+    assert torch.equal(loaded["params"][0], big), "large tensors are read live, as each chunk is sent"
+    assert float(loaded["optimizer"]["step"]) == 3.0, "small ones are the snapshot's"
+    assert torch.equal(loaded["params"][1], torch.arange(7.0)) and loaded["local_step"] == 3
+    with pytest.raises(InvalidState, match="outside the state"):
+        deserialize_state(data[: -len(data) // 3])
 
 
 @pytest.mark.timeout(120)
@@ -174,7 +204,7 @@ async def test_a_failing_donor_is_dropped_and_the_next_one_serves(fault, kind, c
     assert elapsed < FAST.part + 5, elapsed
     [warning] = download_warnings(caplog)
     received, size = map(int, re.search(r"after (\d+) of (\d+) bytes", warning).groups())
-    assert size == len(serialize_state(bad_state))
+    assert size == len(encode_state(bad_state))
     if fault == "corrupt":
         assert received == size, warning
     else:  # the first chunk came, the second did not

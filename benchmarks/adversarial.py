@@ -1,0 +1,385 @@
+"""Hostile peers (issue 13): what 1 or 2 hostile peers of 8 do to training, with and without the defences.
+
+For every task, attack, number of hostile peers and defence setting, a swarm of ``--peers`` training
+peers on 127.0.0.1 is trained from scratch (one bootstrap node for all runs, a run id of its own per
+run): CLI peers (``gossiptrain peer``: the same training loop, ``finish()`` and final evaluation as
+the other benchmarks), peer ``i`` drawing its batches from seed ``i``, every peer taking the same
+number of local steps and averaging after at least ``every_steps`` of them (``average_every_steps``;
+the slot length is short enough that the steps, not the clock, set the pace, so the machine's load
+changes the wall time much more than the rounds per step).  The last ``hostile`` peers are hostile:
+their round exchange is ``gossiptrain.testing.FaultyExchange`` with one attack:
+
+- ``huge``: uploads its values times 1e4 (a client: it reduces no shard);
+- ``heavy``: uploads its values plus 1 with a claimed weight of 1e9 (a client);
+- ``shifted_mean``: owns a shard and returns its shard's mean plus 1 to its group.
+
+Defence settings (``gossiptrain.allreduce.Defences``, the same on every peer of a run):
+
+- ``off``: a plain weighted mean (``Defences.off()``);
+- ``default``: ``DEFAULT_DEFENCES`` as the code has it (its fields are in the JSON's settings);
+- ``clip``: CenteredClip 2.0 around the owner's values and the weight cap 10, without the mean check;
+- ``trimmed``: a coordinate-wise trimmed mean dropping 1 value at each end, the weight cap 10, no mean check.
+
+No attack runs with each of the four (what robust aggregation costs when nobody attacks); each attack
+runs with ``off`` and ``default``.
+
+Reported per run, over the honest peers only: the mean final validation loss (and accuracy for digits)
+after ``finish()``, the same just before it (``pre-fin``: a peer's own model when training stopped),
+the spread between them (``gossiptrain.demo.parameter_spread`` of the saved models, and the range of
+their final losses), the share of their rounds that averaged with a group, and the rejections they
+counted (``clipped``, ``hostile_mean``, ...).  ``finish()`` runs while the hostile peers still attack;
+where they keep the peers from agreeing it ends after ``--finish-timeout`` seconds.
+
+A training peer is made hostile, and given its defences, by this file's ``--worker`` entry: it runs the
+CLI peer (``gossiptrain.cli.main``) with ``gossiptrain.optimizer.GossipOptimizer`` replaced, in that
+process only, by a subclass that passes ``defences``, ``average_every_steps`` and ``load_state=False`` (all
+peers start together from the same seeded model) to the attachment and sets the peer's ``exchange_class``
+to the ``FaultyExchange`` of the attack (as ``FaultyPeer`` does).
+
+    python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
+    python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
+
+Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per run, every per-peer
+number) and ``<out>.png`` (``--out``, default ``benchmarks/results/adversarial``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from environment import report_header
+
+from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
+from gossiptrain.demo import parameter_spread, read_records
+from gossiptrain.testing import LOOPBACK, FaultyExchange, LocalSwarm
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "adversarial"
+ATTACKS = ("huge", "heavy", "shifted_mean")
+DEFENCES = {
+    "off": Defences.off(),
+    "default": DEFAULT_DEFENCES,
+    "clip": Defences(mean_check=None),
+    "trimmed": Defences(rule="trimmed", trim=1, mean_check=None),
+}
+NO_ATTACK_DEFENCES = ("off", "clip", "trimmed", "default")  # which rule costs least when nobody attacks
+ATTACK_DEFENCES = ("off", "default")
+# Per task: local steps per peer (full, --quick), batch size, Adam lr, seconds per slot, local steps per round,
+# hostile counts of the full matrix (charlm: 1 and 2 did not both fit in the ~30 min of the default run).
+TASK_SETTINGS = {
+    "digits": {
+        "steps": 3000,
+        "quick_steps": 600,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "average_every": 0.5,
+        "every_steps": 200,
+        "hostile": (1, 2),
+    },
+    "charlm": {
+        "steps": 80,
+        "quick_steps": 24,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "average_every": 1.0,
+        "every_steps": 8,
+        "hostile": (2,),
+    },
+}
+START_TIMEOUT = 180.0  # seconds a peer waits for all the others to be live (8 peers start on 2 cores)
+
+
+def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: list[str]) -> None:
+    """The CLI peer (``gossiptrain peer CLI_ARGS``) with ``defences``, rounds every ``every_steps`` local
+    steps, and, given ``fault``, the hostile exchange of that attack."""
+    from gossiptrain import cli
+    from gossiptrain import optimizer as optimizer_module
+
+    class BenchmarkOptimizer(optimizer_module.GossipOptimizer):
+        def __init__(self, *args, **kwargs):
+            # every peer starts at once from the same seeded initialisation: nothing to download
+            options = {"defences": DEFENCES[defences], "average_every_steps": every_steps, "load_state": False}
+            super().__init__(*args, **options, **kwargs)
+            if fault is not None:  # rounds start from the step hooks: none has run yet
+                self.peer.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
+
+        def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:
+            return super().wait_for_peers(count, timeout=max(timeout, START_TIMEOUT))
+
+    optimizer_module.GossipOptimizer = BenchmarkOptimizer  # cli.cmd_peer imports it when it runs
+    cli.main(["peer", *cli_args])
+
+
+def matrix(tasks: list[str], attacks: list[str], hostile_counts: dict[str, tuple[int, ...]]) -> list[dict]:
+    """The runs: no attack with each rule for every task first, then each attack x hostile count x defences."""
+    runs = [
+        {"task": task, "attack": "none", "hostile": 0, "defences": name}
+        for task in tasks
+        for name in NO_ATTACK_DEFENCES
+    ]
+    for task in tasks:
+        for attack in attacks:
+            for hostile in hostile_counts[task]:
+                runs += [
+                    {"task": task, "attack": attack, "hostile": hostile, "defences": name} for name in ATTACK_DEFENCES
+                ]
+    return runs
+
+
+def run_name(run: dict) -> str:
+    return f"{run['task']}/{run['attack']}/x{run['hostile']}/{run['defences']}"
+
+
+def run_swarm(swarm: LocalSwarm, work: Path, run_id: str, run: dict, steps: int, args: argparse.Namespace) -> dict:
+    """Train one swarm to the end; its peers' records, saved models and the wall time."""
+    settings = TASK_SETTINGS[run["task"]]
+    started = time.monotonic()
+    peers = []
+    for i in range(args.peers):
+        hostile = i >= args.peers - run["hostile"]
+        cli_args = [
+            *("--host-maddrs", LOOPBACK, "--initial-peers", *swarm.initial_peers, "--run-id", run_id),
+            *("--example", run["task"], "--steps", str(steps), "--seed", str(i), "--threads", "1"),
+            *("--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"])),
+            *("--wait-for-peers", str(args.peers), "--average-every", str(settings["average_every"])),
+            *("--finish-timeout", str(args.finish_timeout)),
+            *("--metrics-file", str(work / f"peer{i}.jsonl"), "--save-model", str(work / f"peer{i}.pt")),
+            *(("--client-mode",) if hostile and run["attack"] != "shifted_mean" else ()),
+        ]
+        worker = ["--worker", "--defences", run["defences"], "--every-steps", str(settings["every_steps"])]
+        worker += ["--fault", run["attack"]] if hostile else []
+        peers.append(swarm.start([sys.executable, __file__, *worker, "--", *cli_args]))
+    deadline = started + args.timeout
+    while any(process.poll() is None for process, _ in peers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    wall = time.monotonic() - started
+    for i, (process, output) in enumerate(peers):
+        if process.poll() is None:
+            LocalSwarm.kill(process.pid)
+        if process.returncode != 0:
+            tail = "\n".join(output.lines[-10:])
+            raise RuntimeError(f"peer {i} of {run_id} exited with {process.returncode} or ran past --timeout:\n{tail}")
+    honest = range(args.peers - run["hostile"])
+    return {
+        "records": {i: read_records(work / f"peer{i}.jsonl") for i in range(args.peers)},
+        "models": [torch.load(work / f"peer{i}.pt") for i in honest],
+        "wall": wall,
+    }
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    """The mean, or None when a value is NaN or infinite (a diverged peer): JSON has no NaN."""
+    return statistics.fmean(values) if values and all(math.isfinite(v) for v in values) else None
+
+
+def summarize(run: dict, swarm: dict, peers: int) -> dict:
+    """The honest peers' numbers of one run (see the module docstring)."""
+    honest = range(peers - run["hostile"])
+    records = swarm["records"]
+    finals = [next((r for r in records[i] if r.get("final")), None) for i in honest]
+    if any(f is None for f in finals):
+        raise RuntimeError("an honest peer wrote no final record; see its output above")
+    rounds = [r for i in honest for r in records[i] if "round" in r]
+    rejected: dict[str, int] = {}
+    for i in honest:
+        last = next((r for r in reversed(records[i]) if "round" in r), None)
+        for kind, count in (last or {}).get("rejected", {}).items():
+            rejected[kind] = rejected.get(kind, 0) + count
+    losses = [f["loss"] for f in finals]
+    spread = parameter_spread(swarm["models"])
+    return {
+        **run,
+        "final_loss": _finite_mean(losses),
+        "final_accuracy": _finite_mean([f["accuracy"] for f in finals]) if run["task"] == "digits" else None,
+        "honest_spread": spread if math.isfinite(spread) else None,
+        "honest_loss_range": max(losses) - min(losses) if all(math.isfinite(v) for v in losses) else None,
+        "rounds_averaged_share": sum(r["status"] == "averaged" for r in rounds) / len(rounds) if rounds else 0.0,
+        "loss_before_finish": _finite_mean([f["loss_before_finish"] for f in finals]),
+        "diverged_peers": sum(not math.isfinite(v) for v in losses),
+        "honest_peers": len(finals),
+        "rounds_per_peer": len(rounds) / len(finals),
+        "steps": [f["step"] for f in finals],
+        "rejected": rejected,
+        "wall_seconds": swarm["wall"],
+        "per_peer": [
+            {k: f.get(k) for k in ("loss", "accuracy", "loss_before_finish", "rounds_done", "rounds_failed")}
+            for f in finals
+        ],
+    }
+
+
+def _number(value: float | None, fmt: str) -> str:
+    """``value`` in ``fmt``, or in 3 significant digits once it is too large for it (a diverged run)."""
+    if value is None:
+        return "n/a"
+    return format(value, ".3g" if abs(value) >= 1e4 else fmt)
+
+
+def table(summary: list[dict]) -> str:
+    header = (
+        f"{'task':<7} {'attack':<13} {'hostile':>7} {'defences':<16} {'final loss':>10} {'vs none':>9} "
+        f"{'pre-fin':>8} {'accuracy':>8} {'spread':>8} {'averaged':>8} {'rejected':<28} {'wall s':>6}"
+    )
+    rows = [header, "-" * len(header)]
+    for s in summary:
+        if "error" in s:
+            rows.append(f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {s['defences']:<16} failed: {s['error']}")
+            continue
+        rejected = ",".join(f"{k}={v}" for k, v in sorted(s["rejected"].items())) or "-"
+        rows.append(
+            f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {s['defences']:<16} "
+            f"{_number(s['final_loss'], '.4f'):>10} {_number(s.get('vs_no_attack_off_pct'), '+.1f'):>8}% "
+            f"{_number(s['loss_before_finish'], '.4f'):>8} {_number(s['final_accuracy'], '.4f'):>8} "
+            f"{_number(s['honest_spread'], '.1e'):>8} {s['rounds_averaged_share']:>8.2f} {rejected[:28]:<28} "
+            f"{s['wall_seconds']:>6.0f}"
+        )
+    rows.append(
+        "honest peers only: final loss/accuracy after finish(), mean over them; vs none: against the same task's "
+        "no-attack run with defences off; pre-fin: before finish(); spread: relative spread of their parameters; "
+        "averaged: share of their rounds that averaged; rejected: their counts summed (clipped: contributions clipped)"
+    )
+    return "\n".join(rows)
+
+
+def add_baselines(summary: list[dict]) -> None:
+    """Each run's final loss against its task's no-attack run with defences off, in %."""
+    base = {
+        s["task"]: s["final_loss"]
+        for s in summary
+        if s["attack"] == "none" and s["defences"] == "off" and s.get("final_loss") is not None
+    }
+    for s in summary:
+        if s.get("final_loss") is not None and s["task"] in base:
+            s["vs_no_attack_off_pct"] = 100 * (s["final_loss"] / base[s["task"]] - 1)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in report["summary"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.8), squeeze=False)
+    colors = {"off": "tab:red", "clip": "tab:blue", "trimmed": "tab:green", "default": "tab:purple"}
+    for ax, task in zip(axes[0], tasks):
+        rows = [s for s in report["summary"] if s["task"] == task and "error" not in s]
+        labels = list(dict.fromkeys(f"{s['attack']}\nx{s['hostile']}" for s in rows))
+        width, seen = 0.8 / len(colors), set()
+        for k, name in enumerate(colors):
+            for s in (s for s in rows if s["defences"] == name):
+                x = labels.index(f"{s['attack']}\nx{s['hostile']}") + (k - (len(colors) - 1) / 2) * width
+                value = s["final_loss"] if s["final_loss"] is not None else math.nan
+                ax.bar([x], [value], width, color=colors[name], label=None if name in seen else name)
+                seen.add(name)
+                if s["final_loss"] is None:
+                    ax.annotate("NaN", (x, 0.01), xycoords=("data", "axes fraction"), ha="center", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylabel("honest peers' final validation loss (mean, log scale)")
+        ax.set_title(f"{task}: {report['settings']['peers']} peers, attack x hostile peers")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['date']}; {report['machine']['cpu_count']} CPUs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="digits,charlm", help="comma-separated example tasks")
+    parser.add_argument("--peers", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, 2 hostile peers only (a smoke run)")
+    parser.add_argument("--steps", type=int, default=None, help="local steps per peer for every task")
+    parser.add_argument("--hostile", default=None, help="comma-separated hostile counts for every task")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks")
+    parser.add_argument("--finish-timeout", type=float, default=10.0, help="seconds finish() waits for agreement")
+    parser.add_argument("--timeout", type=float, default=400.0, help="seconds allowed for one swarm's run")
+    parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep metrics files and models here")
+    parser.add_argument("--only", default=None, help="run only the matrix rows whose name contains this")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--defences", choices=sorted(DEFENCES), default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--fault", choices=ATTACKS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--every-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("cli_args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return peer_worker(args.defences, args.fault, args.every_steps, args.cli_args)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick") if args.quick else DEFAULT_OUT
+    tasks = [t for t in args.tasks.split(",") if t]
+    attacks = [a for a in args.attacks.split(",") if a]
+    if unknown := [a for a in attacks if a not in ATTACKS] + [t for t in tasks if t not in TASK_SETTINGS]:
+        parser.error(f"unknown attack(s) or task(s) {unknown}: choose from {ATTACKS} and {sorted(TASK_SETTINGS)}")
+    if args.hostile:
+        counts = {task: tuple(int(h) for h in args.hostile.split(",")) for task in tasks}
+    else:
+        counts = {task: (2,) if args.quick else TASK_SETTINGS[task]["hostile"] for task in tasks}
+    steps = {task: args.steps or TASK_SETTINGS[task]["quick_steps" if args.quick else "steps"] for task in tasks}
+    report = report_header("adversarial", args, ("worker", "defences", "fault", "every_steps", "cli_args"))
+    report["settings"].update(
+        steps=steps,
+        hostile_counts=counts,
+        task_settings={task: TASK_SETTINGS[task] for task in tasks},
+        defences={name: dataclasses.asdict(d) for name, d in DEFENCES.items()},
+        reduced=(
+            "charlm: 2 hostile peers only, 80 steps per peer (the whole matrix did not fit in ~30 min)"
+            if not args.hostile and "charlm" in tasks and not args.quick
+            else None
+        ),
+    )
+    report["summary"] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    runs = matrix(tasks, attacks, counts)
+    if args.only:
+        runs = [run for run in runs if args.only in run_name(run)]
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        for n, run in enumerate(runs):
+            print(f"[{time.monotonic() - started:5.0f}s] run {n + 1}/{len(runs)}: {run_name(run)}", flush=True)
+            run_id = re.sub(r"[^A-Za-z0-9-]+", "-", f"adv-{os.getpid()}-{n}-{run['task']}-{run['attack']}")
+            with tempfile.TemporaryDirectory(prefix="gossiptrain-adv-") as workdir:
+                work = Path(workdir) if args.keep is None else args.keep / run_id
+                work.mkdir(parents=True, exist_ok=True)
+                try:
+                    swarm_run = run_swarm(swarm, work, run_id, run, steps[run["task"]], args)
+                    result = summarize(run, swarm_run, args.peers)
+                except (RuntimeError, OSError) as e:
+                    print(f"  failed: {e}", flush=True)
+                    result = {**run, "error": str(e).splitlines()[0]}
+            report["summary"].append(result)
+            add_baselines(report["summary"])
+            if "error" not in result:
+                print(
+                    f"  final loss {_number(result['final_loss'], '.4f')}, accuracy "
+                    f"{_number(result['final_accuracy'], '.4f')}, before finish "
+                    f"{_number(result['loss_before_finish'], '.4f')}, rejected {result['rejected']}, "
+                    f"{result['wall_seconds']:.0f} s",
+                    flush=True,
+                )
+            args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far
+    report["total_seconds"] = time.monotonic() - started
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    print()
+    print(table(report["summary"]))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Peak host memory of a round, measured: a 25M-parameter peer averaging with a partner, and serving its state.
+
+Each case runs a measured peer and its partner as processes (``tests/memory_workers.py``): the measured
+peer's extra peak RSS over its baseline (taken after its first step, before its first round) while it
+averages two rounds with its partner, or while a joiner downloads its state and then averages with it.
+DESIGN's target is 1x the model's fp32 size; the bounds below are what the round machinery reaches
+today (``benchmarks/README.md``, "Memory": where the rest goes), with a margin for the allocator.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.memory_workers import measure
+
+NUMEL = 25_000_000
+# Extra peak / fp32 model size, measured here with ``benchmarks/memory.py`` (2 cores, shared, loaded), a
+# training step's temporaries included (0.2-1x): none 4.5-5.3x, int8 4.0-4.4x, topk:0.01+int8 5.9x, none
+# while serving state 5.1x; before these bounds (commit fea7eb8): 11.5x, 10.9x, 11.7x and 11.6x.  Bounds:
+# the worst seen plus about 0.7x for the spread between runs.  DESIGN's target, 1x, is not reached yet.
+BOUNDS = {"none": 6.0, "int8": 5.2, "topk:0.01+int8": 6.8, "serve": 6.0}
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("case", list(BOUNDS))
+def test_a_rounds_extra_peak_host_memory_is_bounded(case):
+    serve = case == "serve"
+    rounds = 1 if serve else 2  # serving: the download, then a round with the joiner
+    result = measure(NUMEL, "none" if serve else case, serve=serve, rounds=rounds, average_every=6.0, timeout=240.0)
+    assert result["statuses"].count("averaged") >= rounds, result["statuses"]
+    if serve:
+        assert result["served"] == 1, "the joiner downloaded the measured peer's state"
+    extra = result["extra_bytes"] / result["model_bytes"]
+    assert extra <= BOUNDS[case], (
+        f"{case}: extra peak {extra:.2f}x the fp32 model ({result['extra_bytes'] / 2**20:.0f} MiB over a "
+        f"baseline of {result['baseline_bytes'] / 2**20:.0f} MiB), the bound is {BOUNDS[case]}x"
+    )
