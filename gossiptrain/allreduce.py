@@ -155,10 +155,10 @@ class Defences:
     refused where the member's values agreed with its group last round (a hostile owner of a shard the
     member did not hold a mean of is bounded only by the next rounds' honest means).  The trimmed rule
     instead bounds each value of the mean by the honest contributions' range there while at most
-    ``trim`` contributions to a shard are hostile.  Groups of two, where the one other contribution
-    would set its own radius, occur only in swarms of two (``groups.MIN_GROUP``); there the owner's
-    recent spread (``ShardReduction.typical``) still bounds it, once the owner has one.  Not covered: a
-    majority of hostile members, a push below the bounds repeated round after round (it adds up).
+    ``trim`` contributions to a shard are hostile.  Not covered: groups of two, where the one other
+    contribution sets its own radius (they occur only in swarms of two or with a target group size of
+    two: ``groups.MIN_GROUP``), a majority of hostile members, a push below the bounds repeated round
+    after round (it adds up).
     """
 
     clip: float | None = 2.0
@@ -224,9 +224,7 @@ class ShardReduction:
 
     Keeps the contributions until the mean is taken (the clip radius depends on all of them), in
     float32; the result is the owner's values plus the clipped, weighted mean of the differences, or
-    with ``rule="trimmed"`` the weighted mean of what is left per value after trimming.  ``typical``
-    (the owner's median ``spread`` of its recent rounds) is one more vote for the clip radius, so that
-    a lone contribution, or one hostile member among two, is bounded by what the owner usually sees.
+    with ``rule="trimmed"`` the weighted mean of what is left per value after trimming.
     """
 
     def __init__(
@@ -234,12 +232,9 @@ class ShardReduction:
         own_values: torch.Tensor,
         own_weight: float,
         defences: Defences = DEFAULT_DEFENCES,
-        typical: float | None = None,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
         self._contributions: list[tuple[torch.Tensor, float]] = []
-        self.typical = typical  # the owner's recent median distance, relative to its values (see ``mean``)
-        self.spread: float | None = None  # this round's, once ``mean`` has seen two contributions or more
         self.clipped = 0
 
     @property
@@ -269,13 +264,7 @@ class ShardReduction:
         scales = [1.0] * len(differences)
         if self.defences.clip is not None and differences:
             norms = [torch.linalg.vector_norm(d, dtype=torch.float64).item() for d in differences]
-            size = torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
-            if len(norms) >= 2 and size > 0:
-                self.spread = statistics.median_low(norms) / size
-            # the owner's recent typical distance votes too: in a group of two, the one contribution
-            # cannot set its own radius (without a history, it does: groups of two are not covered)
-            votes = norms if self.typical is None else [*norms, self.typical * size]
-            radius = self.defences.clip * statistics.median_low(votes)
+            radius = self.defences.clip * statistics.median_low(norms)
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
             self.clipped = sum(scale < 1.0 for scale in scales)
         mean = self._own.clone()

@@ -148,7 +148,6 @@ class RoundResult:
     errors: list[str] = field(default_factory=list)
     participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
     answered: set[str] = field(default_factory=set)  # members whose slice or mean reached us whole
-    spread: float | None = None  # our shard's median contribution distance, relative (``ShardReduction``)
 
     @property
     def group_size(self) -> int:
@@ -220,7 +219,6 @@ class RoundExchange:
         mode: str = "params",
         defences: Defences = DEFAULT_DEFENCES,
         agreed: list[tuple[int, int]] | None = None,
-        typical: float | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
         self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
@@ -236,7 +234,7 @@ class RoundExchange:
         self._averaged = torch.empty_like(values)
         self._reduction = None
         if self._own_shard is not None:
-            self._reduction = ShardReduction(self._own_contribution(), weight, defences, typical)
+            self._reduction = ShardReduction(self._own_contribution(), weight, defences)
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
@@ -299,7 +297,6 @@ class RoundExchange:
             time.perf_counter() - started,
             self.errors,
             answered=answered,
-            spread=None if self._reduction is None else self._reduction.spread,
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:

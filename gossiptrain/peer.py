@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +47,6 @@ CLOCK_PEERS = 5  # live peers asked for their time per estimate
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
 MAX_VOUCHES = 64  # and names at most this many of them (a reader reads no more of anyone's)
-SPREAD_ROUNDS = 8  # an owner's clip radius also weighs the median spread of its shards in this many rounds
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -236,7 +234,6 @@ class Peer:
         self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
         self._answered: collections.deque[set[str]] = collections.deque(maxlen=VOUCH_ROUNDS)  # per recent round
         self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a group mean
-        self._spreads: dict[str, collections.deque[float]] = {}  # per mode: our shards' recent spreads
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -611,7 +608,6 @@ class Peer:
             mode,
             self.defences,
             self._agreed.get(mode),
-            statistics.median(self._spreads[mode]) if self._spreads.get(mode) else None,
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():
@@ -625,8 +621,6 @@ class Peer:
         result.seconds, result.participants = time.perf_counter() - started, len(vouches)
         self._answered.append(result.answered)
         self._agreed[mode] = result.combined
-        if result.spread is not None:
-            self._spreads.setdefault(mode, collections.deque(maxlen=SPREAD_ROUNDS)).append(result.spread)
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
 
