@@ -198,9 +198,10 @@ def outlying_means(
 ) -> set[tuple[int, int]]:
     """The shards (bounds) whose mean is too far from a member's values for ``defences.mean_check``.
 
-    Only shards inside ``agreed`` (where the member's values held a group mean after its previous
-    round; None: everywhere) are checked.  Elsewhere its values may lie apart from the group's (a shard
-    that failed, or was refused), and the honest mean that brings them back must not look hostile.
+    Only shards inside ``agreed`` (where the member's values held a mean of its whole group after its
+    previous round, by the owners' counts; None: everywhere) are checked.  Elsewhere its values, or
+    another member's, may lie apart from the group's (a shard that failed, was refused, or left a
+    member out), and the honest mean that brings them back must not look hostile.
     """
     if defences.mean_check is None or len(distances) < 2:
         return set()

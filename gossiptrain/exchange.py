@@ -148,6 +148,9 @@ class RoundResult:
     errors: list[str] = field(default_factory=list)
     participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
     answered: set[str] = field(default_factory=set)  # members whose slice or mean reached us whole
+    # of those, the slices whose mean combined every member: there the group's values now agree, and
+    # next round's means are checked (``Defences.mean_check``)
+    agreed: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def group_size(self) -> int:
@@ -238,6 +241,8 @@ class RoundExchange:
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
+        self._whole: set[tuple[int, int]] = set()  # shards whose mean, by its owner's count, combined every member
+        self._contributors = 0  # how many members our own shard's mean combined (ours included)
         self._mean_values: torch.Tensor | None = None  # a lossless mean: a view of the round's result
         self._replying = 0  # replies being sent
         self._replies: list[asyncio.Future[None]] = []
@@ -297,6 +302,7 @@ class RoundExchange:
             time.perf_counter() - started,
             self.errors,
             answered=answered,
+            agreed=[bounds for bounds in combined if bounds in self._whole],
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
@@ -310,6 +316,9 @@ class RoundExchange:
             return None
         reduction, start, end = self._reduction, *self._own_shard
         mean = reduction.mean()
+        self._contributors = reduction.contributors + 1
+        if self._contributors == len(self.plan.members):
+            self._whole.add(self._own_shard)
         # the contributions are not needed any more (later ones are late): their memory goes now
         self._reduction, total_weight = None, reduction.total_weight
         if reduction.clipped:
@@ -333,7 +342,7 @@ class RoundExchange:
     def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> None:
         """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
         those shards keep our own values, as though their owner had failed.  Only where our values held
-        a group mean after our previous round (``agreed``) are means checked."""
+        mean of the whole group after our previous round (``agreed``) are means checked."""
         distances = {
             bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
         }
@@ -438,7 +447,12 @@ class RoundExchange:
                 self._replying += 1
                 try:
                     async with asyncio.timeout(self._sending_time(end - start)):
-                        message = {"round_id": self.plan.round_id, "codec": spec, "late": late}
+                        message = {
+                            "round_id": self.plan.round_id,
+                            "codec": spec,
+                            "late": late,
+                            "contributors": self._contributors,
+                        }
                         await write_message(writer, FrameKind.RESULT, message, self.counter)
                         await _send_payloads(writer, payloads, self.counter)
                 finally:
@@ -569,6 +583,8 @@ class RoundExchange:
                 mean = await self._receive_mean(owner, message, reader, end - start, self._averaged[start:end])
                 if message.get("late"):
                     self.errors.append(f"{owner} left our slice out (late): we take the group's mean without it")
+                elif message.get("contributors") == len(self.plan.members):
+                    self._whole.add(bounds)
                 return bounds, mean
         except EXCHANGE_ERRORS as e:
             self.errors.append(f"shard of {owner} failed: {e!r}")

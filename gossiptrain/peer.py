@@ -233,7 +233,7 @@ class Peer:
         self._listen_maddrs: list[str] = []  # ours, without /p2p/, published in our record
         self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
         self._answered: collections.deque[set[str]] = collections.deque(maxlen=VOUCH_ROUNDS)  # per recent round
-        self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a group mean
+        self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a whole-group mean
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -620,7 +620,7 @@ class Peer:
             self._forget_old_rounds(round_id)
         result.seconds, result.participants = time.perf_counter() - started, len(vouches)
         self._answered.append(result.answered)
-        self._agreed[mode] = result.combined
+        self._agreed[mode] = result.agreed
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
 

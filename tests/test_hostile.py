@@ -57,6 +57,7 @@ async def test_a_hostile_member_moves_honest_results_by_at_most_three_times_thei
     honest_mean = inputs.mean(dim=0)
     for result, _ in results:
         assert result.status == "averaged" and len(result.combined) == 3, result.errors
+        assert result.agreed == result.combined, "every mean combined all four members"
         moved = torch.linalg.vector_norm(result.averaged - honest_mean).item()
         assert moved <= 3 * spread(inputs), f"moved {moved / spread(inputs):.1f}x the honest spread"
 
@@ -66,6 +67,17 @@ async def test_without_defences_the_same_member_moves_them_far():
     results, inputs = await one_round("huge", hostile_reduces=False, defences=Defences.off())
     for result, _ in results:
         assert torch.linalg.vector_norm(result.averaged - inputs.mean(dim=0)).item() > 100 * spread(inputs)
+
+
+@pytest.mark.timeout(120)
+async def test_a_mean_that_left_a_member_out_is_not_checked_next_round():
+    """The owners refuse the fourth member's slices: their means combine three of four members, whose
+    values therefore still differ there, so next round's honest mean may lie far from ours."""
+    results, _ = await one_round("wrong_run", hostile_reduces=False)
+    for result, rejections in results:
+        assert result.status == "averaged" and len(result.combined) == 3, result.errors
+        assert result.agreed == [], "no shard's mean combined the whole group"
+        assert rejections["wrong_run"] >= 1, rejections
 
 
 @pytest.mark.timeout(120)
