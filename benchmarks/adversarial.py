@@ -17,7 +17,8 @@ Defence settings (``gossiptrain.allreduce.Defences``, the same on every peer of 
 
 - ``off``: a plain weighted mean (``Defences.off()``);
 - ``default``: ``DEFAULT_DEFENCES`` as the code has it (its fields are in the JSON's settings);
-- ``clip``: CenteredClip 2.0 around the owner's values and the weight cap 10, without the mean check;
+- ``clip``: CenteredClip 2.0 around the owner's values (contributions beyond 20x the median distance dropped)
+  and the weight cap 10, without the mean check;
 - ``trimmed``: a coordinate-wise trimmed mean dropping 1 value at each end, the weight cap 10, no mean check.
 
 No attack runs with each of the four (what robust aggregation costs when nobody attacks); each attack

@@ -234,6 +234,7 @@ def peer_argv(system: str, i: int, links: EmulatedLinks, entry: str, work: Path,
         argv = [sys.executable, "-m", "gossiptrain", "peer", "--example", "charlm", "--run-id", f"lc-{work.name}"]
         argv += ["--host-maddrs", links.maddr(i), "--initial-peers", entry, "--threads", "1"]
         argv += ["--group-size", str(args.peers), "--wait-for-peers", str(args.peers), "--finish-timeout", "10"]
+        argv += ["--no-load-state"]  # every system starts from the same seeded model: no joiner's download
         if system == "gossip":
             argv += ["--codec", args.gossip_codec, "--average-every", str(args.gossip_average_every)]
         else:

@@ -46,6 +46,7 @@ CPU: ``cpu_s`` is the user + system CPU time, during the round, of every process
 session (its Python process, its p2pd daemon and, for hivemind, the DHT and averager processes it
 forks), read from /proc.  Unlike wall time it hardly depends on what else runs on the machine; on
 a machine with C cores and N peers, a round takes at least about N * cpu_s / C seconds.
+``p2pd_cpu_s`` is the libp2p daemons' share of it: the floor that relaying the bytes sets alone.
 
     python benchmarks/round_time.py                         # 2,4 peers x 1M,10M (~3 min on 2 cores)
     python benchmarks/round_time.py --peers 4 --sizes 10M --rounds 8 --warmup 2
@@ -116,10 +117,11 @@ def max_abs_error(averaged: torch.Tensor, num_peers: int, round_index: int) -> f
     return worst
 
 
-def session_cpu_seconds() -> float:
-    """User + system CPU time so far of every process in this process's session: the peer's Python
-    process, its libp2p daemon and, for hivemind, its DHT and averager processes."""
-    session, ticks, total = os.getsid(0), os.sysconf("SC_CLK_TCK"), 0
+def session_cpu_seconds() -> tuple[float, float]:
+    """User + system CPU time so far of every process in this process's session (the peer's Python
+    process, its libp2p daemon and, for hivemind, its DHT and averager processes), and of its libp2p
+    daemons (``p2pd``) alone."""
+    session, ticks, total, daemons = os.getsid(0), os.sysconf("SC_CLK_TCK"), 0, 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -128,8 +130,16 @@ def session_cpu_seconds() -> float:
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()  # fields[3]: session; [11], [12]: utime, stime
             if int(fields[3]) == session:
-                total += int(fields[11]) + int(fields[12])
-    return total / ticks
+                ticks_used = int(fields[11]) + int(fields[12])
+                total += ticks_used
+                if stat[stat.index("(") + 1 : stat.rindex(")")] == "p2pd":
+                    daemons += ticks_used
+    return total / ticks, daemons / ticks
+
+
+def cpu_since(before: tuple[float, float]) -> dict:
+    now = session_cpu_seconds()
+    return {"cpu_s": now[0] - before[0], "p2pd_cpu_s": now[1] - before[1]}
 
 
 def session_peak_rss_mb() -> float:
@@ -231,12 +241,12 @@ async def _gossiptrain_peer(index, num_peers, numel, rounds, initial_peers, run_
             result = await peer.average(values, round_id=round_id)
             if measured:
                 profiler.disable()
-            cpu = session_cpu_seconds() - cpu
+            cpu = cpu_since(cpu)
             records.append(
                 {
                     "round": k,
                     "seconds": result.seconds,
-                    "cpu_s": cpu,
+                    **cpu,
                     "registration_s": registration[-1] if registration else None,
                     "participants_s": reading[-1] if reading else None,
                     "status": result.status,
@@ -306,7 +316,7 @@ def hivemind_peer(
             except Exception as e:  # hivemind raises AllreduceException when no group was found in time
                 gathered, error_text = None, repr(e)
             seconds = time.perf_counter() - started
-            cpu = session_cpu_seconds() - cpu
+            cpu = cpu_since(cpu)
             with averager.get_tensors() as tensors:
                 error = max_abs_error(tensors[0], num_peers, k)
                 unchanged = bool(torch.equal(tensors[0], values))
@@ -314,7 +324,7 @@ def hivemind_peer(
                 {
                     "round": k,
                     "seconds": seconds,
-                    "cpu_s": cpu,
+                    **cpu,
                     "status": "averaged" if gathered is not None else "failed",
                     "group_size": len(gathered) if gathered is not None else 1,
                     "max_abs_error": error,
@@ -420,6 +430,9 @@ def summarize(system: str, num_peers: int, numel: int, swarm: dict, warmup: int)
         "median_cpu_s_per_peer_round": statistics.median(r["cpu_s"] for k in measured for r in per_round[k])
         if measured
         else None,
+        "median_p2pd_cpu_s_per_peer_round": statistics.median(r["p2pd_cpu_s"] for k in measured for r in per_round[k])
+        if measured
+        else None,
         "round_s_max_over_peers": round_max,
         "max_abs_error": max(
             (r["max_abs_error"] for k in range(rounds) for r in per_round[k] if r["status"] == "averaged"), default=None
@@ -474,6 +487,8 @@ def table(results: list[dict]) -> str:
         ("h peak MB", 9, lambda r, g, h: _fmt(h and h["peak_rss_mb_per_peer"], ".0f")),
         ("g cpu s", 7, lambda r, g, h: _fmt(g and g["median_cpu_s_per_peer_round"], ".2f")),
         ("h cpu s", 7, lambda r, g, h: _fmt(h and h["median_cpu_s_per_peer_round"], ".2f")),
+        ("g p2pd s", 8, lambda r, g, h: _fmt(g and g.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
+        ("h p2pd s", 8, lambda r, g, h: _fmt(h and h.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
         (
             "incomplete g/h",
             14,
@@ -557,7 +572,8 @@ def main() -> None:
     print()
     print(
         f"round time: median over {args.rounds - args.warmup} measured rounds of the per-round max over peers; "
-        "cpu s: median CPU seconds per peer per round (all its processes: Python, p2pd, hivemind's DHT/averager)"
+        "cpu s: median CPU seconds per peer per round (all its processes: Python, p2pd, hivemind's DHT/averager); "
+        "p2pd s: of that, its libp2p daemon's"
     )
     print(table(results))
     report = {

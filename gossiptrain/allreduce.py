@@ -129,6 +129,11 @@ class Defences:
         clip: CenteredClip (Karimireddy et al., 2021; BTARD, Gorbunov et al., 2022) around the owner's
             own values: a contribution farther from them than ``clip`` times the median distance of the
             contributions counts only up to that radius.  Unclipped, the result is the weighted mean.
+        drop: with ``clip``, a contribution farther than ``drop`` times that median distance is left
+            out of the mean altogether (counted as ``dropped``): values far beyond any honest spread
+            then move nothing, where clipped they would still pull the mean by the radius every round,
+            always the same way, and the honest peers' spread, and with it the radius, would grow
+            round after round (``benchmarks/adversarial.py``, ``huge``).
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
@@ -150,10 +155,11 @@ class Defences:
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
-    distance, over the group's total weight; with ``mean_check``, while fewer than half of a member's
-    shards have hostile owners, a shifted mean larger than ``mean_check`` times the typical one is
-    refused where the member's values agreed with its group last round (a hostile owner of a shard the
-    member did not hold a mean of is bounded only by the next rounds' honest means).  The trimmed rule
+    distance, over the group's total weight, and not at all from beyond ``drop`` times it; with
+    ``mean_check``, while fewer than half of a member's shards have hostile owners, a shifted mean
+    larger than ``mean_check`` times the typical one is refused where the member's values agreed with
+    its whole group last round, and again in the rounds after (a hostile owner of a shard the member
+    did not hold such a mean of is bounded only by the next rounds' honest means).  The trimmed rule
     instead bounds each value of the mean by the honest contributions' range there while at most
     ``trim`` contributions to a shard are hostile.  Not covered: groups of two, where the one other
     contribution sets its own radius (they occur only in swarms of two or with a target group size of
@@ -162,6 +168,7 @@ class Defences:
     """
 
     clip: float | None = 2.0
+    drop: float | None = 20.0
     weight_cap: float | None = 10.0
     mean_check: float | None = 10.0
     rule: str = "clip"
@@ -175,7 +182,7 @@ class Defences:
 
     @classmethod
     def off(cls) -> Defences:
-        return cls(None, None, None)
+        return cls(clip=None, drop=None, weight_cap=None, mean_check=None)
 
 
 DEFAULT_DEFENCES = Defences()
@@ -236,7 +243,7 @@ class ShardReduction:
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
         self._contributions: list[tuple[torch.Tensor, float]] = []
-        self.clipped = 0
+        self.clipped = self.dropped = 0
 
     @property
     def contributors(self) -> int:
@@ -260,14 +267,21 @@ class ShardReduction:
         weights = self._weights()
         if self.defences.rule == "trimmed":
             return self._trimmed_mean(weights)
-        total = sum(weights)
         differences = [values - self._own for values, _ in self._contributions]
         scales = [1.0] * len(differences)
         if self.defences.clip is not None and differences:
             norms = [torch.linalg.vector_norm(d, dtype=torch.float64).item() for d in differences]
-            radius = self.defences.clip * statistics.median_low(norms)
+            median = statistics.median_low(norms)
+            radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
+            if self.defences.drop is not None:
+                scales = [0.0 if norm > self.defences.drop * median else scale for scale, norm in zip(scales, norms)]
+                weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
+                differences = [d for d, scale in zip(differences, scales) if scale > 0]
+                self.dropped = len(scales) - len(differences)
+                scales = [scale for scale in scales if scale > 0]
             self.clipped = sum(scale < 1.0 for scale in scales)
+        total = sum(weights)
         mean = self._own.clone()
         for difference, weight, scale in zip(differences, weights[1:], scales):
             mean.add_(difference, alpha=weight * scale / total)

@@ -147,6 +147,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         identity_path=args.identity,
         credential=args.credential,
         bandwidth_mbit=args.bandwidth_mbit,
+        load_state=not args.no_load_state,
         **_outer_options(args),
     )
     with optimizer:
@@ -432,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     peer.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for the others at the end")
     peer.add_argument("--wait-for-peers", type=int, default=1, metavar="N", help="start training once N peers are live")
+    peer.add_argument(
+        "--no-load-state",
+        action="store_true",
+        help="start from the model as built, without downloading a live peer's state: for peers started "
+        "together from the same initialisation (the examples build theirs from a fixed seed)",
+    )
     peer.add_argument("--save-model", default=None, metavar="PATH", help="save the model's state_dict here at the end")
     peer.add_argument(
         "--client-mode",

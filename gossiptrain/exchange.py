@@ -274,7 +274,7 @@ class RoundExchange:
                 means[bounds] = values
         answered = {owners[bounds] for bounds in means} - {self.me}
         answered |= {peer for peer, future in self._expected.items() if future.done() and future.result()}
-        self._refuse_outlying_means(means)
+        refused = self._refuse_outlying_means(means)
         combined = sorted(means)
         for bounds in combined:
             self._commit_error_feedback(bounds, means[bounds])
@@ -302,7 +302,7 @@ class RoundExchange:
             time.perf_counter() - started,
             self.errors,
             answered=answered,
-            agreed=[bounds for bounds in combined if bounds in self._whole],
+            agreed=sorted([bounds for bounds in combined if bounds in self._whole] + refused),
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
@@ -324,6 +324,9 @@ class RoundExchange:
         if reduction.clipped:
             self.rejections["clipped"] += reduction.clipped
             self.errors.append(f"clipped {reduction.clipped} contribution(s) to our shard (CenteredClip)")
+        if reduction.dropped:
+            self.rejections["dropped"] += reduction.dropped
+            self.errors.append(f"dropped {reduction.dropped} contribution(s) to our shard: beyond Defences.drop")
         codec = self.codec.for_mean(reduction.contributors + 1, _union_fraction(mean))
         del reduction
         result = self._averaged[start:end]
@@ -339,20 +342,25 @@ class RoundExchange:
         self._keep_what_the_mean_rounded_off(mean, result, total_weight)
         return self._own_shard, result
 
-    def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> None:
+    def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> list[tuple[int, int]]:
         """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
         those shards keep our own values, as though their owner had failed.  Only where our values held
-        mean of the whole group after our previous round (``agreed``) are means checked."""
+        a mean of the whole group after our previous round (``agreed``) are means checked.  Returns the
+        refused shards: our values there agree with the group's as before, so they stay checked next
+        round (a hostile owner cannot slip every second shifted mean through)."""
         distances = {
             bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
         }
         owners = {bounds: owner for owner, bounds in self._shards.items()}
+        refused = []
         for bounds in outlying_means(distances, self.defences, self.agreed) - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
             self.errors.append(f"refused {owners[bounds]}'s mean: {detail}")
             self._undo_error_feedback(bounds)
             del means[bounds]
+            refused.append(bounds)
+        return refused
 
     async def _wait_or_leave_out(self, uploads: dict[asyncio.Task, str]) -> None:
         """Wait for our uploads' means; once half of them are back (failed ones do not count), the rest

@@ -110,6 +110,20 @@ def test_centered_clip_bounds_a_huge_contribution_and_a_huge_weight():
         assert torch.linalg.vector_norm(plain.mean() - honest_mean).item() > 5 * spread, "the attack must matter"
 
 
+def test_a_contribution_far_beyond_the_clip_radius_is_dropped_and_moves_nothing():
+    honest, spread = _honest_and_hostile()
+    reduction = ShardReduction(honest[0], 1.0)
+    reduction.add(honest[2], 2.0)
+    reduction.add(honest[1] + 1e4 * spread, 1.0)
+    assert torch.allclose(reduction.mean(), (honest[0] + 2.0 * honest[2]) / 3.0, atol=1e-6)
+    assert reduction.dropped == 1 and reduction.clipped == 0
+    near = ShardReduction(honest[0], 1.0, Defences(drop=None))
+    near.add(honest[2], 2.0)
+    near.add(honest[1] + 1e4 * spread, 1.0)
+    near.mean()
+    assert near.dropped == 0 and near.clipped == 1, "without drop it is clipped, and still counts"
+
+
 def test_without_an_outlier_the_robust_mean_is_the_weighted_mean():
     honest, _ = _honest_and_hostile(4)
     reduction = ShardReduction(honest[0], 1.0)

@@ -22,9 +22,10 @@ def honest_inputs(count: int = 3) -> torch.Tensor:
 
 
 async def one_round(
-    fault: str, *, hostile_reduces: bool, defences: Defences = DEFAULT_DEFENCES
+    fault: str, *, hostile_reduces: bool, defences: Defences = DEFAULT_DEFENCES, rounds: int = 1
 ) -> tuple[list, torch.Tensor]:
-    """Three honest peers and one hostile one average a round in one group: the honest results and inputs."""
+    """Three honest peers and one hostile one average ``rounds`` rounds in one group, each round from
+    the last one's results: the honest peers' last results with their rejections, and the inputs."""
     options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=3.0, part=5.0), defences=defences)
     inputs = honest_inputs()
     async with contextlib.AsyncExitStack() as stack:
@@ -36,11 +37,14 @@ async def one_round(
         bad = FaultyPeer("hostile", initial_peers=maddrs, fault=fault, client_mode=not hostile_reduces, **options)
         bad = await stack.enter_async_context(bad)
         await first.wait_for_peers(4, timeout=30)
-        round_id = first.next_round_id(lead=1.0)
-        results = await asyncio.gather(
-            *(peer.average(values, 1.0, round_id) for peer, values in zip(honest, inputs)),
-            bad.average(inputs.mean(dim=0), 1.0, round_id),
-        )
+        values = list(inputs)
+        for _ in range(rounds):
+            round_id = first.next_round_id(lead=1.0)
+            results = await asyncio.gather(
+                *(peer.average(own, 1.0, round_id) for peer, own in zip(honest, values)),
+                bad.average(inputs.mean(dim=0), 1.0, round_id),
+            )
+            values = [result.averaged for result in results[:3]]
         rejections = [peer.rejections for peer in honest]
     return list(zip(results[:3], rejections)), inputs
 
@@ -91,6 +95,19 @@ async def test_a_shifted_mean_is_refused_counted_and_changes_no_honest_values():
         assert len(result.combined) == 3, "the three honest owners' means are taken"
         assert torch.equal(result.averaged[~held], inputs[index][~held]), "the refused shard keeps the own values"
         assert (result.averaged[held] - inputs[index][held]).abs().max() < 0.1, "the honest means are near"
+        assert len(result.agreed) == 4, "the refused shard still agrees with the group: checked next round"
+
+
+@pytest.mark.timeout(120)
+async def test_a_hostile_owner_is_refused_again_in_the_next_round_with_the_same_group():
+    """As in ``finish()``: the same owner, the same shard; its second shifted mean is checked too."""
+    results, inputs = await one_round("shifted_mean", hostile_reduces=True, rounds=2)
+    for index, (result, rejections) in enumerate(results):
+        assert rejections["hostile_mean"] == 2, rejections
+        held = torch.zeros(NUMEL, dtype=torch.bool)
+        for start, end in result.combined:
+            held[start:end] = True
+        assert torch.equal(result.averaged[~held], inputs[index][~held]), "twice refused: still the own values"
 
 
 @pytest.mark.timeout(240)
