@@ -33,9 +33,9 @@ where they keep the peers from agreeing it ends after ``--finish-timeout`` secon
 
 A training peer is made hostile, and given its defences, by this file's ``--worker`` entry: it runs the
 CLI peer (``gossiptrain.cli.main``) with ``gossiptrain.optimizer.GossipOptimizer`` replaced, in that
-process only, by a subclass that passes ``defences``, ``average_every_steps`` and ``load_state=False`` (all
-peers start together from the same seeded model) to the attachment and sets the peer's ``exchange_class``
-to the ``FaultyExchange`` of the attack (as ``FaultyPeer`` does).
+process only, by a subclass that passes ``defences`` and ``average_every_steps`` to the attachment and
+sets the peer's ``exchange_class`` to the ``FaultyExchange`` of the attack (as ``FaultyPeer`` does);
+the peer gets ``--no-load-state`` (all peers start together from the same seeded model).
 
     python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
     python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
@@ -108,8 +108,7 @@ def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: li
 
     class BenchmarkOptimizer(optimizer_module.GossipOptimizer):
         def __init__(self, *args, **kwargs):
-            # every peer starts at once from the same seeded initialisation: nothing to download
-            options = {"defences": DEFENCES[defences], "average_every_steps": every_steps, "load_state": False}
+            options = {"defences": DEFENCES[defences], "average_every_steps": every_steps}
             super().__init__(*args, **options, **kwargs)
             if fault is not None:  # rounds start from the step hooks: none has run yet
                 self.peer.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
@@ -118,7 +117,8 @@ def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: li
             return super().wait_for_peers(count, timeout=max(timeout, START_TIMEOUT))
 
     optimizer_module.GossipOptimizer = BenchmarkOptimizer  # cli.cmd_peer imports it when it runs
-    cli.main(["peer", *cli_args])
+    # every peer starts at once from the same seeded initialisation: nothing to download
+    cli.main(["peer", "--no-load-state", *cli_args])
 
 
 def matrix(tasks: list[str], attacks: list[str], hostile_counts: dict[str, tuple[int, ...]]) -> list[dict]:
