@@ -133,7 +133,10 @@ class Defences:
             out of the mean altogether (counted as ``dropped``): values far beyond any honest spread
             then move nothing, where clipped they would still pull the mean by the radius every round,
             always the same way, and the honest peers' spread, and with it the radius, would grow
-            round after round (``benchmarks/adversarial.py``, ``huge``).
+            round after round (``benchmarks/adversarial.py``, ``huge``).  Where the values are
+            parameters (``ShardReduction(same_scale=True)``), farther than ``drop`` times the median
+            size of the values is dropped too: then also in a pair, or where hostile contributions
+            are the median.
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
@@ -240,17 +243,22 @@ class ShardReduction:
         own_values: torch.Tensor,
         own_weight: float,
         defences: Defences = DEFAULT_DEFENCES,
+        same_scale: bool = False,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
+        self._same_scale = same_scale  # honest values have about one size (parameters, not pseudo-gradients)
         self._contributions: list[tuple[torch.Tensor, float]] = []
+        self._senders: list[str | None] = []
         self.clipped = self.dropped = 0
+        self.oversized: list[str] = []  # senders dropped for values far beyond the values' typical size
 
     @property
     def contributors(self) -> int:
         return len(self._contributions)
 
-    def add(self, values: torch.Tensor, weight: float) -> None:
+    def add(self, values: torch.Tensor, weight: float, sender: str | None = None) -> None:
         self._contributions.append((values, weight))
+        self._senders.append(sender)
 
     def _weights(self) -> list[float]:
         claimed = [self._own_weight] + [weight for _, weight in self._contributions]
@@ -275,7 +283,11 @@ class ShardReduction:
             radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
             if self.defences.drop is not None:
-                scales = [0.0 if norm > self.defences.drop * median else scale for scale, norm in zip(scales, norms)]
+                size = self._typical_size() if self._same_scale else math.inf
+                limit = self.defences.drop * min(median, size)
+                scales = [0.0 if norm > limit else scale for scale, norm in zip(scales, norms)]
+                beyond = self.defences.drop * size
+                self.oversized = [s for s, norm in zip(self._senders, norms) if norm > beyond and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
                 differences = [d for d, scale in zip(differences, scales) if scale > 0]
                 self.dropped = len(scales) - len(differences)
@@ -286,6 +298,11 @@ class ShardReduction:
         for difference, weight, scale in zip(differences, weights[1:], scales):
             mean.add_(difference, alpha=weight * scale / total)
         return mean
+
+    def _typical_size(self) -> float:
+        """The (low) median norm of the values, ours included."""
+        values = [self._own] + [values for values, _ in self._contributions]
+        return statistics.median_low(torch.linalg.vector_norm(v, dtype=torch.float64).item() for v in values)
 
     def _trimmed_mean(self, weights: list[float]) -> torch.Tensor:
         """Per value: drop the ``trim`` smallest and largest contributions, weighted mean of the rest."""

@@ -78,6 +78,10 @@ EXCHANGE_ERRORS = (
     P2PDaemonError,  # the daemon could not dial a member (e.g. it died after registering for the round)
 )
 
+# a mean refused by the mean check that lies this far from our parameters (relative to their size) is
+# no honest group's mean: its owner is caught for the rest of the run (``RoundExchange.caught``)
+CAUGHT_MEAN_DISTANCE = 2.0
+
 
 def classify(error: BaseException) -> str:
     """The rejection kind counted for a failed read of a peer's data."""
@@ -222,9 +226,13 @@ class RoundExchange:
         mode: str = "params",
         defences: Defences = DEFAULT_DEFENCES,
         agreed: list[tuple[int, int]] | None = None,
+        caught: set[str] | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
         self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
+        # peers caught sending parameters (or means) far beyond any honest size, in this round or an
+        # earlier one: their slices count nothing and their means are refused (the caller's set, kept)
+        self.caught = set() if caught is None else caught
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
@@ -237,7 +245,7 @@ class RoundExchange:
         self._averaged = torch.empty_like(values)
         self._reduction = None
         if self._own_shard is not None:
-            self._reduction = ShardReduction(self._own_contribution(), weight, defences)
+            self._reduction = ShardReduction(self._own_contribution(), weight, defences, same_scale=mode == "params")
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
@@ -324,6 +332,7 @@ class RoundExchange:
         if reduction.clipped:
             self.rejections["clipped"] += reduction.clipped
             self.errors.append(f"clipped {reduction.clipped} contribution(s) to our shard (CenteredClip)")
+        self.caught.update(reduction.oversized)
         if reduction.dropped:
             self.rejections["dropped"] += reduction.dropped
             self.errors.append(f"dropped {reduction.dropped} contribution(s) to our shard: beyond Defences.drop")
@@ -353,8 +362,14 @@ class RoundExchange:
         }
         owners = {bounds: owner for owner, bounds in self._shards.items()}
         refused = []
-        for bounds in outlying_means(distances, self.defences, self.agreed) - {self._own_shard}:
+        outlying = outlying_means(distances, self.defences, self.agreed)
+        outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
+        for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
+            if owners[bounds] in self.caught:
+                detail = f"caught before; {detail}"
+            elif self.mode == "params" and distances[bounds] > CAUGHT_MEAN_DISTANCE:
+                self.caught.add(owners[bounds])
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
             self.errors.append(f"refused {owners[bounds]}'s mean: {detail}")
             self._undo_error_feedback(bounds)
@@ -439,10 +454,13 @@ class RoundExchange:
                 future.set_result(False)
             await self._refuse(writer, sender, classify(e), f"slice dropped: {e!r}")
             return
+        if sender in self.caught and not future.done():  # it still gets the mean, marked late
+            self.rejections.record("caught", sender, self.plan.round_id, "caught before: its slice counts nothing")
+            future.set_result(False)
         late = future.done() or self._reduction is None  # left out at the straggler (or join) deadline
         replied = asyncio.get_running_loop().create_future()
         if not late:
-            self._reduction.add(values, float(hello["weight"]))
+            self._reduction.add(values, float(hello["weight"]), sender)
             self._replies.append(replied)  # the round waits for these replies, not for late ones
             future.set_result(True)
         del values  # the reduction holds it until the mean is taken, this reply need not

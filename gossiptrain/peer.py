@@ -233,6 +233,8 @@ class Peer:
         self._listen_maddrs: list[str] = []  # ours, without /p2p/, published in our record
         self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
         self._answered: collections.deque[set[str]] = collections.deque(maxlen=VOUCH_ROUNDS)  # per recent round
+        # peers caught far beyond any honest values (``RoundExchange.caught``): left out for the whole run
+        self.caught: set[str] = set()
         self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a whole-group mean
 
     async def __aenter__(self) -> Peer:
@@ -608,6 +610,7 @@ class Peer:
             mode,
             self.defences,
             self._agreed.get(mode),
+            self.caught,
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():

@@ -124,6 +124,22 @@ def test_a_contribution_far_beyond_the_clip_radius_is_dropped_and_moves_nothing(
     assert near.dropped == 0 and near.clipped == 1, "without drop it is clipped, and still counts"
 
 
+def test_parameters_far_beyond_their_typical_size_are_dropped_in_a_pair_and_as_the_median():
+    honest, spread = _honest_and_hostile()
+    pair = ShardReduction(honest[0], 1.0, same_scale=True)
+    pair.add(honest[1] * 1e4, 1.0)
+    assert torch.equal(pair.mean(), honest[0]) and pair.dropped == 1, "the one other contribution sets no radius"
+    majority = ShardReduction(honest[0], 1.0, same_scale=True)
+    for _ in range(2):
+        majority.add(honest[1] * 1e4, 1.0)
+    majority.add(honest[2], 1.0)
+    assert torch.allclose(majority.mean(), (honest[0] + honest[2]) / 2, atol=1e-6) and majority.dropped == 2
+    unscaled = ShardReduction(honest[0], 1.0)  # pseudo-gradients: sizes differ with the steps behind them
+    unscaled.add(honest[1] * 1e4, 1.0)
+    unscaled.mean()
+    assert unscaled.dropped == 0
+
+
 def test_without_an_outlier_the_robust_mean_is_the_weighted_mean():
     honest, _ = _honest_and_hostile(4)
     reduction = ShardReduction(honest[0], 1.0)

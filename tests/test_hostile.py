@@ -67,6 +67,19 @@ async def test_a_hostile_member_moves_honest_results_by_at_most_three_times_thei
 
 
 @pytest.mark.timeout(120)
+async def test_a_member_caught_far_beyond_any_honest_size_counts_nothing_in_later_rounds():
+    """Values 1e4 times the parameters' size are dropped and their sender is caught: in the next round
+    its slices are refused outright, and the honest peers take exactly the same means."""
+    results, inputs = await one_round("huge", hostile_reduces=False, rounds=2)
+    for result, rejections in results:
+        assert result.status == "averaged" and len(result.combined) == 3, result.errors
+        assert rejections["caught"] >= 1 and rejections["dropped"] >= 1, rejections
+        assert torch.equal(result.averaged, results[0][0].averaged), "one mean for every honest peer"
+    moved = torch.linalg.vector_norm(results[0][0].averaged - inputs.mean(dim=0)).item()
+    assert moved <= 3 * spread(inputs), f"moved {moved / spread(inputs):.1f}x the honest spread"
+
+
+@pytest.mark.timeout(120)
 async def test_without_defences_the_same_member_moves_them_far():
     results, inputs = await one_round("huge", hostile_reduces=False, defences=Defences.off())
     for result, _ in results:
