@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gossiptrain.codecs import BLOCK
+from gossiptrain.codecs import BLOCK, Codec
 from gossiptrain.groups import group_digest
 
 
@@ -140,7 +140,8 @@ class Defences:
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
-            ``MEAN_CHECK_FLOOR``): it keeps its own values there and counts the owner as hostile.  Only
+            ``MEAN_CHECK_FLOOR`` and the codec's rounding, ``rounding_distance``): it keeps its own
+            values there and counts the owner as hostile.  Only
             shards where the member's previous round left a group mean are checked: elsewhere its values
             may lie apart from the group's (a shard that failed or was refused, a round alone), and the
             honest mean that brings them back must pass (checked everywhere, a member that missed one
@@ -203,10 +204,32 @@ def relative_distance(mean: torch.Tensor, own: torch.Tensor) -> float:
     return distance / scale if scale > 0 else (0.0 if distance == 0 else math.inf)
 
 
+def rounding_distance(codec: Codec, own: torch.Tensor) -> float:
+    """How far, relative to ``|own|``, an honest mean may lie from a member's values ``own`` through
+    the codec's rounding alone: twice its dense stage's bound (``Codec.bound``), as the member's
+    contribution and the mean are each rounded once.  0 for ``none``.  Without it, members whose
+    values agreed exactly elsewhere (median distance 0, as in ``finish()``) refused an honest int8
+    mean 0.2% away, its rounding, round after round, and never agreed (``tests/test_compression.py``)."""
+    dense = codec.dense_stage
+    scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
+    if dense.lossless or scale == 0:
+        return 0.0
+    squares = 0.0
+    for start in range(0, own.numel(), 2**18):  # parts that start at a multiple of the codec's block
+        part = dense.bound(own[start : start + 2**18])
+        squares += torch.linalg.vector_norm(part, dtype=torch.float64).item() ** 2
+    return 2 * math.sqrt(squares) / scale
+
+
 def outlying_means(
-    distances: dict[tuple[int, int], float], defences: Defences, agreed: Sequence[tuple[int, int]] | None = None
+    distances: dict[tuple[int, int], float],
+    defences: Defences,
+    agreed: Sequence[tuple[int, int]] | None = None,
+    rounding: dict[tuple[int, int], float] | None = None,
 ) -> set[tuple[int, int]]:
-    """The shards (bounds) whose mean is too far from a member's values for ``defences.mean_check``.
+    """The shards (bounds) whose mean is too far from a member's values for ``defences.mean_check``:
+    beyond ``mean_check`` times the median distance, plus ``MEAN_CHECK_FLOOR``, plus the shard's
+    ``rounding`` (``rounding_distance``; none if not given).
 
     Only shards inside ``agreed`` (where the member's values held a mean of its whole group after its
     previous round, by the owners' counts; None: everywhere) are checked.  Elsewhere its values, or
@@ -216,8 +239,9 @@ def outlying_means(
     if defences.mean_check is None or len(distances) < 2:
         return set()
     limit = defences.mean_check * statistics.median_low(distances.values()) + MEAN_CHECK_FLOOR
+    rounding = rounding or {}
     checked = distances if agreed is None else [bounds for bounds in distances if _inside(bounds, agreed)]
-    return {bounds for bounds in checked if distances[bounds] > limit}
+    return {bounds for bounds in checked if distances[bounds] > limit + rounding.get(bounds, 0.0)}
 
 
 def _inside(bounds: tuple[int, int], intervals: Sequence[tuple[int, int]]) -> bool:

@@ -387,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--lr", type=float, default=1e-3)
     peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
     peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
-    peer.add_argument("--codec", default="none", help="e.g. none, fp16, int8, int4, topk:0.01+int8, randomk:0.01+int8")
+    peer.add_argument(
+        "--codec", default="none", help="e.g. none, fp16, int8, int4, int2, topk:0.01+int8, randomk:0.01+int8"
+    )
     peer.add_argument(
         "--bandwidth-mbit",
         type=float,

@@ -2,7 +2,7 @@
 
 A codec is a small, immutable, pure object chosen by a spec string (see ``get_codec``)::
 
-    none | fp16 | bf16 | int8 | int4                  dense: every value, cast or quantized
+    none | fp16 | bf16 | int8 | int4 | int2           dense: every value, cast or quantized
     topk:<fraction> | randomk:<fraction> | lowrank:<rank>   reducers: fewer numbers than values
     <reducer>+<dense>   e.g. topk:0.01+int8           the reducer's numbers sent by the dense codec
 
@@ -22,8 +22,9 @@ Payload (little-endian)::
                    randomk: seed: u64 (the indices are drawn from it, not sent)
                    lowrank: nothing (the dense part holds P then Q, row-major)
     dense part     none/fp16/bf16: the values in that dtype
-                   int8/int4: exponent: i16 | one fp16 scale per block of 128 values | int8 values,
-                   or int4 values two per byte (low nibble first, stored as q + 8)
+                   int8/int4/int2: exponent: i16 | one fp16 scale per block of 128 values | int8
+                   values, or int4 values two per byte (low nibble first, stored as q + 8), or int2
+                   (ternary: -1, 0, 1) values four per byte (lowest bits first, stored as q + 2)
 
 Every size follows from the spec and ``numel``, so ``decode`` checks all of them and the checksum,
 and raises ``CodecError`` with what was wrong instead of returning a wrong tensor.  It also refuses
@@ -156,9 +157,11 @@ class _Blockwise:
         scale = self._scales(stored, exponent)
         q = torch.round(blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
         q = q.clamp_(-self.levels, self.levels).to(torch.int8).flatten()[:n]
-        if self.bits == 4:
-            u = torch.nn.functional.pad(q + 8, (0, n % 2)).to(torch.uint8)
-            q = u[0::2] | (u[1::2] << 4)
+        if self.bits < 8:
+            per_byte = 8 // self.bits
+            u = torch.nn.functional.pad(q + 2 ** (self.bits - 1), (0, -n % per_byte)).to(torch.uint8)
+            u = u.view(-1, per_byte) << torch.arange(0, 8, self.bits, dtype=torch.uint8)
+            q = u.sum(dim=1, dtype=torch.uint8)  # the fields do not overlap: the sum is their bitwise or
         return _EXPONENT.pack(exponent) + _raw(stored) + _raw(q)
 
     def unpack(self, reader: _Reader, count: int) -> torch.Tensor:
@@ -169,8 +172,10 @@ class _Blockwise:
         if self.bits == 8:
             q = reader.take(count, torch.int8)
         else:
-            packed = reader.take((count + 1) // 2, torch.uint8)
-            q = torch.stack([packed & 15, packed >> 4], dim=1).flatten()[:count].to(torch.int8) - 8
+            per_byte = 8 // self.bits
+            packed = reader.take(-(-count // per_byte), torch.uint8)
+            fields = packed[:, None] >> torch.arange(0, 8, self.bits, dtype=torch.uint8)
+            q = (fields & (2**self.bits - 1)).flatten()[:count].to(torch.int8) - 2 ** (self.bits - 1)
         blocks = torch.nn.functional.pad(q, (0, -count % BLOCK)).view(-1, BLOCK).float() * scale[:, None]
         return blocks.flatten()[:count]
 
@@ -194,6 +199,7 @@ _DENSE: dict[str, _Dense] = {
     "bf16": _Cast("bf16", torch.bfloat16, 2**-8, 2**-134),
     "int8": _Blockwise("int8", 127, 8),
     "int4": _Blockwise("int4", 7, 4),
+    "int2": _Blockwise("int2", 1, 2),  # ternary, as SparseLoCo's 2-bit pseudo-gradients (with error feedback)
 }
 
 

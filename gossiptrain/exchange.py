@@ -50,6 +50,7 @@ from gossiptrain.allreduce import (
     check_hello,
     outlying_means,
     relative_distance,
+    rounding_distance,
     straggler_quorum,
 )
 from gossiptrain.codecs import Codec, CodecError, NonFiniteValues, get_codec
@@ -362,7 +363,12 @@ class RoundExchange:
         }
         owners = {bounds: owner for owner, bounds in self._shards.items()}
         refused = []
-        outlying = outlying_means(distances, self.defences, self.agreed)
+        rounding = {}
+        if self.defences.mean_check is not None:
+            rounding = {
+                bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
+            }
+        outlying = outlying_means(distances, self.defences, self.agreed, rounding)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"

@@ -1,6 +1,6 @@
 """What crosses the wire in a round: the parameters, or their change since a shared reference.
 
-Dense codecs (none, fp16, bf16, int8, int4) send the parameters themselves.  Quantizing weights
+Dense codecs (none, fp16, bf16, int8, int4, int2) send the parameters themselves.  Quantizing weights
 is harmless here because the owner of a shard encodes the mean once and every member, the owner
 included, keeps the same decoded values: a group ends each round in exact agreement, and error
 feedback carries each peer's rounding into its next contribution, and the owner's rounding of the

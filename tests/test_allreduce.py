@@ -9,9 +9,10 @@ from gossiptrain.allreduce import (
     check_hello,
     outlying_means,
     relative_distance,
+    rounding_distance,
     shard_bounds,
 )
-from gossiptrain.codecs import BLOCK
+from gossiptrain.codecs import BLOCK, get_codec
 
 
 def test_shards_are_contiguous_and_cover_everything():
@@ -168,6 +169,25 @@ def test_the_mean_check_passes_a_shard_where_the_member_held_no_group_mean_last_
     assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 25), (25, 30)]) == set()
     assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 5), (5, 40)]) == {(30, 40)}, "intervals merge"
     assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 35)]) == set(), "only half of it agreed"
+
+
+def test_an_honest_quantized_mean_passes_where_the_other_shards_agree_exactly():
+    """As in ``finish()`` with int8: our values agree exactly with the group's on three shards, and on the
+    fourth the honest mean is our values through the codec, a rounding step away.  A shifted mean still fails."""
+    codec = get_codec("int8")
+    own = 0.05 * torch.randn(4 * 4096, generator=torch.Generator().manual_seed(0))
+    shards = [(i * 4096, (i + 1) * 4096) for i in range(4)]
+    means = {bounds: own[bounds[0] : bounds[1]].clone() for bounds in shards[:3]}
+    last = shards[3]
+    means[last] = codec.decode(codec.encode(own[last[0] : last[1]]), 4096)
+    distances = {bounds: relative_distance(mean, own[bounds[0] : bounds[1]]) for bounds, mean in means.items()}
+    assert distances[last] > 1e-3, "the rounding alone is beyond the fixed floor"
+    rounding = {bounds: rounding_distance(codec, own[bounds[0] : bounds[1]]) for bounds in shards}
+    assert outlying_means(distances, DEFAULT_DEFENCES) == {last}, "refused without the codec's rounding"
+    assert outlying_means(distances, DEFAULT_DEFENCES, rounding=rounding) == set()
+    distances[last] = relative_distance(means[last] + 0.05, own[last[0] : last[1]])
+    assert outlying_means(distances, DEFAULT_DEFENCES, rounding=rounding) == {last}, "a shift of the values' size"
+    assert rounding_distance(get_codec("none"), own) == 0.0
 
 
 def _trimmed_reference(rows: list[list[float]], weights: list[float], trim: int) -> list[float]:

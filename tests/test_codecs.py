@@ -10,7 +10,7 @@ import torch
 
 from gossiptrain.codecs import BLOCK, CodecError, ErrorFeedback, get_codec
 
-DENSE = ["none", "fp16", "bf16", "int8", "int4"]
+DENSE = ["none", "fp16", "bf16", "int8", "int4", "int2"]
 REDUCED = ["topk:0.01", "topk:0.3", "randomk:0.05", "lowrank:4", "topk:0.01+int8", "randomk:0.1+fp16", "lowrank:2+int4"]
 SPECS = DENSE + REDUCED
 PART = 2**18
@@ -46,20 +46,20 @@ def test_bounds_state_the_documented_rules() -> None:
     assert torch.allclose(get_codec("fp16").bound(x), x.abs() * 2**-11 + 2**-25)
     assert torch.allclose(get_codec("bf16").bound(x), x.abs() * 2**-8, atol=1e-30)
     absmax = x.view(-1, BLOCK).abs().amax(dim=1).repeat_interleave(BLOCK)
-    for spec, levels in (("int8", 127), ("int4", 7)):
+    for spec, levels in (("int8", 127), ("int4", 7), ("int2", 1)):
         bound = get_codec(spec).bound(x)
         assert bool((bound >= absmax / (2 * levels)).all()) and bool((bound <= absmax / (2 * levels) * 1.005).all())
 
 
 def test_quantizer_bounds_are_tight() -> None:
     x = sample(PART, 3)
-    for spec in ("fp16", "bf16", "int8", "int4"):
+    for spec in ("fp16", "bf16", "int8", "int4", "int2"):
         codec = get_codec(spec)
         ratio = (codec.decode(codec.encode(x), PART) - x).abs() / codec.bound(x)
         assert ratio.max() > 0.9, spec
 
 
-@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "int4", "int2"])
 def test_decoded_values_encode_to_themselves_even_an_ulp_off(spec: str) -> None:
     """Peers that agree average to the same values (a weighted mean of equal floats is within an
     ulp of them): a quantizer must give back what they hold, or each extra round moves them."""
@@ -204,10 +204,14 @@ def test_error_feedback_keeps_shape_and_rejects_a_resized_stream() -> None:
 
 def test_bytes_per_value() -> None:
     x = sample(PART, 11)
-    size = {spec: len(get_codec(spec).encode(x)) / PART for spec in ("fp16", "bf16", "int8", "int4", "topk:0.01+int8")}
+    size = {
+        spec: len(get_codec(spec).encode(x)) / PART
+        for spec in ("fp16", "bf16", "int8", "int4", "int2", "topk:0.01+int8")
+    }
     assert size["fp16"] <= 2.001 and size["bf16"] <= 2.001
     assert size["int8"] <= 1 + 2 / BLOCK + 0.001
     assert size["int4"] <= 0.5 + 2 / BLOCK + 0.001
+    assert size["int2"] <= 0.25 + 2 / BLOCK + 0.001
     assert size["topk:0.01+int8"] <= 0.1
 
 
