@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
+MIN_HEARTBEAT_TTL = 6.0  # seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl)
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
@@ -153,7 +154,11 @@ class Peer:
             avoids.  A group whose members are all clients cannot average (no one reduces): it reports
             ``failed``; a swarm needs at least one reachable peer per group, in practice a few.
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
-        heartbeat_ttl: seconds a membership record lives without refresh.
+        heartbeat_ttl: seconds a membership record lives without refresh (it is refreshed every third of
+            that); None: the longer of ``MIN_HEARTBEAT_TTL`` and one slot.  What reads the records (state
+            donors, the clock, credentials) needs them once a slot at most, and with the outer mode's long
+            slots a 2 s heartbeat was the larger part of a peer's traffic between rounds.  A crashed
+            peer's record outlives it by up to this long: a joiner that picks it as a donor drops it.
         clock: this machine's clock (seconds since the epoch); slots run on the swarm's median clock,
             estimated against live peers at start and every ``CLOCK_REFRESH`` seconds (``gossiptrain.clock``).
         bandwidth_mbit: this peer's link speed, if known: groups then give it a shard in proportion to it,
@@ -187,7 +192,7 @@ class Peer:
         timeouts: Timeouts | None = None,
         client_mode: bool = False,
         model_schema: str | None = None,
-        heartbeat_ttl: float = 6.0,
+        heartbeat_ttl: float | None = None,
         clock: Callable[[], float] = get_dht_time,
         bandwidth_mbit: float | None = None,
         identity_path: str | os.PathLike | None = None,
@@ -204,7 +209,8 @@ class Peer:
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
-        self.model_schema, self.heartbeat_ttl, self.bandwidth_mbit = model_schema, heartbeat_ttl, bandwidth_mbit
+        self.model_schema, self.bandwidth_mbit = model_schema, bandwidth_mbit
+        self.heartbeat_ttl = heartbeat_ttl if heartbeat_ttl is not None else max(MIN_HEARTBEAT_TTL, round_interval)
         self.clock = SwarmClock(clock)
         self.defences = defences
         self.timing = RoundTiming()
