@@ -375,11 +375,15 @@ class Attachment:
         round of ``gossiptrain.wire``): it is what brings peers to agreement and keeps them there,
         and it groups this peer with the others doing the same.
         ``round_id`` picks the round explicitly (peers that agree on it average together).
+        Raises ``TimeoutError`` if the round in flight does not end within ``timeout`` (it may wait for
+        a slot that starts later: a fresh round then would take the same slot, and crash).
         """
         if self.closed:
             raise RuntimeError("this peer was closed: attach again to rejoin the swarm")
         if self._inflight is not None:
             concurrent.futures.wait([self._inflight], timeout=timeout)
+            if not self._inflight.done():
+                raise TimeoutError(f"the averaging round in flight did not end within {timeout}s")
             self._poll_round(start_next=False)
         self._start_round(round_id, mode="final" if params else None)
         concurrent.futures.wait([self._inflight], timeout=timeout)

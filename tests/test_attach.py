@@ -72,6 +72,21 @@ def test_a_restarted_peer_goes_on_from_the_swarm_only_if_the_swarm_is_ahead():
     assert training_state.resume_source(100, None) == "checkpoint"
 
 
+@pytest.mark.timeout(60)
+def test_average_now_times_out_rather_than_start_a_second_round_in_the_slot_of_the_one_in_flight():
+    """With slots longer than its timeout (the outer mode's, and ``finish(timeout=10)``), ``average_now``
+    started a fresh round in the same slot as the one waiting for it: "already averaging", a crash."""
+    model = mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(optimizer, run_id="inflight", host_maddrs=[LOOPBACK], average_every=3600) as swarm:
+        train(optimizer, model, 1)  # starts the round of the next slot, up to an hour away
+        inflight = swarm._inflight
+        assert inflight is not None and not inflight.done()
+        with pytest.raises(TimeoutError, match="in flight"):
+            swarm.average_now(timeout=0.5)
+        assert swarm._inflight is inflight and not inflight.done() and swarm.rounds_failed == 0
+
+
 @pytest.mark.timeout(120)
 def test_attach_keeps_the_users_optimizer_and_restores_its_own_checkpoint_when_alone(tmp_path, caplog):
     model = mlp(0)
