@@ -190,6 +190,7 @@ class Defences:
 
 
 DEFAULT_DEFENCES = Defences()
+PART = 2**18  # values per part where a shard is scanned a part at a time (a multiple of the codec's block)
 MEAN_CHECK_FLOOR = 1e-3  # relative distance a mean may always have from a member's values (quantization, drift)
 
 
@@ -197,8 +198,8 @@ def relative_distance(mean: torch.Tensor, own: torch.Tensor) -> float:
     """``|mean - own| / |own|`` (L2, float64 sums; 0/0 counts as 0)."""
     scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
     squares = 0.0  # a part at a time: no whole difference of the shard
-    for start in range(0, own.numel(), 2**18):
-        part = mean[start : start + 2**18] - own[start : start + 2**18]
+    for start in range(0, own.numel(), PART):
+        part = mean[start : start + PART] - own[start : start + PART]
         squares += torch.linalg.vector_norm(part, dtype=torch.float64).item() ** 2
     distance = math.sqrt(squares)
     return distance / scale if scale > 0 else (0.0 if distance == 0 else math.inf)
@@ -215,8 +216,8 @@ def rounding_distance(codec: Codec, own: torch.Tensor) -> float:
     if dense.lossless or scale == 0:
         return 0.0
     squares = 0.0
-    for start in range(0, own.numel(), 2**18):  # parts that start at a multiple of the codec's block
-        part = dense.bound(own[start : start + 2**18])
+    for start in range(0, own.numel(), PART):  # parts that start at a multiple of the codec's block
+        part = dense.bound(own[start : start + PART])
         squares += torch.linalg.vector_norm(part, dtype=torch.float64).item() ** 2
     return 2 * math.sqrt(squares) / scale
 
@@ -295,14 +296,17 @@ class ShardReduction:
     def total_weight(self) -> float:
         return sum(self._weights())
 
-    def mean(self) -> torch.Tensor:
+    def mean(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The robust mean, written into ``out`` (a new tensor if None) a part at a time: no whole
+        difference of a contribution from the owner's values is ever held (issue 14)."""
         weights = self._weights()
         if self.defences.rule == "trimmed":
-            return self._trimmed_mean(weights)
-        differences = [values - self._own for values, _ in self._contributions]
-        scales = [1.0] * len(differences)
-        if self.defences.clip is not None and differences:
-            norms = [torch.linalg.vector_norm(d, dtype=torch.float64).item() for d in differences]
+            mean = self._trimmed_mean(weights)
+            return mean if out is None else out.copy_(mean)
+        contributions = [values for values, _ in self._contributions]
+        scales = [1.0] * len(contributions)
+        if self.defences.clip is not None and contributions:
+            norms = [self._distance(values) for values in contributions]
             median = statistics.median_low(norms)
             radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
@@ -313,15 +317,26 @@ class ShardReduction:
                 beyond = self.defences.drop * size
                 self.oversized = [s for s, norm in zip(self._senders, norms) if norm > beyond and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
-                differences = [d for d, scale in zip(differences, scales) if scale > 0]
-                self.dropped = len(scales) - len(differences)
+                contributions = [v for v, scale in zip(contributions, scales) if scale > 0]
+                self.dropped = len(scales) - len(contributions)
                 scales = [scale for scale in scales if scale > 0]
             self.clipped = sum(scale < 1.0 for scale in scales)
         total = sum(weights)
-        mean = self._own.clone()
-        for difference, weight, scale in zip(differences, weights[1:], scales):
-            mean.add_(difference, alpha=weight * scale / total)
-        return mean
+        out = torch.empty_like(self._own) if out is None else out
+        for a in range(0, self._own.numel(), PART):
+            own = self._own[a : a + PART]
+            part = out[a : a + PART].copy_(own)
+            for values, weight, scale in zip(contributions, weights[1:], scales):
+                part.add_(values[a : a + PART].float() - own, alpha=weight * scale / total)
+        return out
+
+    def _distance(self, values: torch.Tensor) -> float:
+        """``|values - own|`` (L2, float64 sums), a part at a time."""
+        squares = 0.0
+        for a in range(0, self._own.numel(), PART):
+            difference = values[a : a + PART].float() - self._own[a : a + PART]
+            squares += torch.linalg.vector_norm(difference, dtype=torch.float64).item() ** 2
+        return math.sqrt(squares)
 
     def _typical_size(self) -> float:
         """The (low) median norm of the values, ours included."""

@@ -324,7 +324,7 @@ class RoundExchange:
             self._undo_error_feedback(self._own_shard)
             return None
         reduction, start, end = self._reduction, *self._own_shard
-        mean = reduction.mean()
+        mean = reduction.mean(out=self._averaged[start:end])  # the mean goes straight into the round's result
         self._contributors = reduction.contributors + 1
         if self._contributors == len(self.plan.members):
             self._whole.add(self._own_shard)
@@ -339,18 +339,18 @@ class RoundExchange:
             self.errors.append(f"dropped {reduction.dropped} contribution(s) to our shard: beyond Defences.drop")
         codec = self.codec.for_mean(reduction.contributors + 1, _union_fraction(mean))
         del reduction
-        result = self._averaged[start:end]
         if codec.lossless:  # kept once, in the round's result; encoded anew for each reply
-            self._mean_values = result.copy_(mean)
+            self._mean_values = mean
             self._mean.set_result((codec.name, None))
-            return self._own_shard, result
+            return self._own_shard, mean
         payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
         self._mean.set_result((codec.name, payloads))
-        for payload, (a, b) in zip(payloads, _parts(0, mean.numel())):
-            result[a:b] = codec.decode(payload, b - a)
-        self._commit_error_feedback(self._own_shard, result)
-        self._keep_what_the_mean_rounded_off(mean, result, total_weight)
-        return self._own_shard, result
+        for payload, (a, b) in zip(payloads, _parts(0, mean.numel())):  # the result becomes what members get
+            decoded = codec.decode(payload, b - a)
+            self._keep_what_the_mean_rounded_off(start + a, mean[a:b], decoded, total_weight)
+            mean[a:b] = decoded
+        self._commit_error_feedback(self._own_shard, mean)
+        return self._own_shard, mean
 
     def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> list[tuple[int, int]]:
         """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
@@ -583,19 +583,21 @@ class RoundExchange:
         stays what it was (its values are sent afresh next round)."""
         self._sent.pop(bounds, None)
 
-    def _keep_what_the_mean_rounded_off(self, mean: torch.Tensor, decoded: torch.Tensor, total_weight: float) -> None:
+    def _keep_what_the_mean_rounded_off(
+        self, start: int, mean: torch.Tensor, decoded: torch.Tensor, total_weight: float
+    ) -> None:
         """Owner-side error feedback (DoubleSqueeze, Tang et al., ICML 2019) for quantized parameters:
         every member takes the decoded mean, so the group's weighted sum loses ``W * (mean - decoded)``;
         the owner adds that to its residual, scaled by ``W / own weight``, so that its next
         contribution puts it back.  Without it, a group's mean change smaller than half a
         quantization step is rounded away every round, however often it is sent.  The scale is
         capped at 4x the group size: an owner with a tiny weight would otherwise carry a residual
-        far larger than its values (the mass above the cap is lost, as before this feedback)."""
+        far larger than its values (the mass above the cap is lost, as before this feedback).
+        ``mean`` and ``decoded`` are one part of the own shard, starting at ``start`` of the values."""
         if self.residual is None or self.mode != "params":
             return
-        start, end = self._own_shard
         scale = min(total_weight / self.weight, 4.0 * len(self.plan.members))
-        self.residual[start:end].add_(mean, alpha=scale).sub_(decoded, alpha=scale)
+        self.residual[start : start + mean.numel()].add_(mean, alpha=scale).sub_(decoded, alpha=scale)
 
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""

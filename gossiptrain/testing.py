@@ -233,7 +233,7 @@ class FaultyExchange(RoundExchange):
         super().__init__(*args, **kwargs)
         if self.fault == "shifted_mean" and self._reduction is not None:
             honest_mean = self._reduction.mean
-            self._reduction.mean = lambda: honest_mean() + 1.0
+            self._reduction.mean = lambda out=None: honest_mean(out=out).add_(1.0)
 
     async def run(self) -> RoundResult:
         if self.fault == "die_before":
