@@ -3,6 +3,7 @@ import torch
 
 from gossiptrain.allreduce import (
     DEFAULT_DEFENCES,
+    PART,
     Defences,
     GroupPlan,
     ShardReduction,
@@ -236,3 +237,19 @@ def test_the_trimmed_mean_of_a_group_of_two_is_the_weighted_mean():
     assert reduction.mean().tolist() == [2.5, 1.0]
     with pytest.raises(ValueError, match="unknown rule"):
         Defences(rule="median")
+
+
+def test_a_mean_over_several_parts_is_written_into_the_given_buffer_and_equals_the_weighted_mean():
+    """The mean is formed a part at a time (``allreduce.PART``): across part boundaries it must still be
+    the weighted mean, and written into ``out`` rather than a copy."""
+    torch.manual_seed(0)
+    numel = 2 * PART + 1000
+    own, others = torch.randn(numel), [torch.randn(numel) for _ in range(3)]
+    reduction = ShardReduction(own, 1.0, Defences.off())
+    for i, values in enumerate(others):
+        reduction.add(values, float(i + 2))
+    out = torch.full((numel,), float("nan"))
+    mean = reduction.mean(out=out)
+    expected = (own * 1.0 + sum(v * float(i + 2) for i, v in enumerate(others))) / 10.0
+    assert mean.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
