@@ -121,24 +121,27 @@ def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: li
     cli.main(["peer", "--no-load-state", *cli_args])
 
 
-def matrix(tasks: list[str], attacks: list[str], hostile_counts: dict[str, tuple[int, ...]]) -> list[dict]:
-    """The runs: no attack with each rule for every task first, then each attack x hostile count x defences."""
-    runs = [
-        {"task": task, "attack": "none", "hostile": 0, "defences": name}
-        for task in tasks
-        for name in NO_ATTACK_DEFENCES
-    ]
+def matrix(
+    tasks: list[str],
+    attacks: list[str],
+    hostile_counts: dict[str, tuple[int, ...]],
+    rules: tuple[str, ...] = NO_ATTACK_DEFENCES,
+    repeats: int = 1,
+) -> list[dict]:
+    """The runs: no attack with each rule for every task first, then each attack x hostile count x
+    defences; with ``repeats``, the whole list again, interleaved (repeat 0 of every row, then 1, ...)."""
+    runs = [{"task": task, "attack": "none", "hostile": 0, "defences": name} for task in tasks for name in rules]
     for task in tasks:
         for attack in attacks:
             for hostile in hostile_counts[task]:
                 runs += [
                     {"task": task, "attack": attack, "hostile": hostile, "defences": name} for name in ATTACK_DEFENCES
                 ]
-    return runs
+    return [{**run, "repeat": repeat} for repeat in range(repeats) for run in runs]
 
 
 def run_name(run: dict) -> str:
-    return f"{run['task']}/{run['attack']}/x{run['hostile']}/{run['defences']}"
+    return f"{run['task']}/{run['attack']}/x{run['hostile']}/{run['defences']}/r{run.get('repeat', 0)}"
 
 
 def run_swarm(swarm: LocalSwarm, work: Path, run_id: str, run: dict, steps: int, args: argparse.Namespace) -> dict:
@@ -226,6 +229,11 @@ def _number(value: float | None, fmt: str) -> str:
     return format(value, ".3g" if abs(value) >= 1e4 else fmt)
 
 
+def _setting(run: dict) -> str:
+    """The defences of a run, and its repeat where there are several."""
+    return run["defences"] + (f" r{run['repeat']}" if run.get("repeat") else "")
+
+
 def table(summary: list[dict]) -> str:
     header = (
         f"{'task':<7} {'attack':<13} {'hostile':>7} {'defences':<16} {'final loss':>10} {'vs none':>9} "
@@ -234,11 +242,11 @@ def table(summary: list[dict]) -> str:
     rows = [header, "-" * len(header)]
     for s in summary:
         if "error" in s:
-            rows.append(f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {s['defences']:<16} failed: {s['error']}")
+            rows.append(f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {_setting(s):<16} failed: {s['error']}")
             continue
         rejected = ",".join(f"{k}={v}" for k, v in sorted(s["rejected"].items())) or "-"
         rows.append(
-            f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {s['defences']:<16} "
+            f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {_setting(s):<16} "
             f"{_number(s['final_loss'], '.4f'):>10} {_number(s.get('vs_no_attack_off_pct'), '+.1f'):>8}% "
             f"{_number(s['loss_before_finish'], '.4f'):>8} {_number(s['final_accuracy'], '.4f'):>8} "
             f"{_number(s['honest_spread'], '.1e'):>8} {s['rounds_averaged_share']:>8.2f} {rejected[:28]:<28} "
@@ -253,15 +261,37 @@ def table(summary: list[dict]) -> str:
 
 
 def add_baselines(summary: list[dict]) -> None:
-    """Each run's final loss against its task's no-attack run with defences off, in %."""
+    """Each run's final loss against its task's no-attack run with defences off of the same repeat, in %."""
     base = {
-        s["task"]: s["final_loss"]
+        (s["task"], s.get("repeat", 0)): s["final_loss"]
         for s in summary
         if s["attack"] == "none" and s["defences"] == "off" and s.get("final_loss") is not None
     }
     for s in summary:
-        if s.get("final_loss") is not None and s["task"] in base:
-            s["vs_no_attack_off_pct"] = 100 * (s["final_loss"] / base[s["task"]] - 1)
+        key = (s["task"], s.get("repeat", 0))
+        if s.get("final_loss") is not None and key in base:
+            s["vs_no_attack_off_pct"] = 100 * (s["final_loss"] / base[key] - 1)
+
+
+def no_attack_cost(summary: list[dict]) -> list[dict]:
+    """Per task and rule, what robust aggregation costs when nobody attacks: the final loss against
+    ``off`` of the same repeat, in %, over the repeats (median, lowest, highest)."""
+    costs: dict[tuple[str, str], list[float]] = {}
+    for s in summary:
+        if s["attack"] == "none" and s["defences"] != "off" and s.get("vs_no_attack_off_pct") is not None:
+            costs.setdefault((s["task"], s["defences"]), []).append(s["vs_no_attack_off_pct"])
+    return [
+        {
+            "task": task,
+            "defences": rule,
+            "repeats": len(pcts),
+            "median_pct": statistics.median(pcts),
+            "min_pct": min(pcts),
+            "max_pct": max(pcts),
+            "pcts": pcts,
+        }
+        for (task, rule), pcts in costs.items()
+    ]
 
 
 def plot(report: dict, path: Path) -> None:
@@ -278,12 +308,22 @@ def plot(report: dict, path: Path) -> None:
         labels = list(dict.fromkeys(f"{s['attack']}\nx{s['hostile']}" for s in rows))
         width, seen = 0.8 / len(colors), set()
         for k, name in enumerate(colors):
-            for s in (s for s in rows if s["defences"] == name):
-                x = labels.index(f"{s['attack']}\nx{s['hostile']}") + (k - (len(colors) - 1) / 2) * width
-                value = s["final_loss"] if s["final_loss"] is not None else math.nan
+            for label in labels:  # a bar at the median over the repeats, a dot per repeat
+                finals = [
+                    s["final_loss"]
+                    for s in rows
+                    if s["defences"] == name and label == f"{s['attack']}\nx{s['hostile']}"
+                ]
+                if not finals:
+                    continue
+                x = labels.index(label) + (k - (len(colors) - 1) / 2) * width
+                finite = [v for v in finals if v is not None]
+                value = statistics.median(finite) if len(finite) == len(finals) else math.nan
                 ax.bar([x], [value], width, color=colors[name], label=None if name in seen else name)
+                if len(finals) > 1:
+                    ax.scatter([x] * len(finite), finite, s=8, color="black", zorder=3)
                 seen.add(name)
-                if s["final_loss"] is None:
+                if len(finite) < len(finals):
                     ax.annotate("NaN", (x, 0.01), xycoords=("data", "axes fraction"), ha="center", fontsize=7)
         ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -310,6 +350,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep metrics files and models here")
     parser.add_argument("--only", default=None, help="run only the matrix rows whose name contains this")
+    parser.add_argument(
+        "--rules", default=",".join(NO_ATTACK_DEFENCES), help="comma-separated defence settings of the no-attack rows"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="run the whole matrix this many times, interleaved")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--defences", choices=sorted(DEFENCES), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--fault", choices=ATTACKS, default=None, help=argparse.SUPPRESS)
@@ -344,7 +388,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     report["summary"] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    runs = matrix(tasks, attacks, counts)
+    rules = tuple(r for r in args.rules.split(",") if r)
+    if unknown := [r for r in rules if r not in DEFENCES]:
+        parser.error(f"unknown defence setting(s) {unknown}: choose from {sorted(DEFENCES)}")
+    runs = matrix(tasks, attacks, counts, rules, args.repeats)
     if args.only:
         runs = [run for run in runs if args.only in run_name(run)]
     with LocalSwarm() as swarm:
@@ -372,11 +419,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                     flush=True,
                 )
             args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far
+    report["no_attack_cost"] = no_attack_cost(report["summary"])
     report["total_seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print()
     print(table(report["summary"]))
+    for cost in report["no_attack_cost"]:
+        print(
+            f"no attack, {cost['task']}, {cost['defences']} vs off: median {cost['median_pct']:+.1f}% "
+            f"(range {cost['min_pct']:+.1f}% to {cost['max_pct']:+.1f}%, {cost['repeats']} repeats)"
+        )
     plot(report, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
     return report

@@ -137,6 +137,14 @@ class Defences:
             parameters (``ShardReduction(same_scale=True)``), farther than ``drop`` times the median
             size of the values is dropped too: then also in a pair, or where hostile contributions
             are the median.
+        catch: where the values are parameters, a contribution whose norm exceeds ``catch`` times
+            the values' typical norm (the low median of their norms, the owner's included) is dropped
+            and its sender caught for the run (``RoundExchange.caught``), also in a pair.  Parameters
+            of one model at one stage of training have about one size, and a weighted mean of them,
+            clipped or not, is never larger than the largest: an honest contribution 4x the others'
+            size does not arise (peers from independent random starts: within 1.1x,
+            ``tests/test_allreduce.py``), while values plus 1 everywhere (``heavy``) are 17x the size
+            of the digits model's parameters, within ``drop``'s 20x.
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
@@ -165,14 +173,19 @@ class Defences:
     its whole group last round, and again in the rounds after (a hostile owner of a shard the member
     did not hold such a mean of is bounded only by the next rounds' honest means).  The trimmed rule
     instead bounds each value of the mean by the honest contributions' range there while at most
-    ``trim`` contributions to a shard are hostile.  Not covered: groups of two, where the one other
-    contribution sets its own radius (they occur only in swarms of two or with a target group size of
-    two: ``groups.MIN_GROUP``), a majority of hostile members, a push below the bounds repeated round
-    after round (it adds up).
+    ``trim`` contributions to a shard are hostile.  With ``catch``, in parameter rounds, a contribution
+    or a mean over ``catch`` times the values' size is refused, and its sender caught, whatever the
+    group's size or make-up (short of a hostile majority of the values' norms at an owner).  Not
+    covered: groups of two below that size, where the one other contribution sets its own radius
+    (they occur in swarms of two, with a target group size of two, and where peers' views differ:
+    ``groups.MIN_GROUP``), a majority of hostile members, a push below the bounds repeated round after
+    round (it adds up), and a mean shifted by less than ``catch`` on a shard the member's last round
+    did not leave whole.
     """
 
     clip: float | None = 2.0
     drop: float | None = 20.0
+    catch: float | None = 4.0
     weight_cap: float | None = 10.0
     mean_check: float | None = 10.0
     rule: str = "clip"
@@ -186,7 +199,7 @@ class Defences:
 
     @classmethod
     def off(cls) -> Defences:
-        return cls(clip=None, drop=None, weight_cap=None, mean_check=None)
+        return cls(clip=None, drop=None, catch=None, weight_cap=None, mean_check=None)
 
 
 DEFAULT_DEFENCES = Defences()
@@ -310,12 +323,15 @@ class ShardReduction:
             median = statistics.median_low(norms)
             radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
-            if self.defences.drop is not None:
-                size = self._typical_size() if self._same_scale else math.inf
-                limit = self.defences.drop * min(median, size)
-                scales = [0.0 if norm > limit else scale for scale, norm in zip(scales, norms)]
-                beyond = self.defences.drop * size
-                self.oversized = [s for s, norm in zip(self._senders, norms) if norm > beyond and s is not None]
+            if self.defences.drop is not None or self.defences.catch is not None:
+                drop = math.inf if self.defences.drop is None else self.defences.drop
+                catch = math.inf if self.defences.catch is None else self.defences.catch
+                sizes = self._sizes(contributions) if self._same_scale else [math.inf] * (len(norms) + 1)
+                size = statistics.median_low(sizes)
+                # caught: larger than any honest parameters, or farther from ours than ``drop`` times their size
+                caught = [big > catch * size or norm > drop * size for big, norm in zip(sizes[1:], norms)]
+                scales = [0.0 if c or norm > drop * median else scale for scale, c, norm in zip(scales, caught, norms)]
+                self.oversized = [s for s, c in zip(self._senders, caught) if c and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
                 contributions = [v for v, scale in zip(contributions, scales) if scale > 0]
                 self.dropped = len(scales) - len(contributions)
@@ -338,10 +354,9 @@ class ShardReduction:
             squares += torch.linalg.vector_norm(difference, dtype=torch.float64).item() ** 2
         return math.sqrt(squares)
 
-    def _typical_size(self) -> float:
-        """The (low) median norm of the values, ours included."""
-        values = [self._own] + [values for values, _ in self._contributions]
-        return statistics.median_low(torch.linalg.vector_norm(v, dtype=torch.float64).item() for v in values)
+    def _sizes(self, contributions: list[torch.Tensor]) -> list[float]:
+        """The norms of our values, then of each contribution's."""
+        return [torch.linalg.vector_norm(v, dtype=torch.float64).item() for v in (self._own, *contributions)]
 
     def _trimmed_mean(self, weights: list[float]) -> torch.Tensor:
         """Per value: drop the ``trim`` smallest and largest contributions, weighted mean of the rest."""

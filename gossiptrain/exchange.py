@@ -357,7 +357,12 @@ class RoundExchange:
         those shards keep our own values, as though their owner had failed.  Only where our values held
         a mean of the whole group after our previous round (``agreed``) are means checked.  Returns the
         refused shards: our values there agree with the group's as before, so they stay checked next
-        round (a hostile owner cannot slip every second shifted mean through)."""
+        round (a hostile owner cannot slip every second shifted mean through).
+
+        Everywhere, where the values are parameters, a mean larger than ``Defences.catch`` times our
+        values there is refused and its owner caught: a mean of honest parameters is no larger than the
+        largest of them, whatever our previous round did (``shifted_mean``'s +1 is 17x the digits
+        model's size)."""
         distances = {
             bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
         }
@@ -370,10 +375,17 @@ class RoundExchange:
             }
         outlying = outlying_means(distances, self.defences, self.agreed, rounding)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
+        oversized = set()
+        if self.mode == "params" and self.defences.catch is not None:
+            oversized = {bounds for bounds, mean in means.items() if self._larger_than_ours(bounds, mean)}
+        outlying |= oversized
         for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
             if owners[bounds] in self.caught:
                 detail = f"caught before; {detail}"
+            elif bounds in oversized:
+                detail = f"{detail} and over {self.defences.catch:g}x their size"
+                self.caught.add(owners[bounds])
             elif self.mode == "params" and distances[bounds] > CAUGHT_MEAN_DISTANCE:
                 self.caught.add(owners[bounds])
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
@@ -382,6 +394,12 @@ class RoundExchange:
             del means[bounds]
             refused.append(bounds)
         return refused
+
+    def _larger_than_ours(self, bounds: tuple[int, int], mean: torch.Tensor) -> bool:
+        """Whether ``mean`` is over ``Defences.catch`` times our values' norm there (never where ours are 0)."""
+        ours = torch.linalg.vector_norm(self.values[bounds[0] : bounds[1]], dtype=torch.float64).item()
+        theirs = torch.linalg.vector_norm(mean, dtype=torch.float64).item()
+        return ours > 0 and theirs > self.defences.catch * ours
 
     async def _wait_or_leave_out(self, uploads: dict[asyncio.Task, str]) -> None:
         """Wait for our uploads' means; once half of them are back (failed ones do not count), the rest

@@ -142,6 +142,35 @@ def test_parameters_far_beyond_their_typical_size_are_dropped_in_a_pair_and_as_t
     assert unscaled.dropped == 0
 
 
+def _digits_parameters(seed: int) -> torch.Tensor:
+    from gossiptrain.tasks.digits import digits_task
+
+    return torch.cat([p.detach().flatten() for p in digits_task(model_seed=seed).model.parameters()])
+
+
+def test_parameters_plus_one_are_caught_in_a_pair_and_independent_starts_are_not():
+    """``heavy`` (values + 1, weight 1e9) on the digits model: 17x its parameters' size, within
+    ``drop``'s 20x of the distance, so only the size check catches it, also where it is the only other
+    contribution.  Four independent random starts of the model are within 1.1x of one size: none caught."""
+    own = _digits_parameters(0)
+    pair = ShardReduction(own, 1.0, same_scale=True)
+    pair.add(_digits_parameters(1) + 1.0, 1e9, "heavy")
+    assert torch.equal(pair.mean(), own) and pair.dropped == 1 and pair.oversized == ["heavy"]
+    starts = [_digits_parameters(seed) for seed in range(4)]
+    norms = [torch.linalg.vector_norm(values).item() for values in starts]
+    assert max(norms) / min(norms) < 1.1, norms
+    honest = ShardReduction(starts[0], 1.0, same_scale=True)
+    for seed, values in enumerate(starts[1:], 1):
+        honest.add(values, 1.0, f"peer{seed}")
+    mean = honest.mean()
+    assert honest.oversized == [] and honest.dropped == 0
+    assert torch.allclose(mean, torch.stack(starts).mean(dim=0), atol=1e-6)
+    unchecked = ShardReduction(own, 1.0, Defences(catch=None), same_scale=True)
+    unchecked.add(_digits_parameters(1) + 1.0, 1e9, "heavy")
+    unchecked.mean()
+    assert unchecked.oversized == [] and unchecked.dropped == 0, "without catch, the pair's one contribution counts"
+
+
 def test_without_an_outlier_the_robust_mean_is_the_weighted_mean():
     honest, _ = _honest_and_hostile(4)
     reduction = ShardReduction(honest[0], 1.0)

@@ -14,20 +14,27 @@ from gossiptrain.testing import LOOPBACK, FaultyPeer, GhostFlood
 NUMEL = 40_000
 
 
-def honest_inputs(count: int = 3) -> torch.Tensor:
-    """Peers near one point, 0.01 apart per value, as after a few local steps from a common state."""
+def honest_inputs(count: int = 3, scale: float = 1.0) -> torch.Tensor:
+    """Peers near one point, 0.01 apart per value, as after a few local steps from a common state
+    (all times ``scale``: the size of a model's parameters)."""
     generator = torch.Generator().manual_seed(3)
     centre = torch.randn(NUMEL, generator=generator)
-    return torch.stack([centre + 0.01 * torch.randn(NUMEL, generator=generator) for _ in range(count)])
+    return scale * torch.stack([centre + 0.01 * torch.randn(NUMEL, generator=generator) for _ in range(count)])
 
 
 async def one_round(
-    fault: str, *, hostile_reduces: bool, defences: Defences = DEFAULT_DEFENCES, rounds: int = 1
+    fault: str,
+    *,
+    hostile_reduces: bool,
+    defences: Defences = DEFAULT_DEFENCES,
+    rounds: int = 1,
+    scale: float = 1.0,
 ) -> tuple[list, torch.Tensor]:
     """Three honest peers and one hostile one average ``rounds`` rounds in one group, each round from
-    the last one's results: the honest peers' last results with their rejections, and the inputs."""
+    the last one's results: the honest peers' last results with their rejections, and the inputs
+    (``honest_inputs(scale=scale)``)."""
     options = dict(host_maddrs=[LOOPBACK], round_interval=0.5, timeouts=Timeouts(join=3.0, part=5.0), defences=defences)
-    inputs = honest_inputs()
+    inputs = honest_inputs(scale=scale)
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(Peer("hostile", **options))
         maddrs = await first.maddrs()
@@ -121,6 +128,23 @@ async def test_a_hostile_owner_is_refused_again_in_the_next_round_with_the_same_
         for start, end in result.combined:
             held[start:end] = True
         assert torch.equal(result.averaged[~held], inputs[index][~held]), "twice refused: still the own values"
+
+
+@pytest.mark.timeout(120)
+async def test_a_mean_larger_than_any_honest_parameters_is_refused_and_its_owner_caught_by_size_alone():
+    """Parameters of the digits model's size (0.05 per value): the hostile owner's +1 makes its mean 20x
+    their size.  With the mean check off, as on shards that a member's last round did not leave whole,
+    the size check refuses it and catches the owner: next round its mean and its slices are refused."""
+    results, inputs = await one_round(
+        "shifted_mean", hostile_reduces=True, defences=Defences(mean_check=None), rounds=2, scale=0.05
+    )
+    for index, (result, rejections) in enumerate(results):
+        assert rejections["hostile_mean"] == 2 and rejections["caught"] >= 1, rejections
+        held = torch.zeros(NUMEL, dtype=torch.bool)
+        for start, end in result.combined:
+            held[start:end] = True
+        assert len(result.combined) == 3, result.errors
+        assert torch.equal(result.averaged[~held], inputs[index][~held]), "refused twice: still the own values"
 
 
 @pytest.mark.timeout(240)
