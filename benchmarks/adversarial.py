@@ -17,12 +17,14 @@ Defence settings (``gossiptrain.allreduce.Defences``, the same on every peer of 
 
 - ``off``: a plain weighted mean (``Defences.off()``);
 - ``default``: ``DEFAULT_DEFENCES`` as the code has it (its fields are in the JSON's settings);
-- ``clip``: CenteredClip 2.0 around the owner's values (contributions beyond 20x the median distance dropped)
-  and the weight cap 10, without the mean check;
+- ``clip``: CenteredClip 2.0 around the owner's values (contributions beyond 20x the median distance dropped,
+  parameters over 4x the values' size caught) and the weight cap 10, without the mean check;
 - ``trimmed``: a coordinate-wise trimmed mean dropping 1 value at each end, the weight cap 10, no mean check.
 
-No attack runs with each of the four (what robust aggregation costs when nobody attacks); each attack
-runs with ``off`` and ``default``.
+No attack runs with each of the four (what robust aggregation costs when nobody attacks: ``--rules``
+picks some, ``--repeats`` runs the whole matrix again, interleaved, and the JSON's ``no_attack_cost``
+has each rule's median and range against ``off`` of the same repeat); each attack runs with ``off``
+and ``default``.
 
 Reported per run, over the honest peers only: the mean final validation loss (and accuracy for digits)
 after ``finish()``, the same just before it (``pre-fin``: a peer's own model when training stopped),

@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     started = time.monotonic()
+    if args.out is not None:  # made now: a soak's hour must not be lost to a missing folder at its end
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.soak is not None:
         out = args.out or RESULTS / "memory-soak.json"
         report = {**report_header("memory-soak", args), **soak(args)}
