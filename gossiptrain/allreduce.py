@@ -129,6 +129,9 @@ class Defences:
         clip: CenteredClip (Karimireddy et al., 2021; BTARD, Gorbunov et al., 2022) around the owner's
             own values: a contribution farther from them than ``clip`` times the median distance of the
             contributions counts only up to that radius.  Unclipped, the result is the weighted mean.
+            Where the values are parameters and most contributions equal the owner's (a group that
+            agreed last round), the median is the spread the owner measured in an earlier round
+            (``ShardReduction.spread``), not 0.
         drop: with ``clip``, a contribution farther than ``drop`` times that median distance is left
             out of the mean altogether (counted as ``dropped``): values far beyond any honest spread
             then move nothing, where clipped they would still pull the mean by the radius every round,
@@ -167,7 +170,8 @@ class Defences:
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
-    distance, over the group's total weight, and not at all from beyond ``drop`` times it; with
+    distance (for parameters that mostly agree with the owner's, the spread of its last round where
+    they did not), over the group's total weight, and not at all from beyond ``drop`` times it; with
     ``mean_check``, while fewer than half of a member's shards have hostile owners, a shifted mean
     larger than ``mean_check`` times the typical one is refused where the member's values agreed with
     its whole group last round, and again in the rounds after (a hostile owner of a shard the member
@@ -282,9 +286,13 @@ class ShardReduction:
         own_weight: float,
         defences: Defences = DEFAULT_DEFENCES,
         same_scale: bool = False,
+        spread: float = 0.0,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
         self._same_scale = same_scale  # honest values have about one size (parameters, not pseudo-gradients)
+        # the contributions' median distance from our values, relative to their size: the one given
+        # (an earlier round's) until ``mean`` measures it, and kept where everyone agreed with us
+        self.spread = spread
         self._contributions: list[tuple[torch.Tensor, float]] = []
         self._senders: list[str | None] = []
         self.clipped = self.dropped = 0
@@ -320,7 +328,7 @@ class ShardReduction:
         scales = [1.0] * len(contributions)
         if self.defences.clip is not None and contributions:
             norms = [self._distance(values) for values in contributions]
-            median = statistics.median_low(norms)
+            median = self._median_distance(norms)
             radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
             if self.defences.drop is not None or self.defences.catch is not None:
@@ -345,6 +353,21 @@ class ShardReduction:
             for values, weight, scale in zip(contributions, weights[1:], scales):
                 part.add_(values[a : a + PART].float() - own, alpha=weight * scale / total)
         return out
+
+    def _median_distance(self, norms: list[float]) -> float:
+        """The contributions' median distance from our values.  Where the values are parameters and most
+        contributions equal ours (their members averaged with us last round: distance exactly 0), it
+        is the ``spread`` measured in an earlier round instead: with a median of 0, one member that
+        trained elsewhere, honest, was dropped by every owner, and refused every mean that held it
+        (``Defences.mean_check``), so the group that agreed first decided the final model alone
+        (``benchmarks/adversarial.py``, digits: +3.3% loss with no attacker)."""
+        median = statistics.median_low(norms)
+        if not self._same_scale:
+            return median
+        size = torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
+        if median > 0 and size > 0:
+            self.spread = median / size
+        return max(median, self.spread * size)
 
     def _distance(self, values: torch.Tensor) -> float:
         """``|values - own|`` (L2, float64 sums), a part at a time."""

@@ -156,6 +156,9 @@ class RoundResult:
     # of those, the slices whose mean combined every member: there the group's values now agree, and
     # next round's means are checked (``Defences.mean_check``)
     agreed: list[tuple[int, int]] = field(default_factory=list)
+    # the median distance of our shard's contributions from our values, relative to their size, from
+    # this round or, where none was measured, the one given (``ShardReduction.spread``)
+    spread: float = 0.0
 
     @property
     def group_size(self) -> int:
@@ -228,12 +231,14 @@ class RoundExchange:
         defences: Defences = DEFAULT_DEFENCES,
         agreed: list[tuple[int, int]] | None = None,
         caught: set[str] | None = None,
+        spread: float = 0.0,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
         self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
         # peers caught sending parameters (or means) far beyond any honest size, in this round or an
         # earlier one: their slices count nothing and their means are refused (the caller's set, kept)
         self.caught = set() if caught is None else caught
+        self.spread = spread
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter()
@@ -246,7 +251,9 @@ class RoundExchange:
         self._averaged = torch.empty_like(values)
         self._reduction = None
         if self._own_shard is not None:
-            self._reduction = ShardReduction(self._own_contribution(), weight, defences, same_scale=mode == "params")
+            self._reduction = ShardReduction(
+                self._own_contribution(), weight, defences, same_scale=mode == "params", spread=spread
+            )
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
@@ -312,6 +319,7 @@ class RoundExchange:
             self.errors,
             answered=answered,
             agreed=sorted([bounds for bounds in combined if bounds in self._whole] + refused),
+            spread=self.spread,
         )
 
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
@@ -329,7 +337,7 @@ class RoundExchange:
         if self._contributors == len(self.plan.members):
             self._whole.add(self._own_shard)
         # the contributions are not needed any more (later ones are late): their memory goes now
-        self._reduction, total_weight = None, reduction.total_weight
+        self._reduction, total_weight, self.spread = None, reduction.total_weight, reduction.spread
         if reduction.clipped:
             self.rejections["clipped"] += reduction.clipped
             self.errors.append(f"clipped {reduction.clipped} contribution(s) to our shard (CenteredClip)")

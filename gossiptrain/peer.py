@@ -242,6 +242,7 @@ class Peer:
         # peers caught far beyond any honest values (``RoundExchange.caught``): left out for the whole run
         self.caught: set[str] = set()
         self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a whole-group mean
+        self._spread: dict[str, float] = {}  # per mode: the last spread measured at our shard (RoundResult.spread)
 
     async def __aenter__(self) -> Peer:
         await self.start()
@@ -617,6 +618,7 @@ class Peer:
             self.defences,
             self._agreed.get(mode),
             self.caught,
+            self._spread.get(mode, 0.0),
         )
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():
@@ -629,7 +631,7 @@ class Peer:
             self._forget_old_rounds(round_id)
         result.seconds, result.participants = time.perf_counter() - started, len(vouches)
         self._answered.append(result.answered)
-        self._agreed[mode] = result.agreed
+        self._agreed[mode], self._spread[mode] = result.agreed, result.spread
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
 

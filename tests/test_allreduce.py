@@ -142,6 +142,36 @@ def test_parameters_far_beyond_their_typical_size_are_dropped_in_a_pair_and_as_t
     assert unscaled.dropped == 0
 
 
+def test_where_most_contributions_equal_ours_the_spread_of_an_earlier_round_is_the_radius():
+    """A group that agreed last round meets a member that trained elsewhere (``finish()``): its
+    contributions equal the owner's values, the median distance is 0.  With the spread the owner
+    measured in an earlier round the honest newcomer counts; values 1e4x that spread away are still
+    dropped; without an earlier spread the newcomer is dropped too (what this replaced)."""
+    honest, spread = _honest_and_hostile()
+    earlier = ShardReduction(honest[0], 1.0, same_scale=True)
+    for values in honest[1:]:
+        earlier.add(values, 1.0)
+    earlier.mean()
+    assert earlier.spread > 0
+    newcomer = honest[1]
+    agreed = ShardReduction(honest[0], 1.0, same_scale=True, spread=earlier.spread)
+    for _ in range(2):
+        agreed.add(honest[0].clone(), 1.0)
+    agreed.add(newcomer, 1.0)
+    assert torch.allclose(agreed.mean(), (3 * honest[0] + newcomer) / 4, atol=1e-6)
+    assert agreed.dropped == 0 and agreed.spread == earlier.spread, "a median of 0 keeps the earlier spread"
+    hostile = ShardReduction(honest[0], 1.0, same_scale=True, spread=earlier.spread)
+    for _ in range(2):
+        hostile.add(honest[0].clone(), 1.0)
+    hostile.add(honest[1] + 1e4 * spread, 1.0)
+    assert torch.equal(hostile.mean(), honest[0]) and hostile.dropped == 1
+    forgetful = ShardReduction(honest[0], 1.0, same_scale=True)
+    for _ in range(2):
+        forgetful.add(honest[0].clone(), 1.0)
+    forgetful.add(newcomer, 1.0)
+    assert torch.equal(forgetful.mean(), honest[0]) and forgetful.dropped == 1
+
+
 def _digits_parameters(seed: int) -> torch.Tensor:
     from gossiptrain.tasks.digits import digits_task
 
