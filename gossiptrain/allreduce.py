@@ -171,7 +171,8 @@ class Defences:
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
     distance (for parameters that mostly agree with the owner's, the spread of its last round where
-    they did not), over the group's total weight, and not at all from beyond ``drop`` times it; with
+    they did not and nothing was dropped), over the group's total weight, and not at all from beyond
+    ``drop`` times it; with
     ``mean_check``, while fewer than half of a member's shards have hostile owners, a shifted mean
     larger than ``mean_check`` times the typical one is refused where the member's values agreed with
     its whole group last round, and again in the rounds after (a hostile owner of a shard the member
@@ -344,6 +345,7 @@ class ShardReduction:
                 contributions = [v for v, scale in zip(contributions, scales) if scale > 0]
                 self.dropped = len(scales) - len(contributions)
                 scales = [scale for scale in scales if scale > 0]
+            self._remember_spread(median, self.dropped == 0)
             self.clipped = sum(scale < 1.0 for scale in scales)
         total = sum(weights)
         out = torch.empty_like(self._own) if out is None else out
@@ -357,17 +359,23 @@ class ShardReduction:
     def _median_distance(self, norms: list[float]) -> float:
         """The contributions' median distance from our values.  Where the values are parameters and most
         contributions equal ours (their members averaged with us last round: distance exactly 0), it
-        is the ``spread`` measured in an earlier round instead: with a median of 0, one member that
-        trained elsewhere, honest, was dropped by every owner, and refused every mean that held it
-        (``Defences.mean_check``), so the group that agreed first decided the final model alone
-        (``benchmarks/adversarial.py``, digits: +3.3% loss with no attacker)."""
+        is the ``spread`` of an earlier round instead (``_remember_spread``): with a median of 0, one
+        member that trained elsewhere, honest, was dropped by every owner, and refused every mean that
+        held it (``Defences.mean_check``), so the group that agreed first decided the final model
+        alone (``benchmarks/adversarial.py``, digits: ``dropped`` 7-16 with no attacker)."""
         median = statistics.median_low(norms)
-        if not self._same_scale:
+        if not self._same_scale or median > 0:
             return median
+        return self.spread * torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
+
+    def _remember_spread(self, median: float, clean: bool) -> None:
+        """Keep this round's median distance, relative to our values' size, as the ``spread`` of later
+        rounds, only where nothing was dropped or caught: a median that hostile contributions set
+        (two of three in a group, dropped as oversized) kept as the spread let the next rounds pass
+        what they should have dropped (``huge``, 2 of 8: 3 honest peers diverged)."""
         size = torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
-        if median > 0 and size > 0:
+        if clean and self._same_scale and median > 0 and size > 0:
             self.spread = median / size
-        return max(median, self.spread * size)
 
     def _distance(self, values: torch.Tensor) -> float:
         """``|values - own|`` (L2, float64 sums), a part at a time."""

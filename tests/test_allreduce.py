@@ -165,6 +165,12 @@ def test_where_most_contributions_equal_ours_the_spread_of_an_earlier_round_is_t
         hostile.add(honest[0].clone(), 1.0)
     hostile.add(honest[1] + 1e4 * spread, 1.0)
     assert torch.equal(hostile.mean(), honest[0]) and hostile.dropped == 1
+    outvoted = ShardReduction(honest[0], 1.0, same_scale=True, spread=earlier.spread)
+    outvoted.add(honest[1], 1.0)
+    for _ in range(2):  # two of three: their distance is the median, their size is caught
+        outvoted.add(honest[1] * 1e4, 1.0)
+    assert torch.allclose(outvoted.mean(), (honest[0] + honest[1]) / 2, atol=1e-6) and outvoted.dropped == 2
+    assert outvoted.spread == earlier.spread, "a round that dropped something must not set the spread"
     forgetful = ShardReduction(honest[0], 1.0, same_scale=True)
     for _ in range(2):
         forgetful.add(honest[0].clone(), 1.0)

@@ -1,5 +1,6 @@
 """Real peers as processes over real sockets on localhost."""
 
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,11 @@ def test_four_peers_average_to_the_exact_weighted_mean():
         assert (result["values"] - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true",
+    reason="fails every run on CI's 2 shared cores (xfail below; 170-220 s of 32 processes for no signal): left out of "
+    "CI to keep the suite under 25 min; run it with `CI= pytest tests/test_swarm.py -k sixteen`",
+)
 @pytest.mark.xfail(
     strict=False,
     reason="flaky since the swarm clock (2026-12-02): failed 3 of 4 runs that day (one peer's view held 15 of 16, "
