@@ -49,10 +49,14 @@ number) and ``<out>.png`` (``--out``, default ``benchmarks/results/adversarial``
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import copy
 import dataclasses
 import json
 import math
 import os
+import random
 import re
 import statistics
 import sys
@@ -62,9 +66,10 @@ from pathlib import Path
 
 import torch
 from environment import report_header
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
-from gossiptrain.demo import parameter_spread, read_records
+from gossiptrain.demo import parameter_spread, read_records, spread
 from gossiptrain.testing import LOOPBACK, FaultyExchange, LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "adversarial"
@@ -99,6 +104,8 @@ TASK_SETTINGS = {
         "hostile": (2,),
     },
 }
+NOISE_FLOOR = "off-jitter"  # --simulate: plain means with weights a few parts in a million off
+SIMULATED_FINISH_ROUNDS = 6  # --simulate: finish() is at most this many rounds, until the honest peers agree
 START_TIMEOUT = 180.0  # seconds a peer waits for all the others to be live (8 peers start on 2 cores)
 
 
@@ -110,8 +117,8 @@ def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: li
 
     class BenchmarkOptimizer(optimizer_module.GossipOptimizer):
         def __init__(self, *args, **kwargs):
-            options = {"defences": DEFENCES[defences], "average_every_steps": every_steps}
-            super().__init__(*args, **options, **kwargs)
+            kwargs.update(defences=DEFENCES[defences], average_every_steps=every_steps)
+            super().__init__(*args, **kwargs)
             if fault is not None:  # rounds start from the step hooks: none has run yet
                 self.peer.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
 
@@ -181,6 +188,93 @@ def run_swarm(swarm: LocalSwarm, work: Path, run_id: str, run: dict, steps: int,
         "models": [torch.load(work / f"peer{i}.pt") for i in honest],
         "wall": wall,
     }
+
+
+def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
+    """One run of the matrix in this process (``--simulate``): the same peers, attacks and defences, with
+    rounds every ``every_steps`` steps of every peer through the real round code over in-memory streams
+    (``gossiptrain.simulation``), and ``finish()`` as rounds until the honest peers agree.  No timing
+    enters, so a run is the same bit for bit when repeated, and two rules of one repeat differ only by
+    what the rules did.  Repeat ``r`` starts from model seed ``r`` and peer ``i`` draws from seed
+    ``1000 r + i``.  ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a
+    million: what a final loss moves by from a perturbation alone (the noise floor of a comparison).
+    With ``--miss P`` each honest peer sits out each training round with probability P (drawn from the
+    repeat, the round and the peer, so the same in every rule), as live peers miss rounds (54-93% of
+    their rounds averaged in the live runs): a peer that missed one comes back apart from its group,
+    which is where the defences' rules engage when nobody attacks."""
+    from gossiptrain.simulation import SimulatedPeer, simulate_round, simulated_peer_id
+    from gossiptrain.tasks import TASKS
+
+    settings, repeat, started = TASK_SETTINGS[run["task"]], run.get("repeat", 0), time.monotonic()
+    task = TASKS[run["task"]](model_seed=repeat)
+    honest = range(args.peers - run["hostile"])
+    models = [copy.deepcopy(task.model) for _ in range(args.peers)]
+    optimizers = [torch.optim.Adam(model.parameters(), lr=settings["lr"]) for model in models]
+    batches = [task.batches(1000 * repeat + i, settings["batch_size"]) for i in range(args.peers)]
+    peers = [SimulatedPeer(simulated_peer_id(f"peer{i}")) for i in range(args.peers)]
+    for peer in peers[len(honest) :]:
+        peer.client = run["attack"] != "shifted_mean"
+        peer.exchange_class = type(f"FaultyExchange[{run['attack']}]", (FaultyExchange,), {"fault": run["attack"]})
+    jitter = 1e-6 if run["defences"] == NOISE_FLOOR else 0.0
+    defences = DEFENCES["off" if run["defences"] == NOISE_FLOOR else run["defences"]]
+    records: dict[int, list[dict]] = {i: [] for i in honest}  # as the live peers' metrics files have them
+
+    async def average(round_id: int, miss: float) -> None:
+        taking_part = [
+            i
+            for i in range(args.peers)
+            if i not in honest or random.Random(10**6 * repeat + 10**3 * round_id + i).random() >= miss
+        ]
+        values = {peers[i].peer_id: parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
+        weight = settings["every_steps"] * settings["batch_size"]
+        weights = {peers[i].peer_id: weight * (1 + jitter * i) for i in taking_part}
+        results = await simulate_round([peers[i] for i in taking_part], values, weights, round_id, defences=defences)
+        for i in taking_part:
+            vector_to_parameters(results[peers[i].peer_id].averaged, models[i].parameters())
+            if i in honest:
+                status, rejected = results[peers[i].peer_id].status, dict(peers[i].rejections)
+                records[i].append({"round": round_id, "status": status, "rejected": rejected})
+
+    async def train() -> None:
+        round_id = 0
+        for step in range(1, steps + 1):
+            for model, optimizer, batch in zip(models, optimizers, batches):
+                loss = task.loss(model, next(batch))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if step % settings["every_steps"] == 0:
+                await average(round_id, args.miss)
+                round_id += 1
+        for i in honest:
+            records[i].append({"loss_before_finish": task.evaluate(models[i])["loss"], "rounds_done": round_id})
+        for finishing in range(round_id, round_id + SIMULATED_FINISH_ROUNDS):
+            await average(finishing, 0.0)
+            if spread([parameters_to_vector(models[i].parameters()).double() for i in honest]) < 1e-6:
+                break
+
+    with torch.no_grad():
+        for model in models:  # every peer starts from the task's model, as with --no-load-state
+            vector_to_parameters(parameters_to_vector(task.model.parameters()), model.parameters())
+    asyncio.run(train())
+    for i in honest:
+        before = next(r for r in records[i] if "loss_before_finish" in r)
+        records[i].append({"final": True, "step": steps, "rounds_failed": 0, **before, **task.evaluate(models[i])})
+    models = [model.state_dict() for model in models[: len(honest)]]
+    return summarize(run, {"records": records, "models": models, "wall": time.monotonic() - started}, args.peers)
+
+
+def run_live(swarm: LocalSwarm, n: int, run: dict, steps: int, args: argparse.Namespace) -> dict:
+    """Run ``n`` of the matrix as a swarm of processes; its summary, or the error that stopped it."""
+    run_id = re.sub(r"[^A-Za-z0-9-]+", "-", f"adv-{os.getpid()}-{n}-{run['task']}-{run['attack']}")
+    with tempfile.TemporaryDirectory(prefix="gossiptrain-adv-") as workdir:
+        work = Path(workdir) if args.keep is None else args.keep / run_id
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            return summarize(run, run_swarm(swarm, work, run_id, run, steps, args), args.peers)
+        except (RuntimeError, OSError) as e:
+            print(f"  failed: {e}", flush=True)
+            return {**run, "error": str(e).splitlines()[0]}
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -356,6 +450,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         "--rules", default=",".join(NO_ATTACK_DEFENCES), help="comma-separated defence settings of the no-attack rows"
     )
     parser.add_argument("--repeats", type=int, default=1, help="run the whole matrix this many times, interleaved")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help=f"run every swarm in this process over in-memory streams: exact, repeatable (rules may add {NOISE_FLOOR})",
+    )
+    parser.add_argument(
+        "--miss", type=float, default=0.25, help="--simulate: chance that an honest peer sits out a training round"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--defences", choices=sorted(DEFENCES), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--fault", choices=ATTACKS, default=None, help=argparse.SUPPRESS)
@@ -365,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.worker:
         return peer_worker(args.defences, args.fault, args.every_steps, args.cli_args)
     if args.out is None:
-        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick") if args.quick else DEFAULT_OUT
+        suffix = "-simulated" * args.simulate + "-quick" * args.quick
+        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
     tasks = [t for t in args.tasks.split(",") if t]
     attacks = [a for a in args.attacks.split(",") if a]
     if unknown := [a for a in attacks if a not in ATTACKS] + [t for t in tasks if t not in TASK_SETTINGS]:
@@ -391,25 +494,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     rules = tuple(r for r in args.rules.split(",") if r)
-    if unknown := [r for r in rules if r not in DEFENCES]:
-        parser.error(f"unknown defence setting(s) {unknown}: choose from {sorted(DEFENCES)}")
+    known = [*DEFENCES, NOISE_FLOOR] if args.simulate else list(DEFENCES)
+    if unknown := [r for r in rules if r not in known]:
+        parser.error(f"unknown defence setting(s) {unknown}: choose from {sorted(known)}")
     runs = matrix(tasks, attacks, counts, rules, args.repeats)
     if args.only:
         runs = [run for run in runs if args.only in run_name(run)]
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
+    with contextlib.nullcontext() if args.simulate else LocalSwarm() as swarm:
+        if swarm is not None:
+            swarm.start_bootstrap()
         for n, run in enumerate(runs):
             print(f"[{time.monotonic() - started:5.0f}s] run {n + 1}/{len(runs)}: {run_name(run)}", flush=True)
-            run_id = re.sub(r"[^A-Za-z0-9-]+", "-", f"adv-{os.getpid()}-{n}-{run['task']}-{run['attack']}")
-            with tempfile.TemporaryDirectory(prefix="gossiptrain-adv-") as workdir:
-                work = Path(workdir) if args.keep is None else args.keep / run_id
-                work.mkdir(parents=True, exist_ok=True)
-                try:
-                    swarm_run = run_swarm(swarm, work, run_id, run, steps[run["task"]], args)
-                    result = summarize(run, swarm_run, args.peers)
-                except (RuntimeError, OSError) as e:
-                    print(f"  failed: {e}", flush=True)
-                    result = {**run, "error": str(e).splitlines()[0]}
+            if swarm is None:
+                result = simulate_swarm(run, steps[run["task"]], args)
+            else:
+                result = run_live(swarm, n, run, steps[run["task"]], args)
             report["summary"].append(result)
             add_baselines(report["summary"])
             if "error" not in result:

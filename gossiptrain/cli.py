@@ -116,6 +116,7 @@ def _outer_options(args: argparse.Namespace) -> dict:
 def cmd_peer(args: argparse.Namespace) -> None:
     import torch
 
+    from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
     from gossiptrain.metrics import PeriodicEvaluation, RoundRecord, write_jsonl
     from gossiptrain.optimizer import GossipOptimizer
     from gossiptrain.tasks import TASKS, load_task
@@ -148,6 +149,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         credential=args.credential,
         bandwidth_mbit=args.bandwidth_mbit,
         load_state=not args.no_load_state,
+        defences=Defences.off() if args.no_defences else DEFAULT_DEFENCES,
         **_outer_options(args),
     )
     with optimizer:
@@ -446,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-mode",
         action="store_true",
         help="for a peer that cannot be dialed (NAT, firewall): listen nowhere, average by dialing out",
+    )
+    peer.add_argument(
+        "--no-defences",
+        action="store_true",
+        help="plain weighted means: no clipping, weight cap, mean check or catching of hostile peers "
+        "(on by default; what they guard against: README, 'Hostile peers')",
     )
     peer.set_defaults(func=cmd_peer)
 

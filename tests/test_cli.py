@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gossiptrain import cli
 from gossiptrain.addresses import check_initial_peer
+from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.dashboard import Column, Dashboard
 from gossiptrain.demo import _rows, parameter_spread
 from gossiptrain.tasks import TASKS, Task, load_task
@@ -117,6 +119,23 @@ def test_load_task_builds_the_examples_and_explains_a_bad_spec():
     with pytest.raises(ValueError, match="returned a str, not a gossiptrain.Task"):
         load_task("os:getcwd")
     assert set(TASKS) == {"digits", "charlm"}
+
+
+@pytest.mark.parametrize(("flags", "expected"), [((), DEFAULT_DEFENCES), (("--no-defences",), Defences.off())])
+def test_peer_has_the_defences_on_unless_told_no_defences(monkeypatch, flags, expected):
+    built = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        built.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("gossiptrain.optimizer.GossipOptimizer", record)
+    with pytest.raises(Stop):
+        cli.main(["peer", "--initial-peers", UNREACHABLE, "--steps", "1", *flags])
+    assert built["defences"] == expected
 
 
 class _Terminal(io.StringIO):
