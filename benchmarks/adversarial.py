@@ -195,9 +195,10 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     rounds every ``every_steps`` steps of every peer through the real round code over in-memory streams
     (``gossiptrain.simulation``), and ``finish()`` as rounds until the honest peers agree.  No timing
     enters, so a run is the same bit for bit when repeated, and two rules of one repeat differ only by
-    what the rules did.  Repeat ``r`` starts from model seed ``r`` and peer ``i`` draws from seed
-    ``1000 r + i``.  ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a
-    million: what a final loss moves by from a perturbation alone (the noise floor of a comparison).
+    what the rules did.  Repeat ``r`` starts every peer from model seed ``r`` (as ``--no-load-state``),
+    peer ``i`` draws from seed ``1000 r + i``, and every contribution weighs one round's samples.
+    ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a million: what a final
+    loss moves by from a perturbation alone (the noise floor of a comparison).
     With ``--miss P`` each honest peer sits out each training round with probability P (drawn from the
     repeat, the round and the peer, so the same in every rule), as live peers miss rounds (54-93% of
     their rounds averaged in the live runs): a peer that missed one comes back apart from its group,
@@ -253,9 +254,6 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             if spread([parameters_to_vector(models[i].parameters()).double() for i in honest]) < 1e-6:
                 break
 
-    with torch.no_grad():
-        for model in models:  # every peer starts from the task's model, as with --no-load-state
-            vector_to_parameters(parameters_to_vector(task.model.parameters()), model.parameters())
     asyncio.run(train())
     for i in honest:
         before = next(r for r in records[i] if "loss_before_finish" in r)

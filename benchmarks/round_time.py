@@ -479,6 +479,7 @@ def table(results: list[dict]) -> str:
         ("hivemind s", 10, lambda r, g, h: _fmt(h and h["median_round_s"], ".3f")),
         ("ratio g/h", 9, lambda r, g, h: _fmt(r.get("ratio_gossiptrain_over_hivemind"), ".2f")),
         ("undefended s", 12, lambda r, g, h: _fmt(r.get("undefended", {}).get("median_round_s"), ".3f")),
+        ("ratio g/u", 9, lambda r, g, h: _fmt(r.get("ratio_defended_over_undefended"), ".2f")),
         ("g bytes/peer/rnd", 16, lambda r, g, h: _fmt(g and g.get("bytes_sent_per_peer_round"), ",d")),
         ("ideal", 10, lambda r, g, h: _fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
         ("g max err", 9, lambda r, g, h: _fmt(g and g["max_abs_error"], ".1e")),
@@ -503,6 +504,36 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_system(system: str, num_peers: int, numel: int, config: str, args: argparse.Namespace) -> dict:
+    """One swarm of ``system`` for one config: its summary, printed as it ends."""
+    profile_path = None
+    if args.profile and system == "gossiptrain":
+        profile_path = args.out.with_name(f"{args.out.stem}-profile-{config}.pstats")
+    load = os.getloadavg()[0]
+    print(f"{config} {system} ... (load average {load:.1f})", flush=True)
+    swarm = run_swarm(system, num_peers, numel, args, profile_path)
+    summary = summarize(system, num_peers, numel, swarm, args.warmup)
+    summary["load_average_before"] = load
+    if profile_path:
+        summary["profiled"] = str(profile_path)
+        stream = io.StringIO()
+        pstats.Stats(str(profile_path), stream=stream).sort_stats("cumulative").print_stats(25)
+        print(stream.getvalue())
+    times = [round(t, 3) for t in summary["round_s_max_over_peers"]]
+    print(
+        f"  median {_fmt(summary['median_round_s'], '.3f')}s  rounds {times}"
+        f"  max err {_fmt(summary['max_abs_error'], '.1e')}  incomplete {summary['incomplete_rounds']}"
+        f"  wall {summary['wall_s']:.0f}s  errors {summary['errors'][:2]}",
+        flush=True,
+    )
+    return summary
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", default="2,4", help="comma-separated numbers of peers (= group size)")
@@ -523,6 +554,9 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="run over EmulatedLinks with this RTT (0: loopback)")
     parser.add_argument("--mbit", type=float, default=None, help="with --rtt-ms: each peer's link rate (default: none)")
     parser.add_argument("--profile", action="store_true", help="cProfile gossiptrain peer 0 (slows it down)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run every system this many times per config, interleaved"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if not 0 <= args.warmup < args.rounds:
@@ -538,35 +572,23 @@ def main() -> None:
     for num_peers, numel in configs:
         config = f"{num_peers}x{size_name(numel)}"
         row: dict = {"config": config, "peers": num_peers, "numel": numel}
-        for system in systems:
-            profile_path = None
-            if args.profile and system == "gossiptrain":
-                profile_path = args.out.with_name(f"{args.out.stem}-profile-{config}.pstats")
-            load = os.getloadavg()[0]
-            print(f"{config} {system} ... (load average {load:.1f})", flush=True)
-            swarm = run_swarm(system, num_peers, numel, args, profile_path)
-            summary = row[system] = summarize(system, num_peers, numel, swarm, args.warmup)
-            summary["load_average_before"] = load
-            if profile_path:
-                summary["profiled"] = str(profile_path)
-                stream = io.StringIO()
-                pstats.Stats(str(profile_path), stream=stream).sort_stats("cumulative").print_stats(25)
-                print(stream.getvalue())
-            times = [round(t, 3) for t in summary["round_s_max_over_peers"]]
-            print(
-                f"  median {_fmt(summary['median_round_s'], '.3f')}s  rounds {times}"
-                f"  max err {_fmt(summary['max_abs_error'], '.1e')}  incomplete {summary['incomplete_rounds']}"
-                f"  wall {summary['wall_s']:.0f}s  errors {summary['errors'][:2]}",
-                flush=True,
-            )
-        if row.get("gossiptrain", {}).get("median_round_s") and row.get("hivemind", {}).get("median_round_s"):
-            row["ratio_gossiptrain_over_hivemind"] = (
-                row["gossiptrain"]["median_round_s"] / row["hivemind"]["median_round_s"]
-            )
-        if row.get("gossiptrain", {}).get("median_round_s") and row.get("undefended", {}).get("median_round_s"):
-            row["ratio_defended_over_undefended"] = (
-                row["gossiptrain"]["median_round_s"] / row["undefended"]["median_round_s"]
-            )
+        medians: dict[str, list[float | None]] = {system: [] for system in systems}
+        for repeat in range(args.repeats):  # interleaved: every other repeat runs the systems in reverse order
+            for system in systems if repeat % 2 == 0 else systems[::-1]:
+                summary = row[system] = run_system(system, num_peers, numel, config, args)
+                medians[system].append(summary["median_round_s"])
+        if args.repeats > 1:
+            row["repeats"] = medians
+            for system in systems:
+                row[system]["median_round_s"] = _median(medians[system])
+        for base, key in (
+            ("hivemind", "ratio_gossiptrain_over_hivemind"),
+            ("undefended", "ratio_defended_over_undefended"),
+        ):
+            ratios = [g / b for g, b in zip(medians.get("gossiptrain", []), medians.get(base, [])) if g and b]
+            if ratios:  # per repeat (the two systems' runs side by side), then the median of those
+                row[key] = _median(ratios)
+                row[key + "_per_repeat"] = ratios
         results.append(row)
 
     print()

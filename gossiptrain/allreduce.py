@@ -212,14 +212,24 @@ PART = 2**18  # values per part where a shard is scanned a part at a time (a mul
 MEAN_CHECK_FLOOR = 1e-3  # relative distance a mean may always have from a member's values (quantization, drift)
 
 
-def relative_distance(mean: torch.Tensor, own: torch.Tensor) -> float:
-    """``|mean - own| / |own|`` (L2, float64 sums; 0/0 counts as 0)."""
-    scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
-    squares = 0.0  # a part at a time: no whole difference of the shard
-    for start in range(0, own.numel(), PART):
-        part = mean[start : start + PART] - own[start : start + PART]
-        squares += torch.linalg.vector_norm(part, dtype=torch.float64).item() ** 2
-    distance = math.sqrt(squares)
+def l2_norm(values: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+    """``|values|``, or ``|values - reference|`` (L2), a part at a time: float32 kernels per part, the
+    parts' squares summed in float64.  Within ~1e-5 relative of float64 throughout, far below any
+    threshold it is compared with (the defences' factors of 2-20, ``MEAN_CHECK_FLOOR``), at a third of
+    the time on a round's critical path (with float64 norms the defences cost a 4 x 10M round 1.26x:
+    ``benchmarks/README.md``); no whole difference is held."""
+    squares = 0.0
+    for a in range(0, values.numel(), PART):
+        part = values[a : a + PART].float()
+        norm = torch.linalg.vector_norm(part) if reference is None else torch.dist(part, reference[a : a + PART])
+        squares += norm.item() ** 2
+    return math.sqrt(squares)
+
+
+def relative_distance(mean: torch.Tensor, own: torch.Tensor, scale: float | None = None) -> float:
+    """``|mean - own| / |own|`` (L2; 0/0 counts as 0); ``scale`` is ``|own|`` where already known."""
+    scale = l2_norm(own) if scale is None else scale
+    distance = l2_norm(mean, own)
     return distance / scale if scale > 0 else (0.0 if distance == 0 else math.inf)
 
 
@@ -230,8 +240,10 @@ def rounding_distance(codec: Codec, own: torch.Tensor) -> float:
     values agreed exactly elsewhere (median distance 0, as in ``finish()``) refused an honest int8
     mean 0.2% away, its rounding, round after round, and never agreed (``tests/test_compression.py``)."""
     dense = codec.dense_stage
-    scale = torch.linalg.vector_norm(own, dtype=torch.float64).item()
-    if dense.lossless or scale == 0:
+    if dense.lossless:
+        return 0.0
+    scale = l2_norm(own)
+    if scale == 0:
         return 0.0
     squares = 0.0
     for start in range(0, own.numel(), PART):  # parts that start at a multiple of the codec's block
@@ -290,6 +302,7 @@ class ShardReduction:
         spread: float = 0.0,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
+        self._own_norm: float | None = None  # |own values|, once needed
         self._same_scale = same_scale  # honest values have about one size (parameters, not pseudo-gradients)
         # the contributions' median distance from our values, relative to their size: the one given
         # (an earlier round's) until ``mean`` measures it, and kept where everyone agreed with us
@@ -328,7 +341,7 @@ class ShardReduction:
         contributions = [values for values, _ in self._contributions]
         scales = [1.0] * len(contributions)
         if self.defences.clip is not None and contributions:
-            norms = [self._distance(values) for values in contributions]
+            norms = [l2_norm(values, self._own) for values in contributions]
             median = self._median_distance(norms)
             radius = self.defences.clip * median
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
@@ -366,28 +379,25 @@ class ShardReduction:
         median = statistics.median_low(norms)
         if not self._same_scale or median > 0:
             return median
-        return self.spread * torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
+        return self.spread * self.own_norm
 
     def _remember_spread(self, median: float, clean: bool) -> None:
         """Keep this round's median distance, relative to our values' size, as the ``spread`` of later
         rounds, only where nothing was dropped or caught: a median that hostile contributions set
         (two of three in a group, dropped as oversized) kept as the spread let the next rounds pass
         what they should have dropped (``huge``, 2 of 8: 3 honest peers diverged)."""
-        size = torch.linalg.vector_norm(self._own, dtype=torch.float64).item()
-        if clean and self._same_scale and median > 0 and size > 0:
-            self.spread = median / size
+        if clean and self._same_scale and median > 0 and self.own_norm > 0:
+            self.spread = median / self.own_norm
 
-    def _distance(self, values: torch.Tensor) -> float:
-        """``|values - own|`` (L2, float64 sums), a part at a time."""
-        squares = 0.0
-        for a in range(0, self._own.numel(), PART):
-            difference = values[a : a + PART].float() - self._own[a : a + PART]
-            squares += torch.linalg.vector_norm(difference, dtype=torch.float64).item() ** 2
-        return math.sqrt(squares)
+    @property
+    def own_norm(self) -> float:
+        if self._own_norm is None:
+            self._own_norm = l2_norm(self._own)
+        return self._own_norm
 
     def _sizes(self, contributions: list[torch.Tensor]) -> list[float]:
         """The norms of our values, then of each contribution's."""
-        return [torch.linalg.vector_norm(v, dtype=torch.float64).item() for v in (self._own, *contributions)]
+        return [self.own_norm, *(l2_norm(values) for values in contributions)]
 
     def _trimmed_mean(self, weights: list[float]) -> torch.Tensor:
         """Per value: drop the ``trim`` smallest and largest contributions, weighted mean of the rest."""

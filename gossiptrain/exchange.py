@@ -48,6 +48,7 @@ from gossiptrain.allreduce import (
     GroupPlan,
     ShardReduction,
     check_hello,
+    l2_norm,
     outlying_means,
     relative_distance,
     rounding_distance,
@@ -371,8 +372,10 @@ class RoundExchange:
         values there is refused and its owner caught: a mean of honest parameters is no larger than the
         largest of them, whatever our previous round did (``shifted_mean``'s +1 is 17x the digits
         model's size)."""
+        sizes = {bounds: l2_norm(self.values[bounds[0] : bounds[1]]) for bounds in means}  # our values' there
         distances = {
-            bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]]) for bounds, mean in means.items()
+            bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]], sizes[bounds])
+            for bounds, mean in means.items()
         }
         owners = {bounds: owner for owner, bounds in self._shards.items()}
         refused = []
@@ -385,7 +388,8 @@ class RoundExchange:
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized = set()
         if self.mode == "params" and self.defences.catch is not None:
-            oversized = {bounds for bounds, mean in means.items() if self._larger_than_ours(bounds, mean)}
+            catch = self.defences.catch  # a mean over ``catch`` times our values' norm (never where ours are 0)
+            oversized = {bounds for bounds, mean in means.items() if 0 < sizes[bounds] * catch < l2_norm(mean)}
         outlying |= oversized
         for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
@@ -402,12 +406,6 @@ class RoundExchange:
             del means[bounds]
             refused.append(bounds)
         return refused
-
-    def _larger_than_ours(self, bounds: tuple[int, int], mean: torch.Tensor) -> bool:
-        """Whether ``mean`` is over ``Defences.catch`` times our values' norm there (never where ours are 0)."""
-        ours = torch.linalg.vector_norm(self.values[bounds[0] : bounds[1]], dtype=torch.float64).item()
-        theirs = torch.linalg.vector_norm(mean, dtype=torch.float64).item()
-        return ours > 0 and theirs > self.defences.catch * ours
 
     async def _wait_or_leave_out(self, uploads: dict[asyncio.Task, str]) -> None:
         """Wait for our uploads' means; once half of them are back (failed ones do not count), the rest

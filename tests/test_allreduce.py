@@ -8,6 +8,7 @@ from gossiptrain.allreduce import (
     GroupPlan,
     ShardReduction,
     check_hello,
+    l2_norm,
     outlying_means,
     relative_distance,
     rounding_distance,
@@ -318,3 +319,16 @@ def test_a_mean_over_several_parts_is_written_into_the_given_buffer_and_equals_t
     expected = (own * 1.0 + sum(v * float(i + 2) for i, v in enumerate(others))) / 10.0
     assert mean.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_l2_norm_in_float32_parts_agrees_with_float64_and_is_exactly_zero_for_equal_values():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3 * PART + 123, generator=generator) * 50
+    reference = values + 1e-3 * torch.randn(values.numel(), generator=generator)
+    exact = torch.linalg.vector_norm(values.double()).item()
+    exact_difference = torch.linalg.vector_norm(values.double() - reference.double()).item()
+    assert l2_norm(values) == pytest.approx(exact, rel=1e-5)
+    # the difference of two float32 values is rounded to float32 (as before l2_norm): 1e-4 for differences
+    assert l2_norm(values, reference) == pytest.approx(exact_difference, rel=1e-4)
+    assert l2_norm(values, values.clone()) == 0.0
+    assert relative_distance(reference, values) == pytest.approx(exact_difference / exact, rel=1e-4)
