@@ -41,6 +41,7 @@ the peer gets ``--no-load-state`` (all peers start together from the same seeded
 
     python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
     python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
+    python benchmarks/adversarial.py --simulate  # the same matrix in one process: exact, repeatable (~15 min)
 
 Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per run, every per-peer
 number) and ``<out>.png`` (``--out``, default ``benchmarks/results/adversarial``).

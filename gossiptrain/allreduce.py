@@ -215,8 +215,8 @@ MEAN_CHECK_FLOOR = 1e-3  # relative distance a mean may always have from a membe
 def l2_norm(values: torch.Tensor, reference: torch.Tensor | None = None) -> float:
     """``|values|``, or ``|values - reference|`` (L2), a part at a time: float32 kernels per part, the
     parts' squares summed in float64.  Within ~1e-5 relative of float64 throughout, far below any
-    threshold it is compared with (the defences' factors of 2-20, ``MEAN_CHECK_FLOOR``), at a third of
-    the time on a round's critical path (with float64 norms the defences cost a 4 x 10M round 1.26x:
+    threshold it is compared with (the defences' factors of 2-20, ``MEAN_CHECK_FLOOR``), in less than
+    half the time on a round's critical path (with float64 norms the defences cost a 4 x 10M round 1.26x:
     ``benchmarks/README.md``); no whole difference is held."""
     squares = 0.0
     for a in range(0, values.numel(), PART):
