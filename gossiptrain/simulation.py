@@ -23,7 +23,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences, GroupPlan
-from gossiptrain.codecs import get_codec
+from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import Rejections, RoundExchange, RoundResult, Timeouts
 from gossiptrain.groups import make_groups
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message
@@ -31,7 +31,6 @@ from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read
 PROTOCOL = "/gossiptrain/simulated/1"
 # no straggler deadline: every slice is waited for, so a round's outcome never depends on timing
 SIMULATED_TIMEOUTS = Timeouts(straggler_grace=None)
-NO_CODEC = get_codec("none")
 
 
 class _MemoryWriter:
@@ -110,13 +109,20 @@ async def simulate_round(
     *,
     group_size: int = 4,
     defences: Defences = DEFAULT_DEFENCES,
+    codec: Codec | str = "none",
+    mode: str = "params",
+    residuals: dict[str, torch.Tensor] | None = None,
     run_id: str = "simulated",
 ) -> dict[str, RoundResult]:
-    """One round of ``peers`` (all registered), in their Moshpit groups: parameters, sent uncompressed.
+    """One round of ``peers`` (all registered), in their Moshpit groups.
 
     ``values`` maps a peer id to its flat float32 values (not modified); returns each peer's result.
-    Each peer's between-rounds state is updated as ``Peer.average`` does.
+    ``mode`` names what the values are (``"params"``, or ``"outer"`` for pseudo-gradients), ``codec``
+    how they are sent, and ``residuals`` (peer id -> tensor, updated in place) the error feedback of a
+    lossy codec (none: what it drops is lost).  Each peer's between-rounds state is updated as
+    ``Peer.average`` does.
     """
+    codec = get_codec(codec) if isinstance(codec, str) else codec
     numel = next(iter(values.values())).numel()
     network = InMemoryNetwork()
     exchanges: dict[str, RoundExchange] = {}
@@ -147,11 +153,11 @@ async def simulate_round(
                 me,
                 values[me],
                 weights[me],
-                NO_CODEC,
+                codec,
                 SIMULATED_TIMEOUTS,
                 peer.rejections,
-                None,
-                "params",
+                (residuals or {}).get(me),
+                mode,
                 defences,
                 peer.agreed,
                 peer.caught,

@@ -1,5 +1,6 @@
 """Rounds of simulated peers in one process: the real round code over in-memory streams."""
 
+import pytest
 import torch
 
 from gossiptrain.allreduce import Defences, GroupPlan
@@ -57,3 +58,27 @@ async def test_a_hostile_owner_s_shifted_mean_is_refused_and_counted_and_changes
         assert peer.rejections["hostile_mean"] == 1
         assert torch.equal(results[peer.peer_id].averaged[start:end], values[peer.peer_id][start:end])
         assert len(results[peer.peer_id].combined) == 3  # the honest owners' means were taken
+
+
+@pytest.mark.parametrize("fault", ["huge", "heavy"])
+@pytest.mark.parametrize(("codec", "mode"), [("int8", "params"), ("none", "outer"), ("int8", "outer")])
+async def test_a_hostile_member_is_bounded_with_a_lossy_codec_and_on_pseudo_gradients(fault, codec, mode):
+    """As ``tests/test_hostile.py`` over sockets, with error feedback and in the outer mode's rounds:
+    honest results move by at most 3x the honest peers' own spread."""
+    peers, _ = _swarm(4)
+    generator = torch.Generator().manual_seed(5)
+    scale = 1.0 if mode == "params" else 0.01  # parameters, or a pseudo-gradient: what H steps moved them
+    centre = scale * torch.randn(5000, generator=generator)
+    values = {peer.peer_id: centre + scale * 0.01 * torch.randn(5000, generator=generator) for peer in peers}
+    residuals = {peer.peer_id: torch.zeros(5000) for peer in peers}
+    peers[-1].client = True
+    peers[-1].exchange_class = type(f"Faulty[{fault}]", (FaultyExchange,), {"fault": fault})
+    results = await simulate_round(
+        peers, values, dict.fromkeys(values, 1.0), 0, codec=codec, mode=mode, residuals=residuals
+    )
+    honest = torch.stack([values[peer.peer_id] for peer in peers[:-1]])
+    spread = max(torch.linalg.vector_norm(a - b).item() for a in honest for b in honest)
+    for peer in peers[:-1]:
+        assert results[peer.peer_id].status == "averaged"
+        moved = torch.linalg.vector_norm(results[peer.peer_id].averaged - values[peer.peer_id]).item()
+        assert moved <= 3 * spread, (moved, spread)
