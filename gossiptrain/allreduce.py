@@ -137,12 +137,13 @@ class Defences:
             then move nothing, where clipped they would still pull the mean by the radius every round,
             always the same way, and the honest peers' spread, and with it the radius, would grow
             round after round (``benchmarks/adversarial.py``, ``huge``).  Where the values are
-            parameters (``ShardReduction(same_scale=True)``), farther than ``drop`` times the median
-            size of the values is dropped too: then also in a pair, or where hostile contributions
+            parameters (``ShardReduction(same_scale=True)``), farther than ``drop`` times the size of
+            the owner's own values is dropped too: then also in a pair, or where hostile contributions
             are the median.
         catch: where the values are parameters, a contribution whose norm exceeds ``catch`` times
-            the values' typical norm (the low median of their norms, the owner's included) is dropped
-            and its sender caught for the run (``RoundExchange.caught``), also in a pair.  Parameters
+            the owner's own values' norm (the low median of all where the owner's are 0) is dropped and
+            its sender caught for the run (``RoundExchange.caught``), also in a pair or where hostile
+            contributions are the majority.  Parameters
             of one model at one stage of training have about one size, and a weighted mean of them,
             clipped or not, is never larger than the largest: an honest contribution 4x the others'
             size does not arise (peers from independent random starts: within 1.1x,
@@ -180,7 +181,7 @@ class Defences:
     instead bounds each value of the mean by the honest contributions' range there while at most
     ``trim`` contributions to a shard are hostile.  With ``catch``, in parameter rounds, a contribution
     or a mean over ``catch`` times the values' size is refused, and its sender caught, whatever the
-    group's size or make-up (short of a hostile majority of the values' norms at an owner).  Not
+    group's size or make-up, hostile majorities included.  Not
     covered: groups of two below that size, where the one other contribution sets its own radius
     (they occur in swarms of two, with a target group size of two, and where peers' views differ:
     ``groups.MIN_GROUP``), a majority of hostile members, a push below the bounds repeated round after
@@ -349,7 +350,9 @@ class ShardReduction:
                 drop = math.inf if self.defences.drop is None else self.defences.drop
                 catch = math.inf if self.defences.catch is None else self.defences.catch
                 sizes = self._sizes(contributions) if self._same_scale else [math.inf] * (len(norms) + 1)
-                size = statistics.median_low(sizes)
+                # the values' size is our own (honest) values', which no hostile majority of the contributions
+                # can set (the low median of all sizes let two ``huge`` peers in a group of three through)
+                size = sizes[0] if sizes[0] > 0 else statistics.median_low(sizes)
                 # caught: larger than any honest parameters, or farther from ours than ``drop`` times their size
                 caught = [big > catch * size or norm > drop * size for big, norm in zip(sizes[1:], norms)]
                 scales = [0.0 if c or norm > drop * median else scale for scale, c, norm in zip(scales, caught, norms)]

@@ -84,3 +84,17 @@ async def test_a_hostile_member_is_bounded_with_a_lossy_codec_and_on_pseudo_grad
         assert results[peer.peer_id].status == "averaged"
         moved = torch.linalg.vector_norm(results[peer.peer_id].averaged - values[peer.peer_id]).item()
         assert moved <= 3 * spread, (moved, spread)
+
+
+async def test_two_huge_members_in_a_group_of_three_are_caught_by_the_owner_s_own_size():
+    """A hostile majority at an owner: the clip's median distance is theirs, but their size is judged
+    against the owner's own values, so both are caught and the owner keeps its values."""
+    peers, values = _swarm(3)
+    for peer in peers[1:]:
+        peer.client = True
+        peer.exchange_class = type("Huge", (FaultyExchange,), {"fault": "huge"})
+    owner = peers[0].peer_id
+    results = await simulate_round(peers, values, dict.fromkeys(values, 1.0), 0)
+    assert torch.equal(results[owner].averaged, values[owner])
+    assert peers[0].rejections["dropped"] == 2
+    assert peers[0].caught == {peer.peer_id for peer in peers[1:]}
