@@ -71,7 +71,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.demo import parameter_spread, read_records, spread
-from gossiptrain.testing import LOOPBACK, FaultyExchange, LocalSwarm
+from gossiptrain.testing import LOOPBACK, LocalSwarm, faulty_exchange
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "adversarial"
 ATTACKS = ("huge", "heavy", "shifted_mean")
@@ -121,7 +121,7 @@ def peer_worker(defences: str, fault: str | None, every_steps: int, cli_args: li
             kwargs.update(defences=DEFENCES[defences], average_every_steps=every_steps)
             super().__init__(*args, **kwargs)
             if fault is not None:  # rounds start from the step hooks: none has run yet
-                self.peer.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
+                self.peer.exchange_class = faulty_exchange(fault)
 
         def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:
             return super().wait_for_peers(count, timeout=max(timeout, START_TIMEOUT))
@@ -216,7 +216,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     peers = [SimulatedPeer(simulated_peer_id(f"peer{i}")) for i in range(args.peers)]
     for peer in peers[len(honest) :]:
         peer.client = run["attack"] != "shifted_mean"
-        peer.exchange_class = type(f"FaultyExchange[{run['attack']}]", (FaultyExchange,), {"fault": run["attack"]})
+        peer.exchange_class = faulty_exchange(run["attack"])
     jitter = 1e-6 if run["defences"] == NOISE_FLOOR else 0.0
     defences = DEFENCES["off" if run["defences"] == NOISE_FLOOR else run["defences"]]
     records: dict[int, list[dict]] = {i: [] for i in honest}  # as the live peers' metrics files have them

@@ -577,7 +577,7 @@ def main() -> None:
             for system in systems if repeat % 2 == 0 else systems[::-1]:
                 summary = row[system] = run_system(system, num_peers, numel, config, args)
                 medians[system].append(summary["median_round_s"])
-        if args.repeats > 1:
+        if args.repeats > 1:  # the median over the repeats; the summaries' other numbers are the last repeat's
             row["repeats"] = medians
             for system in systems:
                 row[system]["median_round_s"] = _median(medians[system])

@@ -90,7 +90,7 @@ class SimulatedPeer:
     """What a ``Peer`` keeps between rounds that changes how it averages: the shards where its last
     round left a mean of the whole group, the spread its shard last measured, the peers it caught.
     ``client`` peers reduce no shard; ``exchange_class`` may be a misbehaving exchange
-    (``gossiptrain.testing.FaultyExchange`` with a hostile fault)."""
+    (``gossiptrain.testing.faulty_exchange("huge")``)."""
 
     peer_id: str
     client: bool = False

@@ -292,9 +292,14 @@ class FaultyPeer(Peer):
 
     def __init__(self, *args: Any, fault: str, client_mode: bool = True, **kwargs: Any):
         super().__init__(*args, client_mode=client_mode, **kwargs)
-        if fault not in FaultyExchange.FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyExchange.FAULTS}")
-        self.exchange_class = type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
+        self.exchange_class = faulty_exchange(fault)
+
+
+def faulty_exchange(fault: str) -> type[FaultyExchange]:
+    """A ``FaultyExchange`` class with ``fault`` (one of ``FaultyExchange.FAULTS``)."""
+    if fault not in FaultyExchange.FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose one of {FaultyExchange.FAULTS}")
+    return type(f"FaultyExchange[{fault}]", (FaultyExchange,), {"fault": fault})
 
 
 class FaultyStateServer(StateServer):

@@ -5,7 +5,7 @@ import torch
 
 from gossiptrain.allreduce import Defences, GroupPlan
 from gossiptrain.simulation import SimulatedPeer, simulate_round, simulated_peer_id
-from gossiptrain.testing import FaultyExchange
+from gossiptrain.testing import faulty_exchange
 
 
 def _swarm(count: int, numel: int = 5000, seed: int = 0) -> tuple[list[SimulatedPeer], dict[str, torch.Tensor]]:
@@ -53,7 +53,7 @@ async def test_a_hostile_owner_s_shifted_mean_is_refused_and_counted_and_changes
     results = await simulate_round(peers, values, weights, 0)  # the group agrees: next round's means are checked
     values = {peer.peer_id: results[peer.peer_id].averaged + 0.01 * (i + 1) for i, peer in enumerate(peers)}
     hostile = peers[-1]
-    hostile.exchange_class = type("ShiftedMean", (FaultyExchange,), {"fault": "shifted_mean"})
+    hostile.exchange_class = faulty_exchange("shifted_mean")
     results = await simulate_round(peers, values, weights, 1)
     start, end = GroupPlan.build("simulated", 1, list(values), 5000).shards()[hostile.peer_id]
     for peer in peers[:-1]:
@@ -74,7 +74,7 @@ async def test_a_hostile_member_is_bounded_with_a_lossy_codec_and_on_pseudo_grad
     values = {peer.peer_id: centre + scale * 0.01 * torch.randn(5000, generator=generator) for peer in peers}
     residuals = {peer.peer_id: torch.zeros(5000) for peer in peers}
     peers[-1].client = True
-    peers[-1].exchange_class = type(f"Faulty[{fault}]", (FaultyExchange,), {"fault": fault})
+    peers[-1].exchange_class = faulty_exchange(fault)
     results = await simulate_round(
         peers, values, dict.fromkeys(values, 1.0), 0, codec=codec, mode=mode, residuals=residuals
     )
@@ -92,7 +92,7 @@ async def test_two_huge_members_in_a_group_of_three_are_caught_by_the_owner_s_ow
     peers, values = _swarm(3)
     for peer in peers[1:]:
         peer.client = True
-        peer.exchange_class = type("Huge", (FaultyExchange,), {"fault": "huge"})
+        peer.exchange_class = faulty_exchange("huge")
     owner = peers[0].peer_id
     results = await simulate_round(peers, values, dict.fromkeys(values, 1.0), 0)
     assert torch.equal(results[owner].averaged, values[owner])
