@@ -21,7 +21,8 @@ import torch
 
 from gossiptrain import training_state
 from gossiptrain.codecs import get_codec
-from gossiptrain.exchange import RoundResult
+from gossiptrain.errors import RoundCrashError
+from gossiptrain.exchange import EXCHANGE_ERRORS, RoundResult
 from gossiptrain.loop import LoopThread
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
@@ -33,10 +34,15 @@ logger = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[Attachment] = weakref.WeakSet()  # not closed yet, in this process
 
-# Finishing peers agree when their parameter checksums differ by at most this much times the
-# parameters' norm: float32 rounding of equal means applied to each peer's own snapshot leaves
-# about 1e-7 of it, a spread that matters is far larger.
+# Finishing peers agree when each projection of their parameters' digests (``param_digest``) differs by
+# at most this much times the parameters' norm: float32 rounding of equal means applied to each peer's own
+# snapshot leaves about 1e-7 of it, a spread that matters is far larger.
 AGREEMENT = 1e-6
+
+# A round that raises one of these failed for a reason of the network (a peer gone, a timeout) or was
+# cancelled by close(); anything else is a bug, counted as a crash.
+EXPECTED_ROUND_FAILURES = (concurrent.futures.CancelledError, *EXCHANGE_ERRORS)
+CRASHES_BEFORE_RAISING = 3  # crashed rounds in a row before a step raises RoundCrashError
 
 
 def _in_ipython() -> bool:
@@ -94,21 +100,49 @@ def _chunks(p: torch.Tensor) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def norm_and_checksum(params: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """The L2 norm and the sum of all parameters, in float64, a chunk at a time: no copy of the model."""
-    squares, total = 0.0, 0.0
+def param_norm(params: Sequence[torch.Tensor]) -> float:
+    """The L2 norm of all parameters, in float64, a chunk at a time: no copy of the model."""
+    squares = 0.0
     for p in params:
         flat = p.detach().reshape(-1)
         for a, b in _chunks(flat):
             chunk = flat[a:b].to("cpu", torch.float64)
             squares += float(torch.dot(chunk, chunk))
-            total += float(chunk.sum())
-    return squares**0.5, total
+    return squares**0.5
 
 
-def _within(value: Any, target: float, tolerance: float) -> bool:
-    """Whether a number read from another peer's record is within ``tolerance`` of ``target``."""
-    return isinstance(value, float) and abs(value - target) <= tolerance
+DIGEST_PROJECTIONS = 4  # random directions in ``param_digest``
+
+
+@torch.no_grad()
+def param_digest(params: Sequence[torch.Tensor], projections: int = DIGEST_PROJECTIONS) -> list[float]:
+    """The parameters' projections on ``projections`` random directions, the same on every peer (a fixed
+    seed per chunk), in float64, a chunk at a time.
+
+    Two peers whose parameters differ by ``d`` get projections that differ by about ``|d|`` each,
+    independently, whatever the direction of ``d``: a difference over ten times ``AGREEMENT`` of the
+    norm shows in at least one of four projections but with odds below 1e-8.  (A sum, one fixed
+    direction, misses every difference that sums to zero, such as two values swapped.)  Float32
+    rounding of equal means, about 1e-7 of the norm, stays within ``AGREEMENT``."""
+    totals = torch.zeros(projections, dtype=torch.float64)
+    generator, index = torch.Generator(), 0
+    for p in params:
+        flat = p.detach().reshape(-1)
+        for a, b in _chunks(flat):
+            generator.manual_seed(index)
+            directions = torch.randn(projections, b - a, generator=generator, dtype=torch.float64)
+            totals += directions @ flat[a:b].to("cpu", torch.float64)
+            index += 1
+    return totals.tolist()
+
+
+def _agrees(digest: Any, ours: Sequence[float], tolerance: float) -> bool:
+    """Whether a digest read from another peer's record is ours, each projection within ``tolerance``."""
+    return (
+        isinstance(digest, list)
+        and len(digest) == len(ours)
+        and all(isinstance(x, float) and abs(x - y) <= tolerance for x, y in zip(digest, ours))
+    )
 
 
 class Attachment:
@@ -255,6 +289,10 @@ class Attachment:
         self.local_step = 0
         self.loss: float | None = None
         self.rounds_done = self.rounds_failed = 0
+        self.rounds_crashed = 0  # rounds that raised something other than a network failure (a bug)
+        self.on_round_errors = 0  # calls of on_round that raised
+        self._crashes = 0  # crashed rounds in a row
+        self._last_crash: BaseException | None = None
         self.bytes_sent = self.bytes_received = 0
         self.last_round: RoundRecord | None = None
         self.resumed_from: str | None = None  # "checkpoint" or "swarm" after a restart from a checkpoint
@@ -396,13 +434,14 @@ class Attachment:
         """End of training: keep averaging, without local steps, until every live peer has finished
         and holds the same parameters as this one, so that the peers leave with one model.
 
-        After each of its rounds a finishing peer publishes the checksum of its parameters, and it
-        leaves once every other live peer is done and published the same checksum (within float32
-        rounding: ``AGREEMENT``).  Counting whole rounds instead is not enough: two rounds of pairs
+        After each of its rounds a finishing peer publishes a digest of its parameters (``param_digest``:
+        random projections, which differ when any parameter differs), and it leaves once every other live
+        peer is done and published the same digest (within float32 rounding: ``AGREEMENT``).  Counting whole
+        rounds instead is not enough: two rounds of pairs
         mix only four peers, and pairs that split the swarm the same way twice end it in two camps.
         Final rounds leave values that the peers agree on where they are (``gossiptrain.wire``), so
         a peer that leaves first is not left behind by the others' later rounds.  Returns the last
-        round's record, also when ``timeout`` runs out first.
+        round's record (with its ``param_digest``), also when ``timeout`` runs out first.
         """
         self.peer.info = {**self.peer.info, "done": True}
         self._loop.run(self.peer.publish_info(), timeout=10)
@@ -412,7 +451,9 @@ class Attachment:
                 record = self.average_now(timeout=remaining, params=True)
             except TimeoutError:
                 break
-            self.peer.info = {**self.peer.info, "checksum": record.param_checksum}
+            with self._state_lock:
+                record.param_digest = param_digest(self.params)
+            self.peer.info = {**self.peer.info, "digest": record.param_digest}
             self._loop.run(self.peer.publish_info(), timeout=10)
             others = [
                 info
@@ -420,9 +461,7 @@ class Attachment:
                 if peer != self.peer.peer_id
             ]
             tolerance = AGREEMENT * record.param_norm
-            if all(
-                info.get("done") and _within(info.get("checksum"), record.param_checksum, tolerance) for info in others
-            ):
+            if all(info.get("done") and _agrees(info.get("digest"), record.param_digest, tolerance) for info in others):
                 break
         return record
 
@@ -431,14 +470,20 @@ class Attachment:
     def _poll_round(self, start_next: bool = True) -> RoundRecord | None:
         record = None
         if self._inflight is not None and self._inflight.done():
-            record = self._finish_round(self._inflight)
-            self._inflight = None
+            done, self._inflight = self._inflight, None  # processed once, whatever happens in _finish_round
+            record = self._finish_round(done)
         if (
             start_next
             and self._inflight is None
             and (self.average_every_steps is None or self._steps_since_round >= self.average_every_steps)
         ):
             self._start_round()
+        if self._crashes >= CRASHES_BEFORE_RAISING:
+            crashes, self._crashes = self._crashes, 0
+            raise RoundCrashError(
+                f"{crashes} averaging rounds in a row crashed (a bug, not a network failure: its traceback is in "
+                f"the log); this peer trains alone until it is fixed.  The last one: {self._last_crash!r}"
+            ) from self._last_crash
         return record
 
     def _start_round(self, round_id: int | None = None, mode: str | None = None) -> None:
@@ -472,20 +517,32 @@ class Attachment:
         return snapshot, weight
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
+        """Apply a finished round and make its record.  A network failure (``EXPECTED_ROUND_FAILURES``) is a
+        ``failed`` round; any other exception is a crash: logged with its traceback, counted, and after
+        ``CRASHES_BEFORE_RAISING`` in a row raised from the step (``_poll_round``).  An ``on_round`` that
+        raises loses its own record only (logged)."""
         try:
-            result: RoundResult = future.result()
-        except Exception as e:
-            logger.warning("averaging round crashed: %r", e)
-            result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
-        if result.status == "averaged" or (result.status == "alone" and self.strategy.steps_alone):
-            self._apply_round(result)
-            self.rounds_done += result.status == "averaged"
-        elif result.status == "failed":
-            self.rounds_failed += 1
+            try:
+                result: RoundResult = future.result()
+            except EXPECTED_ROUND_FAILURES as e:
+                logger.warning("averaging round failed: %r", e)
+                result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
+            except Exception as e:
+                self._crashes, self._last_crash = self._crashes + 1, e
+                self.rounds_crashed += 1
+                logger.error("averaging round crashed (%d in a row)", self._crashes, exc_info=e)
+                result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
+            else:
+                self._crashes = 0
+            if result.status == "averaged" or (result.status == "alone" and self.strategy.steps_alone):
+                self._apply_round(result)
+                self.rounds_done += result.status == "averaged"
+            elif result.status == "failed":
+                self.rounds_failed += 1
+        finally:
+            self._snapshot = None  # applied or not, the round is over: the next snapshot must not meet this one
         self.bytes_sent += result.bytes_sent
         self.bytes_received += result.bytes_received
-        self._snapshot = None  # applied or not, the round is over: the next snapshot must not meet this one
-        param_norm, param_checksum = norm_and_checksum(self.params)
         record = RoundRecord(
             peer=self.peer.peer_id,
             round=result.round_id,
@@ -498,15 +555,23 @@ class Attachment:
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
             round_seconds=result.seconds,
-            param_norm=param_norm,
-            param_checksum=param_checksum,
+            param_norm=param_norm(self.params),
             errors=result.errors,
             rejected=dict(self.peer.rejections),
         )
         self.last_round = record
         self.report()
         if self.on_round is not None:
-            self.on_round(record)
+            try:
+                self.on_round(record)
+            except Exception as e:
+                self.on_round_errors += 1
+                logger.warning(
+                    "on_round raised %r (%d times so far); training and averaging go on",
+                    e,
+                    self.on_round_errors,
+                    exc_info=e if self.on_round_errors == 1 else None,
+                )
         return record
 
     def _apply_round(self, result: RoundResult) -> None:

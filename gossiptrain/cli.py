@@ -190,7 +190,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
             "rounds_done": optimizer.rounds_done,
             "rounds_failed": optimizer.rounds_failed,
             "param_norm": optimizer.last_round.param_norm if optimizer.last_round else None,
-            "param_checksum": optimizer.last_round.param_checksum if optimizer.last_round else None,
+            "param_digest": optimizer.last_round.param_digest if optimizer.last_round else None,
             "startup_seconds": optimizer.startup_seconds,
             "train_seconds": train_seconds,
         }

@@ -11,3 +11,8 @@ class ModelMismatchError(ValueError):
 
 class DaemonStartError(RuntimeError):
     """The libp2p daemon could not start (e.g. an address in host_maddrs that this machine cannot bind)."""
+
+
+class RoundCrashError(RuntimeError):
+    """Averaging rounds crashed several times in a row for a reason other than the network (a bug): raised from
+    the optimizer's step so that a run does not go on training alone while it looks healthy."""

@@ -25,10 +25,11 @@ class RoundRecord:
     bytes_received: int
     round_seconds: float
     param_norm: float
-    param_checksum: float
     errors: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # refused network inputs so far, by kind
     time: float = field(default_factory=time.time)
+    # finish()'s rounds only: random projections of the parameters (``attachment.param_digest``)
+    param_digest: list[float] | None = None
 
     def line(self) -> str:
         """The human-readable line a peer prints per round."""

@@ -1,12 +1,15 @@
 """attach(): the user's optimizer with schedulers, checkpoints and resume, bf16 parameters."""
 
 import logging
+import time
 
 import pytest
 import torch
 
 from gossiptrain import attach, training_state
+from gossiptrain.attachment import AGREEMENT, CRASHES_BEFORE_RAISING, _agrees, param_digest, param_norm
 from gossiptrain.codecs import get_codec
+from gossiptrain.errors import RoundCrashError
 from gossiptrain.outer import OuterStrategy
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from gossiptrain.wire import WireState
@@ -183,3 +186,74 @@ def test_bf16_parameters_average_within_bf16_rounding():
         error = (result["after"].float() - mean).abs()
         assert (error <= 2**-8 * mean.abs()).all(), error.max()  # bf16 keeps 8 significant bits: half an ulp
     assert torch.equal(results[0]["after"], results[1]["after"]), "equal means round to equal bf16 values"
+
+
+def test_the_finish_digest_tells_apart_models_whose_parameter_sums_are_equal():
+    """finish() compared a parameter sum: two models with the same values in another order "agreed"."""
+    ours = [torch.randn(1000, generator=torch.Generator().manual_seed(0)), torch.ones(10, 10)]
+    swapped = [ours[0].flip(0), ours[1].clone()]
+    assert float(sum(p.sum() for p in swapped)) == pytest.approx(float(sum(p.sum() for p in ours)), rel=1e-6)
+    tolerance = AGREEMENT * param_norm(ours)
+    assert not _agrees(param_digest(swapped), param_digest(ours), tolerance)
+    rounded = [p * (1 + 1e-7) for p in ours]  # what applying equal means to different snapshots leaves apart
+    assert _agrees(param_digest(rounded), param_digest(ours), tolerance)
+
+
+def _two_attached_peers(run_id: str, **options):
+    """Two peers of ``run_id`` in this process with different parameters that local steps do not change
+    (lr 0), so that every round's mean is the mean of their initial parameters."""
+    models = [mlp(0), mlp(1)]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.0) for model in models]
+    common = dict(run_id=run_id, host_maddrs=[LOOPBACK], average_every=0.5, load_state=False, **options)
+    first = attach(optimizers[0], **common)
+    try:
+        second = attach(optimizers[1], initial_peers=first.maddrs(), **common)
+    except BaseException:
+        first.close()
+        raise
+    return models, optimizers, first, second
+
+
+@pytest.mark.timeout(120)
+def test_an_on_round_that_raises_every_time_costs_only_its_records():
+    """A raising on_round left the finished round in flight: every later step raised TypeError."""
+
+    def broken(record):
+        raise ValueError("the user's callback is broken")
+
+    models, optimizers, first, second = _two_attached_peers("raising-callback", on_round=broken)
+    mean = [(a.detach() + b.detach()) / 2 for a, b in zip(models[0].parameters(), models[1].parameters())]
+    with first, second:
+        second.wait_for_peers(2, timeout=30)
+        deadline = time.monotonic() + 90
+        while min(first.rounds_done, second.rounds_done) < 3:
+            assert time.monotonic() < deadline, (first.rounds_done, second.rounds_done)
+            for optimizer, model in zip(optimizers, models):
+                train(optimizer, model, 1)
+            time.sleep(0.01)  # a training loop's pace, not a synchronization
+        assert first.on_round_errors >= 3 and second.on_round_errors >= 3
+        assert first.rounds_crashed == second.rounds_crashed == 0
+    for model in models:
+        for param, expected in zip(model.parameters(), mean):
+            assert torch.allclose(param, expected, atol=1e-6), "each round applied once, to the mean"
+
+
+@pytest.mark.timeout(60)
+def test_a_bug_inside_the_round_surfaces_from_the_step_after_a_few_crashes():
+    """A programming error in a round was one warning and a failed round: the run trained alone silently."""
+    model = mlp(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(optimizer, run_id="crashing", host_maddrs=[LOOPBACK], average_every=0.2) as swarm:
+
+        def bug(*args, **kwargs):
+            raise ZeroDivisionError("a bug in the round")
+
+        swarm.strategy.contribution = bug
+        deadline = time.monotonic() + 40
+        with pytest.raises(RoundCrashError, match="3 averaging rounds in a row crashed") as raised:
+            while time.monotonic() < deadline:
+                train(optimizer, model, 1)
+                time.sleep(0.01)  # a training loop's pace, not a synchronization
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)
+        assert swarm.rounds_crashed == CRASHES_BEFORE_RAISING
+        train(optimizer, model, 1)  # the peer itself still works: the user may go on (or fix it)

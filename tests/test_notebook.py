@@ -60,14 +60,14 @@ def test_the_notebook_trains_with_a_cli_swarm_and_leaves_with_the_same_parameter
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
     ours = json.loads(text.split("FINAL ", 1)[1].splitlines()[0])
     theirs = [final_record(tmp_path / f"{i}.jsonl") for i in range(3)]
-    # the last round may be "alone": a peer that read the others' checksums one round later sees them gone
+    # the last round may be "alone": a peer that read the others' digests one round later sees them gone
     assert ours["rounds_done"] > 0 and ours["last_round"] in ("averaged", "alone"), ours
     assert ours["swarm"] == 4 and ours["accuracy"] > 0.5, ours
     for record in theirs:
         assert record["rounds_done"] > 0
         # finish() ends with rounds in which the four averaged identical means; applying ``mean - snapshot``
         # to the live parameters leaves float32 rounding apart, hence the relative tolerance.
-        assert record["param_checksum"] == pytest.approx(ours["param_checksum"], rel=1e-5, abs=1e-5)
+        assert record["param_digest"] == pytest.approx(ours["param_digest"], rel=1e-5, abs=1e-5)
         assert record["param_norm"] == pytest.approx(ours["param_norm"], rel=1e-6)
 
 
