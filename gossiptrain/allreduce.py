@@ -9,6 +9,7 @@ shard whose owner failed keeps the member's own values.  Nothing here touches th
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Sequence
@@ -286,6 +287,10 @@ def _inside(bounds: tuple[int, int], intervals: Sequence[tuple[int, int]]) -> bo
     return start >= end
 
 
+def _sender_key(sender: str | None) -> tuple[bool, str]:
+    return sender is None, sender or ""
+
+
 class ShardReduction:
     """Robust weighted mean of one shard over the contributions that arrived whole (``Defences``).
 
@@ -318,8 +323,11 @@ class ShardReduction:
         return len(self._contributions)
 
     def add(self, values: torch.Tensor, weight: float, sender: str | None = None) -> None:
-        self._contributions.append((values, weight))
-        self._senders.append(sender)
+        """Keep a contribution, in the order of the senders' ids, not of arrival: the mean's float sums then
+        take the same order, and give the same bits, however the transfers interleaved."""
+        at = bisect.bisect([_sender_key(s) for s in self._senders], _sender_key(sender))
+        self._contributions.insert(at, (values, weight))
+        self._senders.insert(at, sender)
 
     def _weights(self) -> list[float]:
         claimed = [self._own_weight] + [weight for _, weight in self._contributions]

@@ -28,7 +28,7 @@ from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
 from gossiptrain.peer import Peer
 from gossiptrain.state import NoStateDonors, download_state
-from gossiptrain.wire import WireState
+from gossiptrain.wire import Contribution, WireState
 
 logger = logging.getLogger(__name__)
 
@@ -503,17 +503,42 @@ class Attachment:
         wake = self.peer.round_start(round_id) - self.peer.registration_lead
         await asyncio.sleep(max(0.0, wake - self.peer.now()))
         self._snapshot, weight = await asyncio.to_thread(self._take_snapshot)
-        wire = self.strategy.contribution(self._snapshot, round_id, mode)
+        wire = await asyncio.to_thread(self._contribution, round_id, mode)
         self._mode = wire.mode
         return await self.peer.average(
-            wire.values, weight, round_id, residual=wire.residual, mode=wire.mode, codec=wire.codec
+            wire.values,
+            weight,
+            round_id,
+            residual=wire.residual,
+            mode=wire.mode,
+            codec=wire.codec,
+            state_lock=self._state_lock,
         )
 
+    def _contribution(self, round_id: int, mode: str | None) -> Contribution:
+        """The strategy's values for this round, under the state lock (it may reset the strategy's state)."""
+        with self._state_lock:
+            return self.strategy.contribution(self._snapshot, round_id, mode)
+
     def _take_snapshot(self) -> tuple[torch.Tensor, float]:
-        """The flat parameters and the samples seen since the last snapshot (the round's weight)."""
-        with self._state_lock, torch.no_grad():
-            snapshot, self._snapshot_step = host_copy(self.params), self.local_step
-            weight, self._samples_since_round = float(max(self._samples_since_round, 1)), 0
+        """The flat parameters and the samples seen since the last snapshot (the round's weight).
+
+        Waits for the state lock one slot at most (at least 5 s): by then the round it is for has begun
+        without us.  Raises TimeoutError (the round fails) if the training thread holds it longer: a step,
+        a checkpoint write, or a step that raised and was not followed by another (it keeps the lock).
+        """
+        wait = max(5.0, self.peer.round_interval)
+        if not self._state_lock.acquire(timeout=wait):
+            raise TimeoutError(
+                f"the training thread held the state lock for over {wait:.0f}s (a step or a checkpoint write in "
+                f"progress, or a step that raised and was not followed by another): this round is skipped"
+            )
+        try:
+            with torch.no_grad():
+                snapshot, self._snapshot_step = host_copy(self.params), self.local_step
+                weight, self._samples_since_round = float(max(self._samples_since_round, 1)), 0
+        finally:
+            self._state_lock.release()
         return snapshot, weight
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:

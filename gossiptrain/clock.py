@@ -63,7 +63,8 @@ class SwarmClock:
 
     def __init__(self, local: Callable[[], float] = get_dht_time):
         self.local, self.offset = local, 0.0
-        self.round_trips: dict[str, float] = {}  # peer -> last measured round-trip seconds
+        # peer -> its round trip in seconds, for the peers that answered the latest estimate
+        self.round_trips: dict[str, float] = {}
 
     def now(self) -> float:
         return self.local() + self.offset
@@ -110,8 +111,12 @@ class SwarmClock:
         return bounded_offset(offset, round_trip)
 
     async def estimate(self, p2p: P2P, run_id: str, peers: Iterable[str], timeout: float = 2.0) -> float:
-        """Measure the offset to ``peers`` (concurrently) and adopt their median; returns the offset."""
+        """Measure the offset to ``peers`` (concurrently) and adopt their median; returns the offset.
+
+        ``round_trips`` then holds those of the peers that answered (none: the offset stays as it was)."""
+        peers = list(peers)
         samples = await asyncio.gather(*(self.sample(p2p, run_id, peer, timeout) for peer in peers))
+        self.round_trips = {peer: self.round_trips[peer] for peer, s in zip(peers, samples) if s is not None}
         answered = [s for s in samples if s is not None]
         if not answered:
             return self.offset

@@ -22,6 +22,16 @@ puts what it sent there back into its residual.  What a quantized mean of parame
 goes to the owner's residual (owner-side error feedback).  Either way the group's weighted sum of
 what it holds (values plus residuals) is what it was before the round.
 
+Threads: the tensor work of a round (encoding, decoding, the robust mean, norms, error feedback) runs in
+worker threads (``asyncio.to_thread``), so that a large shard does not stall the event loop that also
+serves heartbeats, clock pings and other streams; its order stays the round's, since each step is awaited
+where it ran before.  A decoded part is copied into the round's result on the loop, so a transfer that was
+cancelled (left out at the straggler deadline) never writes into the result afterwards.
+
+Error feedback is applied once, when the round ends, in one critical section under the caller's
+``state_lock`` (``Attachment``'s state lock): a checkpoint or a joiner's snapshot sees the residual as it
+was before the round or after it, never half-updated.  Until then the round reads the residual as it was.
+
 Memory: a round holds one result vector the size of the values (``RoundResult.averaged``), into
 which the owners' means are received and the own shard's mean is written; slices are encoded part
 by part as they are sent, and the residual is moved only once a slice came back averaged, from the
@@ -32,11 +42,12 @@ own shard's contributions are released once their mean is taken.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -103,11 +114,40 @@ def classify(error: BaseException) -> str:
 
 
 class Rejections(Counter):
-    """Counts of refused inputs by kind; each refusal is also one warning line."""
+    """Counts of refused inputs by kind, exact; and warning lines about them, rate-limited.
+
+    The first refusal of a kind from a sender is a warning line; after it, at most one line per
+    ``log_every`` seconds for that kind and sender, which says how many were not logged since the
+    last one (those are debug lines).  An outsider who sends garbage in a loop so costs the log one
+    line per ``log_every``, while the counts stay exact.  The log keeps track of at most
+    ``MAX_SENDERS`` (kind, sender) pairs, the least recently refused forgotten first.
+
+    Args:
+        log_every: seconds between warning lines for one kind and sender.
+        clock: monotonic seconds (tests pass a fake one).
+    """
+
+    LOG_EVERY = 60.0
+    MAX_SENDERS = 1024
+
+    def __init__(self, *counts, log_every: float = LOG_EVERY, clock: Callable[[], float] = time.monotonic):
+        super().__init__(*counts)
+        self.log_every, self.clock = log_every, clock
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # -> (last warning line, refusals since)
 
     def record(self, kind: str, sender: str, round_id: object, detail: str) -> None:
         self[kind] += 1
-        logger.warning("rejected %s from %s in round %s: %s", kind, sender, round_id, detail)
+        key, now = (kind, sender), self.clock()
+        last, since = self._logged.pop(key, (float("-inf"), 0))
+        if now - last < self.log_every:
+            self._logged[key] = (last, since + 1)  # re-inserted: the most recently refused is forgotten last
+            logger.debug("rejected %s from %s in round %s: %s", kind, sender, round_id, detail)
+            return
+        if len(self._logged) >= self.MAX_SENDERS:
+            del self._logged[next(iter(self._logged))]
+        self._logged[key] = (now, 0)
+        more = f" (and {since} more from it since {now - last:.0f}s ago, not logged)" if since else ""
+        logger.warning("rejected %s from %s in round %s: %s%s", kind, sender, round_id, detail, more)
 
 
 @dataclass(frozen=True)
@@ -167,7 +207,13 @@ class RoundResult:
 
 
 async def _send_payloads(writer: asyncio.StreamWriter, payloads: Iterable[bytes], counter: ByteCounter) -> None:
-    for payload in payloads:  # a generator encodes each part as it is sent: one part's bytes at a time
+    """Send ``payloads`` as PART frames.  A generator encodes each part as it is sent (one part's bytes at a
+    time), in a worker thread."""
+    if isinstance(payloads, Iterator):
+        while (payload := await asyncio.to_thread(next, payloads, None)) is not None:
+            await write_frame(writer, FrameKind.PART, payload, counter)
+        return
+    for payload in payloads:
         await write_frame(writer, FrameKind.PART, payload, counter)
 
 
@@ -190,7 +236,8 @@ async def _receive_tensor(
         kind, payload = await read_frame(reader, counter, timeout=timeout)
         if kind != FrameKind.PART:
             raise ProtocolError(f"expected a PART frame, got {kind.name}")
-        out[start:end] = codec.decode(payload, end - start)
+        # decoded in a worker thread, copied here: a cancelled read never writes into ``out`` afterwards
+        out[start:end] = await asyncio.to_thread(codec.decode, payload, end - start)
     return out
 
 
@@ -233,8 +280,12 @@ class RoundExchange:
         agreed: list[tuple[int, int]] | None = None,
         caught: set[str] | None = None,
         spread: float = 0.0,
+        *,
+        state_lock: contextlib.AbstractContextManager | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
+        # held while the residual is changed, once at the end of the round (see the module)
+        self.state_lock = contextlib.nullcontext() if state_lock is None else state_lock
         self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
         # peers caught sending parameters (or means) far beyond any honest size, in this round or an
         # earlier one: their slices count nothing and their means are refused (the caller's set, kept)
@@ -248,25 +299,38 @@ class RoundExchange:
         self._own_shard = self._shards.get(me)
         # error feedback is committed only where a slice came back averaged: until then, what was sent
         self._sent: dict[tuple[int, int], list[bytes]] = {}
+        self._feedback: list[tuple[tuple[int, int], torch.Tensor]] = []  # slices to commit at the end (bounds, mean)
+        self._rounded_off: list[tuple[int, torch.Tensor]] = []  # the owner's, likewise (start, what to add)
         # the round's result, filled in place: means as they arrive, our own values where none did
         self._averaged = torch.empty_like(values)
-        self._reduction = None
-        if self._own_shard is not None:
-            self._reduction = ShardReduction(
-                self._own_contribution(), weight, defences, same_scale=mode == "params", spread=spread
-            )
+        self._reduction: ShardReduction | None = None  # made by ``prepare``
+        self._prepared = False
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
         self._whole: set[tuple[int, int]] = set()  # shards whose mean, by its owner's count, combined every member
         self._contributors = 0  # how many members our own shard's mean combined (ours included)
         self._mean_values: torch.Tensor | None = None  # a lossless mean: a view of the round's result
-        self._replying = 0  # replies being sent
+        self._served: set[str] = set()  # members whose stream to our shard has ended (replied, refused or failed)
         self._replies: list[asyncio.Future[None]] = []
         self._loop_started = asyncio.get_running_loop().time()
 
+    async def prepare(self) -> None:
+        """Encode our values for our own shard (in a worker thread) and start its reduction.  Call it before
+        the exchange can receive contributions (``Peer.average`` publishes it after); ``run`` calls it if
+        nobody did."""
+        if self._prepared:
+            return
+        self._prepared = True
+        if self._own_shard is not None:
+            own = await asyncio.to_thread(self._own_contribution)
+            self._reduction = ShardReduction(
+                own, self.weight, self.defences, same_scale=self.mode == "params", spread=self.spread
+            )
+
     async def run(self) -> RoundResult:
         started = time.perf_counter()
+        await self.prepare()
         averaged = self._averaged
         own = asyncio.create_task(self._reduce_own_shard())
         uploads = {
@@ -291,21 +355,19 @@ class RoundExchange:
                 means[bounds] = values
         answered = {owners[bounds] for bounds in means} - {self.me}
         answered |= {peer for peer, future in self._expected.items() if future.done() and future.result()}
-        refused = self._refuse_outlying_means(means)
+        refused = self._refuse_outlying_means(means, await asyncio.to_thread(self._measure_means, means))
         combined = sorted(means)
         for bounds in combined:
             self._commit_error_feedback(bounds, means[bounds])
-            if means[bounds].data_ptr() != averaged[bounds[0] : bounds[1]].data_ptr():
-                averaged[bounds[0] : bounds[1]] = means[bounds]
         if not combined:  # nothing averaged: the values themselves, not a copy of them
             averaged = self._averaged = self.values
-        else:
-            for start, end in uncovered(combined, averaged.numel()):  # partial or refused means, failed shards
-                averaged[start:end] = self.values[start:end]
+        await asyncio.to_thread(self._assemble, averaged, means)
         if self._replies:
             await asyncio.wait(self._replies, timeout=self.timeouts.result)
-        if self._replying and self._mean_values is not None:  # late replies still read the mean: the
-            self._mean_values = self._mean_values.clone()  # caller may change the result in place
+        if self._mean_values is not None and set(self._expected) - self._served:
+            # a member not served yet (a straggler whose slice is still on its way) is sent the mean after we
+            # return, and the caller may change the result in place: it reads a copy of this round's mean
+            self._mean_values = self._mean_values.clone()
         status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
         return RoundResult(
             self.plan.round_id,
@@ -323,6 +385,18 @@ class RoundExchange:
             spread=self.spread,
         )
 
+    def _assemble(self, averaged: torch.Tensor, means: dict[tuple[int, int], torch.Tensor]) -> None:
+        """The round's result (our own values where no mean was combined), then the error feedback of the
+        whole round, applied at once under the state lock (a worker thread)."""
+        if averaged is not self.values:
+            for bounds, mean in means.items():
+                if mean.data_ptr() != averaged[bounds[0] : bounds[1]].data_ptr():
+                    averaged[bounds[0] : bounds[1]] = mean
+            for start, end in uncovered(sorted(means), averaged.numel()):  # partial or refused means, failed shards
+                averaged[start:end] = self.values[start:end]
+        with self.state_lock:
+            self._apply_error_feedback()
+
     async def _reduce_own_shard(self) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Wait for the other members' slices of our shard, then publish the weighted mean."""
         if self._reduction is None:
@@ -333,7 +407,8 @@ class RoundExchange:
             self._undo_error_feedback(self._own_shard)
             return None
         reduction, start, end = self._reduction, *self._own_shard
-        mean = reduction.mean(out=self._averaged[start:end])  # the mean goes straight into the round's result
+        # the mean goes straight into the round's result
+        mean, fraction = await asyncio.to_thread(self._mean_and_fraction, reduction, self._averaged[start:end])
         self._contributors = reduction.contributors + 1
         if self._contributors == len(self.plan.members):
             self._whole.add(self._own_shard)
@@ -346,22 +421,52 @@ class RoundExchange:
         if reduction.dropped:
             self.rejections["dropped"] += reduction.dropped
             self.errors.append(f"dropped {reduction.dropped} contribution(s) to our shard: beyond Defences.drop")
-        codec = self.codec.for_mean(reduction.contributors + 1, _union_fraction(mean))
+        codec = self.codec.for_mean(reduction.contributors + 1, fraction)
         del reduction
         if codec.lossless:  # kept once, in the round's result; encoded anew for each reply
             self._mean_values = mean
             self._mean.set_result((codec.name, None))
             return self._own_shard, mean
-        payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
+        payloads = await asyncio.to_thread(self._encode_mean, codec, mean, total_weight)
         self._mean.set_result((codec.name, payloads))
-        for payload, (a, b) in zip(payloads, _parts(0, mean.numel())):  # the result becomes what members get
-            decoded = codec.decode(payload, b - a)
-            self._keep_what_the_mean_rounded_off(start + a, mean[a:b], decoded, total_weight)
-            mean[a:b] = decoded
         self._commit_error_feedback(self._own_shard, mean)
         return self._own_shard, mean
 
-    def _refuse_outlying_means(self, means: dict[tuple[int, int], torch.Tensor]) -> list[tuple[int, int]]:
+    @staticmethod
+    def _mean_and_fraction(reduction: ShardReduction, out: torch.Tensor) -> tuple[torch.Tensor, float]:
+        mean = reduction.mean(out=out)
+        return mean, _union_fraction(mean)
+
+    def _encode_mean(self, codec: Codec, mean: torch.Tensor, total_weight: float) -> list[bytes]:
+        """The mean's payloads; ``mean`` becomes what members decode of them (a worker thread)."""
+        start, _ = self._own_shard
+        payloads = [codec.encode(mean[a:b]) for a, b in _parts(0, mean.numel())]
+        for payload, (a, b) in zip(payloads, _parts(0, mean.numel())):
+            decoded = codec.decode(payload, b - a)
+            self._keep_what_the_mean_rounded_off(start + a, mean[a:b], decoded, total_weight)
+            mean[a:b] = decoded
+        return payloads
+
+    def _measure_means(self, means: dict[tuple[int, int], torch.Tensor]) -> dict[str, dict]:
+        """The norms and distances that ``_refuse_outlying_means`` judges the means by (a worker thread)."""
+        sizes = {bounds: l2_norm(self.values[bounds[0] : bounds[1]]) for bounds in means}  # our values' there
+        distances = {
+            bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]], sizes[bounds])
+            for bounds, mean in means.items()
+        }
+        rounding = {}
+        if self.defences.mean_check is not None:
+            rounding = {
+                bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
+            }
+        norms = {}
+        if self.mode == "params" and self.defences.catch is not None:
+            norms = {bounds: l2_norm(mean) for bounds, mean in means.items()}
+        return {"sizes": sizes, "distances": distances, "rounding": rounding, "norms": norms}
+
+    def _refuse_outlying_means(
+        self, means: dict[tuple[int, int], torch.Tensor], measured: dict[str, dict]
+    ) -> list[tuple[int, int]]:
         """Drop (and count) the owners' means that lie too far from our values (``Defences.mean_check``):
         those shards keep our own values, as though their owner had failed.  Only where our values held
         a mean of the whole group after our previous round (``agreed``) are means checked.  Returns the
@@ -372,24 +477,15 @@ class RoundExchange:
         values there is refused and its owner caught: a mean of honest parameters is no larger than the
         largest of them, whatever our previous round did (``shifted_mean``'s +1 is 17x the digits
         model's size)."""
-        sizes = {bounds: l2_norm(self.values[bounds[0] : bounds[1]]) for bounds in means}  # our values' there
-        distances = {
-            bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]], sizes[bounds])
-            for bounds, mean in means.items()
-        }
+        sizes, distances, rounding = measured["sizes"], measured["distances"], measured["rounding"]
         owners = {bounds: owner for owner, bounds in self._shards.items()}
         refused = []
-        rounding = {}
-        if self.defences.mean_check is not None:
-            rounding = {
-                bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
-            }
         outlying = outlying_means(distances, self.defences, self.agreed, rounding)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized = set()
         if self.mode == "params" and self.defences.catch is not None:
             catch = self.defences.catch  # a mean over ``catch`` times our values' norm (never where ours are 0)
-            oversized = {bounds for bounds, mean in means.items() if 0 < sizes[bounds] * catch < l2_norm(mean)}
+            oversized = {bounds for bounds in means if 0 < sizes[bounds] * catch < measured["norms"][bounds]}
         outlying |= oversized
         for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
@@ -468,6 +564,14 @@ class RoundExchange:
         self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
+        try:
+            await self._serve_contribution(sender, hello, reader, writer)
+        finally:
+            self._served.add(sender)
+
+    async def _serve_contribution(
+        self, sender: str, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         future = self._expected.get(sender)
         refusal = check_hello(hello, self.plan, sender, self.me, self.codec.name, self.mode)
         if refusal is None and self._own_shard is None:
@@ -500,19 +604,15 @@ class RoundExchange:
                 spec, payloads = mean
                 if payloads is None:  # a lossless mean: encoded part by part as it is sent
                     payloads = self._mean_parts(get_codec(spec), end - start)
-                self._replying += 1
-                try:
-                    async with asyncio.timeout(self._sending_time(end - start)):
-                        message = {
-                            "round_id": self.plan.round_id,
-                            "codec": spec,
-                            "late": late,
-                            "contributors": self._contributors,
-                        }
-                        await write_message(writer, FrameKind.RESULT, message, self.counter)
-                        await _send_payloads(writer, payloads, self.counter)
-                finally:
-                    self._replying -= 1
+                async with asyncio.timeout(self._sending_time(end - start)):
+                    message = {
+                        "round_id": self.plan.round_id,
+                        "codec": spec,
+                        "late": late,
+                        "contributors": self._contributors,
+                    }
+                    await write_message(writer, FrameKind.RESULT, message, self.counter)
+                    await _send_payloads(writer, payloads, self.counter)
                 if not await close_after_peer(reader, writer, self.timeouts.part):
                     self.errors.append(
                         f"{sender} did not close the stream within part={self.timeouts.part}s of our reply"
@@ -590,17 +690,28 @@ class RoundExchange:
             yield payload
 
     def _commit_error_feedback(self, bounds: tuple[int, int], mean: torch.Tensor) -> None:
-        """Our slice ``bounds`` came back averaged: its residual becomes what the codec did not send, plus,
-        where a sparse mean is zero (the group exchanged nothing there), all we sent, to be sent again
-        (the members' sum there is unchanged, so no mass is lost)."""
+        """Our slice ``bounds`` came back averaged (``mean``): its residual is to become what the codec did not
+        send, when the round ends (``_apply_error_feedback``)."""
+        if self.residual is not None:
+            self._feedback.append((bounds, mean))
+
+    def _apply_error_feedback(self) -> None:
+        """Each slice that came back averaged: its residual becomes what the codec did not send, plus, where a
+        sparse mean is zero (the group exchanged nothing there), all we sent, to be sent again (the members'
+        sum there is unchanged, so no mass is lost); then what the owner's mean rounded off.  The caller holds
+        the state lock."""
         if self.residual is None:
             return
-        start, _ = bounds
-        for payload, (a, b) in zip(self._sent.pop(bounds, []), _parts(*bounds)):
-            sent = self.codec.decode(payload, b - a)
-            if not self.codec.is_dense:
-                sent[mean[a - start : b - start] == 0] = 0.0
-            self.residual[a:b] = self.values[a:b] + self.residual[a:b] - sent
+        for bounds, mean in self._feedback:
+            start, _ = bounds
+            for payload, (a, b) in zip(self._sent.pop(bounds, []), _parts(*bounds)):
+                sent = self.codec.decode(payload, b - a)
+                if not self.codec.is_dense:
+                    sent[mean[a - start : b - start] == 0] = 0.0
+                self.residual[a:b] = self.values[a:b] + self.residual[a:b] - sent
+        for start, rounded_off in self._rounded_off:
+            self.residual[start : start + rounded_off.numel()].add_(rounded_off)
+        self._feedback, self._rounded_off = [], []
 
     def _undo_error_feedback(self, bounds: tuple[int, int]) -> None:
         """A slice that never came back averaged: the round did not happen for it, so its residual
@@ -621,7 +732,7 @@ class RoundExchange:
         if self.residual is None or self.mode != "params":
             return
         scale = min(total_weight / self.weight, 4.0 * len(self.plan.members))
-        self.residual[start : start + mean.numel()].add_(mean, alpha=scale).sub_(decoded, alpha=scale)
+        self._rounded_off.append((start, torch.sub(mean, decoded).mul_(scale)))  # added at the round's end
 
     async def _contribute(self, owner: str, bounds: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor] | None:
         """Send our slice of ``owner``'s shard and receive the mean back; None if anything failed."""

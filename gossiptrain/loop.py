@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class LoopThread:
@@ -31,8 +34,14 @@ class LoopThread:
             future.cancel()
             raise
 
-    def close(self) -> None:
-        """Cancel whatever still runs in the loop (e.g. hivemind's cache refreshers), then stop it."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel whatever still runs in the loop (e.g. hivemind's cache refreshers), then stop it.
+
+        Returns within about twice ``timeout`` seconds: that long for the tasks to end once cancelled,
+        that long for the thread to stop.  A loop thread that is blocked (a callback that does not
+        return) is asked to stop and left behind, with a warning: it stops once unblocked, or with
+        the process (a daemon thread); the loop is then not closed.
+        """
 
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -40,7 +49,19 @@ class LoopThread:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        self.submit(cancel_all()).result(timeout=10)
+        cancelled = self.submit(cancel_all())
+        try:
+            cancelled.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            logger.warning("the event loop's tasks did not end within %ss of being cancelled: stopping it", timeout)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning(
+                "the event loop thread %r did not stop within %ss (something blocks it): left to stop "
+                "when unblocked or with the process",
+                self._thread.name,
+                timeout,
+            )
+            return
         self.loop.close()

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from typing import Any
 
 import torch
@@ -45,9 +45,11 @@ ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 MIN_HEARTBEAT_TTL = 6.0  # seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl)
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
+DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
 MAX_VOUCHES = 64  # and names at most this many of them (a reader reads no more of anyone's)
+MAX_CAUGHT = 1024  # peers caught beyond any honest values that a peer remembers (``RecentSet``)
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -78,11 +80,36 @@ async def start_daemon(
     Raises:
         InitialPeersError: none of ``initial_peers`` answered (the message names them and what to check).
         DaemonStartError: the daemon failed otherwise, e.g. on an address in ``host_maddrs`` it cannot bind.
+
+    A start that fails (or is cancelled) stops its daemon and waits for it to exit before it raises: p2pd closes
+    its output a moment before it exits, and hivemind raises at the end of the output, so the daemon would
+    otherwise exit after a short-lived caller's event loop closed (asyncio then warns ``Loop ... that handles
+    pid ... is closed`` after the caller's answer).
     """
+    building: list[P2P] = []
+
+    class OwnedP2P(P2P):  # hivemind's P2P.create builds it; we keep it, to stop its daemon if create raises
+        def __init__(self):
+            super().__init__()
+            building.append(self)
+
     try:
-        return await P2P.create(
-            initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), announce_maddrs=announce_maddrs, **options
-        )
+        try:
+            return await OwnedP2P.create(
+                initial_peers=list(initial_peers),
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=announce_maddrs,
+                **options,
+            )
+        except BaseException as e:
+            for p2p in building:
+                child = p2p._child
+                if isinstance(e, P2PDaemonError) and child is not None:  # it gave up: let it exit by itself, as
+                    # terminating a child that just exited reaps it behind asyncio's back ("Unknown child process")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(child.wait()), DAEMON_EXIT_WAIT)
+                await asyncio.shield(p2p.shutdown())
+            raise
     except P2PDaemonError as e:
         if initial_peers and "bootstrap" in str(e):
             raise InitialPeersError(
@@ -122,6 +149,48 @@ def _vouches(record: dict | None) -> frozenset[str]:
     if not isinstance(answered, list):
         return frozenset()
     return frozenset(peer for peer in answered[:MAX_VOUCHES] if isinstance(peer, str))
+
+
+class RecentSet(MutableSet[str]):
+    """A set of at most ``capacity`` members: adding one more forgets the one least recently added or found.
+
+    For ``Peer.caught``: a caught peer that goes on sending, or whose mean we go on reading, is found in
+    it at each try and so stays; only one that has not been in our groups for longest is forgotten, and
+    caught again at its first oversized contribution if it ever comes back.  Pushing a caught peer out
+    takes ``capacity`` other peers each caught in a group with us.
+    """
+
+    def __init__(self, capacity: int, members: Iterable[str] = ()):
+        self.capacity, self._members = capacity, collections.OrderedDict[str, None]()
+        self.update(members)
+
+    def __contains__(self, member: object) -> bool:
+        if member not in self._members:
+            return False
+        self._members.move_to_end(member)
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._members))
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"RecentSet({self.capacity}, {list(self._members)!r})"
+
+    def add(self, member: str) -> None:
+        self._members[member] = None
+        self._members.move_to_end(member)
+        while len(self._members) > self.capacity:
+            self._members.popitem(last=False)
+
+    def discard(self, member: str) -> None:
+        self._members.pop(member, None)
+
+    def update(self, members: Iterable[str]) -> None:
+        for member in members:
+            self.add(member)
 
 
 def _declared_mbit(record: dict | None) -> bool:
@@ -237,10 +306,11 @@ class Peer:
         self.startup_seconds: float | None = None  # from start() to ready to average
         self.inbound_streams = 0  # allreduce streams opened to us by other peers
         self._listen_maddrs: list[str] = []  # ours, without /p2p/, published in our record
-        self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records
+        self._connected: set[str] = set()  # peers a client has dialed with the addresses of their records (``_dial``)
         self._answered: collections.deque[set[str]] = collections.deque(maxlen=VOUCH_ROUNDS)  # per recent round
-        # peers caught far beyond any honest values (``RoundExchange.caught``): left out for the whole run
-        self.caught: set[str] = set()
+        # peers caught far beyond any honest values (``RoundExchange.caught``): left out while they are
+        # in our groups, the ``MAX_CAUGHT`` latest seen kept (``RecentSet``)
+        self.caught = RecentSet(MAX_CAUGHT)
         self._agreed: dict[str, list[tuple[int, int]]] = {}  # per mode: where our last round left a whole-group mean
         self._spread: dict[str, float] = {}  # per mode: the last spread measured at our shard (RoundResult.spread)
 
@@ -449,7 +519,8 @@ class Peer:
         return await self.clock.estimate(self.p2p, self.run_id, others, timeout=self.timeouts.join)
 
     async def _refresh_clock(self) -> None:
-        """Estimate the swarm's clock again every ``CLOCK_REFRESH`` seconds, sooner while alone."""
+        """Estimate the swarm's clock again every ``CLOCK_REFRESH`` seconds, sooner while no peer answered
+        the last estimate (alone, or the peers it asked were gone)."""
         while True:
             await asyncio.sleep(CLOCK_REFRESH if self.clock.round_trips else self.heartbeat_ttl / 3)
             try:
@@ -484,8 +555,17 @@ class Peer:
 
         A client is in no one's routing table and libp2p's own DHT may not find a peer's addresses for
         it (``routing: not found``), so it dials them itself before it opens streams to them (state
-        download, its group's reducers).  Failures are left to the stream that follows to report.
+        download, its group's reducers).  Failures are left to the stream that follows to report.  A peer
+        dialed before is dialed again once the daemon has lost the connection (the peer restarted, the
+        link dropped) or a round's stream to it failed (``average``); one whose record is gone is forgotten.
         """
+        try:
+            async with asyncio.timeout(self.timeouts.join):
+                live = {info.peer_id.to_base58() for info in await self.p2p.list_peers()}
+            self._connected &= live & records.keys()
+        except Exception as e:  # the dials below are what matters; without the list, the known stay known
+            logger.debug("could not list the daemon's connections: %r", e)
+            self._connected &= records.keys()
         todo = {
             peer: record["maddrs"]
             for peer, record in records.items()
@@ -543,6 +623,7 @@ class Peer:
         residual: torch.Tensor | None = None,
         mode: str = "params",
         codec: Codec | None = None,
+        state_lock: contextlib.AbstractContextManager | None = None,
     ) -> RoundResult:
         """Average a flat float32 tensor with this round's group; returns the averaged copy.
 
@@ -551,7 +632,8 @@ class Peer:
         ``mode`` names what the tensor is ("params" or "delta") and ``codec`` overrides the peer's
         codec for this round: all members of a round must agree on both.  Peers group only with
         peers of the same mode, so a round's peers that average different things (training peers
-        sending deltas, finishing peers their parameters) form separate groups.
+        sending deltas, finishing peers their parameters) form separate groups.  ``state_lock`` is held
+        while ``residual`` changes, once, at the end of the round (``exchange``).
         """
         if tensor.dim() != 1 or tensor.dtype != torch.float32:
             raise ValueError(f"average() takes a flat float32 tensor, got {tuple(tensor.shape)} {tensor.dtype}")
@@ -619,7 +701,9 @@ class Peer:
             self._agreed.get(mode),
             self.caught,
             self._spread.get(mode, 0.0),
+            state_lock=state_lock,
         )
+        await exchange.prepare()  # before members' streams can reach it
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
         if slot.done():
             raise RuntimeError(f"this peer is already averaging in round {round_id}")
@@ -631,6 +715,8 @@ class Peer:
             self._forget_old_rounds(round_id)
         result.seconds, result.participants = time.perf_counter() - started, len(vouches)
         self._answered.append(result.answered)
+        if self.client_mode:  # a reducer whose answer did not reach us is dialed again before our next round
+            self._connected -= set(plan.reducers) - result.answered
         self._agreed[mode], self._spread[mode] = result.agreed, result.spread
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
@@ -650,29 +736,55 @@ class Peer:
             if not future.done():
                 future.set_result(None)
 
+    def _forget_unjoined_rounds(self) -> None:
+        """Drop the slots that inbound HELLOs made for rounds that we never joined and for which no
+        stream waits any more; our own running rounds stay.  A HELLO for round ``r`` is accepted until
+        round ``r + 2`` is current and waits ``join`` at most: after that, its slot serves no one."""
+        before = self.next_round_id(lead=-self.timeouts.join) - 2
+        for stale in [r for r, slot in self._exchanges.items() if r < before and not slot.done()]:
+            self._exchanges.pop(stale).set_result(None)
+
     async def _handle_stream(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve a group member's upload of its slice of our shard."""
+        """Serve a group member's upload of its slice of our shard.
+
+        Charged to the sender (``rejections``): a HELLO that is not readable within ``join``, or that names
+        a round outside the current ones or one that is over here without us.  Not charged: our own
+        exchange of that round not starting within ``join`` of the HELLO (we registered late, or not at
+        all); the sender is told that we are not in that round.  A HELLO's wait makes a slot in
+        ``_exchanges``; those of rounds we never joined are dropped once no stream can wait on them.
+        """
         counter = ByteCounter()
         sender = info.peer_id.to_base58()
         self.inbound_streams += 1
         try:
-            _, hello = await read_message(reader, counter, timeout=self.timeouts.join, expect=(FrameKind.HELLO,))
+            try:
+                _, hello = await read_message(reader, counter, timeout=self.timeouts.join, expect=(FrameKind.HELLO,))
+            except EXCHANGE_ERRORS as e:
+                self.rejections.record(classify(e), sender, "?", f"unreadable HELLO: {e!r}")
+                return
             round_id = hello.get("round_id")
             current = self.next_round_id(lead=0.0)
+            self._forget_unjoined_rounds()
             if not isinstance(round_id, int) or not current - 2 <= round_id <= current + 1:
                 self.rejections.record("stale_round", sender, round_id, f"the current round is {current}")
                 await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id!r} is not current"}, counter)
                 return
             slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
-            async with asyncio.timeout(self.timeouts.join):
-                exchange = await asyncio.shield(slot)
+            try:
+                async with asyncio.timeout(self.timeouts.join):
+                    exchange = await asyncio.shield(slot)
+            except TimeoutError:  # ours, not the sender's: we did not start that round in time
+                logger.debug("%s sent its slice of round %s, which we have not started within join", sender, round_id)
+                reason = f"this peer is not in round {round_id} (it did not start it within {self.timeouts.join}s)"
+                await write_message(writer, FrameKind.REJECT, {"reason": reason}, counter)
+                return
             if exchange is None:  # that round is over here and we never took part in it
                 self.rejections.record("stale_round", sender, round_id, "this peer did not take part in that round")
                 await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id} is over"}, counter)
                 return
             exchange.counter.received += counter.received
             await exchange.handle_contribution(sender, hello, reader, writer)
-        except EXCHANGE_ERRORS as e:
-            self.rejections.record(classify(e), sender, "?", f"unreadable HELLO: {e!r}")
+        except EXCHANGE_ERRORS as e:  # a REJECT that did not reach the sender: it left, nothing to charge
+            logger.debug("stream from %s ended early: %r", sender, e)
         finally:
             await close_after_peer(reader, writer, self.timeouts.part)

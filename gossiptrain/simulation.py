@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,7 @@ class SimulatedPeer:
     caught: set[str] = field(default_factory=set)
     agreed: list[tuple[int, int]] | None = None
     spread: float = 0.0
+    state_lock: AbstractContextManager | None = None  # held while its residual changes (an Attachment's lock)
 
 
 async def simulate_round(
@@ -162,8 +164,10 @@ async def simulate_round(
                 peer.agreed,
                 peer.caught,
                 peer.spread,
+                state_lock=peer.state_lock,
             )
     ids = list(exchanges)
+    await asyncio.gather(*(exchange.prepare() for exchange in exchanges.values()))  # before any stream reaches one
     outcomes = await asyncio.gather(*(exchanges[me].run() for me in ids))
     await asyncio.gather(*network.serving)
     results = dict(zip(ids, outcomes))

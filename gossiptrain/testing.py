@@ -229,8 +229,10 @@ class FaultyExchange(RoundExchange):
     )
     SLOW_UPLOAD_SECONDS = 2.0
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    async def prepare(self) -> None:
+        if self._prepared:
+            return
+        await super().prepare()
         if self.fault == "shifted_mean" and self._reduction is not None:
             honest_mean = self._reduction.mean
             self._reduction.mean = lambda out=None: honest_mean(out=out).add_(1.0)

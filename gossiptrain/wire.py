@@ -90,6 +90,7 @@ class WireState:
         self.params_residual: torch.Tensor | None = None  # rounding carried between params rounds
         self.unsent: torch.Tensor | None = None  # the part of the round's delta the codec dropped
         self._reset_due = True  # the state starts afresh from the next snapshot
+        self._folding = False  # the round in flight is a final round with the residual folded in
 
     def allocate(self, numel: int) -> None:
         """Make the state for ``numel`` values now (it is reset from the first snapshot, in place)."""
@@ -105,12 +106,13 @@ class WireState:
         """This round's values; ``mode`` overrides the round id's kind ("params", "delta" or "final")."""
         if self._reset_due or self._sized_for() != snapshot.numel():
             self.reset(snapshot)
+        self._folding = mode == "final" and self.params_residual is not None
         if mode == "final":
             if self.params_residual is None:
                 return Contribution(snapshot, None, "params", self.codec.dense_stage)
-            values = snapshot + self.params_residual
-            self.params_residual.zero_()
-            return Contribution(values, None, "params", self.codec.dense_stage)
+            # the residual is folded in; it is zeroed when the round is applied (``combine``), not now: a
+            # checkpoint meanwhile keeps it, and a final round that fails keeps it too
+            return Contribution(snapshot + self.params_residual, None, "params", self.codec.dense_stage)
         if (mode or self.mode(round_id)) == "params":
             return Contribution(snapshot, self.params_residual, "params", self.codec.dense_stage)
         if self.unsent is not None and self.unsent.numel() == snapshot.numel():
@@ -128,6 +130,9 @@ class WireState:
         """The parameters after the round (``snapshot`` where it failed); moves the reference.  Formed in
         place in ``result.averaged``, which the round does not use again."""
         if mode == "params":
+            if self._folding:  # a final round: the parameters now hold what the residual held
+                self.params_residual.zero_()
+                self._folding = False
             if self.reference is not None:
                 for start, end in result.combined:
                     self.reference[start:end] = result.averaged[start:end]

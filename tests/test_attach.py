@@ -1,7 +1,10 @@
 """attach(): the user's optimizer with schedulers, checkpoints and resume, bf16 parameters."""
 
+import concurrent.futures
 import logging
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,3 +260,29 @@ def test_a_bug_inside_the_round_surfaces_from_the_step_after_a_few_crashes():
         assert isinstance(raised.value.__cause__, ZeroDivisionError)
         assert swarm.rounds_crashed == CRASHES_BEFORE_RAISING
         train(optimizer, model, 1)  # the peer itself still works: the user may go on (or fix it)
+
+
+def test_a_round_snapshot_gives_up_with_a_clear_error_while_the_training_thread_holds_the_state_lock():
+    """A step that raised keeps the state lock until the next step: a round's snapshot waited for it forever."""
+    from gossiptrain.attachment import Attachment
+
+    swarm = Attachment.__new__(Attachment)  # only what _take_snapshot reads
+    swarm.params, swarm.local_step, swarm._samples_since_round = [torch.ones(3)], 5, 2
+    swarm._state_lock, swarm.peer = threading.RLock(), SimpleNamespace(round_interval=0.0)
+    holding, done = threading.Event(), threading.Event()
+
+    def training_thread() -> None:
+        with swarm._state_lock:
+            holding.set()
+            done.wait(30)
+
+    threading.Thread(target=training_thread, daemon=True).start()
+    assert holding.wait(5)
+    outcome = concurrent.futures.ThreadPoolExecutor(1).submit(swarm._take_snapshot)
+    try:
+        error = outcome.exception(timeout=20)
+    finally:
+        done.set()
+    assert isinstance(error, TimeoutError) and "state lock" in str(error), error
+    snapshot, weight = swarm._take_snapshot()  # once the step is over, the next round's snapshot is taken
+    assert torch.equal(snapshot, torch.ones(3)) and weight == 2.0 and swarm._snapshot_step == 5

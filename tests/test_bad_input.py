@@ -1,11 +1,12 @@
 """Bad input from the network is refused, counted, and leaves the receiver's values bit-identical."""
 
 import asyncio
+import logging
 
 import pytest
 import torch
 
-from gossiptrain.exchange import Timeouts
+from gossiptrain.exchange import Rejections, Timeouts
 from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, FaultyExchange, FaultyPeer
 
@@ -43,3 +44,23 @@ async def test_every_kind_of_bad_input_is_refused_counted_and_harmless():
                 assert result.status == "failed", (fault, result)
                 assert torch.equal(result.averaged, values), fault
                 assert honest.rejections[kind] == before + 1, (fault, dict(honest.rejections))
+
+
+def test_rejections_log_is_rate_limited_per_sender_but_counts_are_exact(caplog):
+    now = [1000.0]
+    rejections = Rejections(log_every=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="gossiptrain.exchange"):
+        for _ in range(1000):  # an outsider sending garbage in a loop
+            rejections.record("garbage", "outsider", 7, "undecodable")
+        rejections.record("garbage", "honest", 7, "undecodable")  # another sender's first is still logged
+        rejections.record("truncated", "outsider", 7, "cut short")  # and another kind's
+        now[0] += 61.0
+        rejections.record("garbage", "outsider", 8, "undecodable")
+    assert rejections == {"garbage": 1002, "truncated": 1}
+    lines = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(lines) == 4, lines
+    assert "outsider" in lines[-1] and "999 more" in lines[-1], lines[-1]
+    for sender in range(5 * Rejections.MAX_SENDERS):  # what the log keeps per sender is bounded too
+        rejections.record("garbage", f"sybil{sender}", 9, "undecodable")
+    assert len(rejections._logged) <= Rejections.MAX_SENDERS
+    assert rejections["garbage"] == 1002 + 5 * Rejections.MAX_SENDERS
