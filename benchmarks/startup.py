@@ -11,6 +11,8 @@ Three cases, each repeated ``--repeats`` times (median, min, max), every peer on
   (digits task, training) serves its state: the same plus the state download (parameters and Adam
   state of the digits MLP, 0.2 MB).  Its parts are reported too: ``Peer.startup_seconds`` and
   ``state_download_seconds``.
+- ``record_signing``: what each membership record costs a peer (no network): signing and verifying a
+  record (``SignedRecords``), and validating one already verified (another replica's copy), in ms per record.
 
 Each repetition starts a fresh peer in this process and shuts it down before the next.  The load
 average is recorded: on a shared machine start-up is mostly waiting for a core.
@@ -73,6 +75,28 @@ def optimizer_startup(run_id: str, initial_peers: list[str]) -> dict[str, float 
         }
 
 
+def record_signing(records: int = 1000) -> dict[str, float]:
+    """Milliseconds per record: signed and verified once, then validated again (a cached check)."""
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import MSGPackSerializer
+
+    from gossiptrain.auth import Identity
+    from gossiptrain.membership import SignedRecords
+
+    identity = Identity.generate()
+    own, reader = SignedRecords(identity), SignedRecords()
+    subkey, value = MSGPackSerializer.dumps(identity.peer_id), MSGPackSerializer.dumps({"maddrs": [LOOPBACK]})
+    unsigned = [DHTRecord(b"members", subkey, value, time.time() + 60 + i) for i in range(records)]
+    started = time.perf_counter()
+    signed = [DHTRecord(r.key, r.subkey, own.sign_value(r), r.expiration_time) for r in unsigned]
+    assert all(reader.validate(record) for record in signed)
+    first = (time.perf_counter() - started) / records
+    started = time.perf_counter()
+    assert all(reader.validate(record) for record in signed)
+    again = (time.perf_counter() - started) / records
+    return {"sign_and_verify_ms": first * 1e3, "validate_again_ms": again * 1e3, "records": records}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -88,6 +112,7 @@ def main() -> None:
         donor.wait_for(lambda line: "joined run" in line, timeout=60)
         join = [optimizer_startup("bench-startup-join", swarm.initial_peers) for _ in range(args.repeats)]
     assert all(run["state_download"] is not None for run in join), "a joiner found no donor"
+    signing = record_signing()
     results = {
         "peer": {"seconds": summary(peer)},
         "optimizer_first": {"seconds": summary([run["constructor"] for run in first])},
@@ -97,6 +122,7 @@ def main() -> None:
             "state_download_seconds": summary([run["state_download"] for run in join]),
             "donor_steps": [run["local_step"] for run in join],
         },
+        "record_signing": signing,
     }
     rows = [
         ("Peer.start() joining a bootstrap", results["peer"]["seconds"]),
@@ -109,6 +135,10 @@ def main() -> None:
     print(f"{'':<40} {'median':>7} {'min':>7} {'max':>7}")
     for name, stats in rows:
         print(f"{name:<40} {stats['median']:>7.3f} {stats['min']:>7.3f} {stats['max']:>7.3f}")
+    print(
+        f"a membership record: signed and verified {signing['sign_and_verify_ms']:.3f} ms, "
+        f"validated again {signing['validate_again_ms']:.4f} ms ({signing['records']} records)"
+    )
     load_after = os.getloadavg()
     print(f"load average before/after: {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} CPUs")
     report = {

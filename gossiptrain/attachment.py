@@ -273,6 +273,16 @@ class Attachment:
         self._replace_older(run_id)
         if inner_steps is not None and average_every_steps is not None:
             raise ValueError("inner_steps and average_every_steps are the same setting: pass one of them")
+        for name, seconds in (
+            ("average_every", average_every),
+            ("startup_timeout", startup_timeout),
+            ("state_timeout", state_timeout),
+        ):
+            if not (isinstance(seconds, (int, float)) and 0 < seconds < float("inf")):
+                raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        for name, steps in (("inner_steps", inner_steps), ("average_every_steps", average_every_steps)):
+            if steps is not None and not (isinstance(steps, int) and steps >= 1):
+                raise ValueError(f"{name} must be a whole number >= 1 (or None), got {steps!r}")
         if checkpoint_every is not None and (checkpoint is None or checkpoint_every < 1):
             raise ValueError("checkpoint_every needs a checkpoint path and a positive number of steps")
         self.average_every_steps = inner_steps if inner_steps is not None else average_every_steps

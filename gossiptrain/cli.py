@@ -33,6 +33,28 @@ def _initial_peer(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _number(allowed: str, parse, ok):
+    """An argparse type: ``parse(text)`` where ``ok`` holds, else "must be <allowed>, not <text>"."""
+
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, not {text}")
+        return value
+
+    return check
+
+
+_SECONDS = _number("a positive number of seconds", float, lambda x: 0 < x < math.inf)
+_SECONDS_OR_ZERO = _number("a number of seconds >= 0", float, lambda x: 0 <= x < math.inf)
+_POSITIVE = _number("a positive number", float, lambda x: 0 < x < math.inf)
+_COUNT = _number("a whole number >= 1", int, lambda n: n >= 1)
+_COUNT_OR_ZERO = _number("a whole number >= 0", int, lambda n: n >= 0)
+
+
 def _network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--initial-peers",
@@ -262,8 +284,6 @@ async def _status(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    if args.watch is not None and not args.watch > 0:
-        raise ValueError(f"--watch must be a positive number of seconds, got {args.watch}")
     asyncio.run(_status(args))
 
 
@@ -307,8 +327,6 @@ def cmd_auth_identity(args: argparse.Namespace) -> None:
 def cmd_auth_issue(args: argparse.Namespace) -> None:
     from gossiptrain.auth import AuthorityKey
 
-    if not args.days > 0:
-        raise ValueError(f"--days must be positive, got {args.days}")
     key = _guarded_io(lambda: AuthorityKey.load(args.key))
     certificate = key.issue(args.peer_id, args.run_id, time.time() + args.days * 86400)
     _guarded_io(lambda: certificate.save(args.out))
@@ -337,7 +355,7 @@ def _auth_parser(commands) -> None:
     issue.add_argument("--key", required=True, metavar="FILE", help="the run authority key (from `auth keygen`)")
     issue.add_argument("--peer-id", required=True, help="the peer id that `auth identity` printed (12D3KooW...)")
     issue.add_argument("--run-id", required=True)
-    issue.add_argument("--days", type=float, default=30.0, help="days until the certificate expires (default: 30)")
+    issue.add_argument("--days", type=_POSITIVE, default=30.0, help="days until the certificate expires (default: 30)")
     issue.add_argument("--out", required=True, metavar="FILE", help="the certificate file (pass it to --credential)")
     issue.set_defaults(func=cmd_auth_issue)
 
@@ -383,24 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="train your own model: FACTORY() returns a gossiptrain.Task (model, batches, loss, evaluate); "
         "PKG.MOD is imported from this directory or the Python path",
     )
-    peer.add_argument("--steps", type=int, default=0, help="local steps before finishing (0: train until interrupted)")
-    peer.add_argument("--duration", type=float, default=0, help="seconds of training before finishing (0: no limit)")
-    peer.add_argument("--batch-size", type=int, default=32)
+    peer.add_argument(
+        "--steps", type=_COUNT_OR_ZERO, default=0, help="local steps before finishing (0: train until interrupted)"
+    )
+    peer.add_argument(
+        "--duration", type=_SECONDS_OR_ZERO, default=0, help="seconds of training before finishing (0: no limit)"
+    )
+    peer.add_argument("--batch-size", type=_COUNT, default=32)
     peer.add_argument("--lr", type=float, default=1e-3)
-    peer.add_argument("--average-every", type=float, default=1.0, help="seconds between averaging rounds")
-    peer.add_argument("--group-size", type=int, default=4, help="target averaging group size")
+    peer.add_argument("--average-every", type=_SECONDS, default=1.0, help="seconds between averaging rounds")
+    peer.add_argument("--group-size", type=_COUNT, default=4, help="target averaging group size")
     peer.add_argument(
         "--codec", default="none", help="e.g. none, fp16, int8, int4, int2, topk:0.01+int8, randomk:0.01+int8"
     )
     peer.add_argument(
         "--bandwidth-mbit",
-        type=float,
+        type=_POSITIVE,
         default=None,
         help="this peer's link speed: groups size its shard by it (a far slower peer reduces none)",
     )
     peer.add_argument(
         "--sync-every",
-        type=int,
+        type=_COUNT,
         default=None,
         help="average parameters 1 round in N, send deltas in the others (default: 10 for sparse codecs, 1 for dense)",
     )
@@ -416,27 +438,29 @@ def build_parser() -> argparse.ArgumentParser:
         "momentum measured worse, benchmarks/README.md)",
     )
     outer.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
-    outer.add_argument("--inner-steps", type=int, default=None, metavar="H", help="at least H inner steps per round")
+    outer.add_argument("--inner-steps", type=_COUNT, default=None, metavar="H", help="at least H inner steps per round")
     outer.add_argument(
         "--anchor-sync-every",
-        type=int,
+        type=_COUNT,
         default=None,
         metavar="K",
         help="one outer round in K averages the parameters and resets the anchor to their mean (default: 5)",
     )
     peer.add_argument("--seed", type=int, default=None, help="seed of this peer's data order (default: pid)")
-    peer.add_argument("--threads", type=int, default=1, help="torch threads of this peer")
+    peer.add_argument("--threads", type=_COUNT, default=1, help="torch threads of this peer")
     peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")
     peer.add_argument(
         "--eval-every",
-        type=float,
+        type=_SECONDS_OR_ZERO,
         default=0,
         metavar="S",
         help="evaluate on the validation set every S seconds of training (0: only at the end); "
         "printed, and an 'eval' record in the metrics file",
     )
-    peer.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for the others at the end")
-    peer.add_argument("--wait-for-peers", type=int, default=1, metavar="N", help="start training once N peers are live")
+    peer.add_argument("--finish-timeout", type=_SECONDS, default=30.0, help="seconds to wait for the others at the end")
+    peer.add_argument(
+        "--wait-for-peers", type=_COUNT, default=1, metavar="N", help="start training once N peers are live"
+    )
     peer.add_argument(
         "--no-load-state",
         action="store_true",
@@ -469,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--watch",
         nargs="?",
-        type=float,
+        type=_SECONDS,
         const=2.0,
         default=None,
         metavar="SECONDS",
@@ -478,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     demo = commands.add_parser("demo", help="train digits with a local swarm of peers")
-    demo.add_argument("--peers", type=int, default=4)
-    demo.add_argument("--steps", type=int, default=3000)
+    demo.add_argument("--peers", type=_COUNT, default=4)
+    demo.add_argument("--steps", type=_COUNT, default=3000)
     demo.add_argument("--codec", default="none")
     demo.set_defaults(func=cmd_demo)
 

@@ -171,6 +171,17 @@ class Timeouts:
     straggler_grace: float | None = 0.5
     straggler_min: float = 0.5
 
+    def __post_init__(self):
+        for name in ("matchmaking", "join", "part", "result", "straggler_min"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"Timeouts.{name} must be a positive number of seconds, not {value!r}")
+        grace = self.straggler_grace
+        if grace is not None and not (isinstance(grace, (int, float)) and 0 <= grace < float("inf")):
+            raise ValueError(
+                f"Timeouts.straggler_grace must be None (wait for every transfer) or a number >= 0, not {grace!r}"
+            )
+
     def straggler_deadline(self, started: float, now: float) -> float | None:
         """When the transfers still pending at ``now`` are left out (loop time), or None for never."""
         if self.straggler_grace is None:

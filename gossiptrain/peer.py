@@ -270,6 +270,12 @@ class Peer:
     ):
         if bandwidth_mbit is not None and not (math.isfinite(bandwidth_mbit) and bandwidth_mbit > 0):
             raise ValueError(f"bandwidth_mbit must be a positive number of Mbit/s, got {bandwidth_mbit!r}")
+        if not (isinstance(round_interval, (int, float)) and 0 < round_interval < math.inf):
+            raise ValueError(f"round_interval must be a positive number of seconds, got {round_interval!r}")
+        if not (isinstance(target_group_size, int) and target_group_size >= 1):
+            raise ValueError(f"target_group_size must be a whole number >= 1, got {target_group_size!r}")
+        if heartbeat_ttl is not None and not (isinstance(heartbeat_ttl, (int, float)) and 0 < heartbeat_ttl < math.inf):
+            raise ValueError(f"heartbeat_ttl must be a positive number of seconds or None, got {heartbeat_ttl!r}")
         if not run_id or "." in run_id:
             raise ValueError(f"run_id must be a non-empty name without dots, got {run_id!r}")
         self.run_id, self.initial_peers = run_id, [_checked_maddr(str(m)) for m in initial_peers]
@@ -583,11 +589,15 @@ class Peer:
         await asyncio.gather(*(dial(peer, maddrs) for peer, maddrs in todo.items()))
 
     async def wait_for_peers(self, count: int, timeout: float) -> dict[str, dict[str, Any]]:
-        """Wait until at least ``count`` live peers are visible (polling the DHT)."""
+        """Wait until at least ``count`` live peers are visible (polling the DHT), then estimate the swarm's clock
+        against them: the estimate at start saw only the peers up by then (none, or one whose median with our own
+        clock is half its skew), and it would otherwise hold until the next refresh, ``CLOCK_REFRESH`` later."""
         async with asyncio.timeout(timeout):
             while len(peers := await self.live_peers()) < count:
                 await self.membership.publish(self._record())
                 await asyncio.sleep(0.2)
+            if count > 1:
+                await self.estimate_clock()
         return peers
 
     def now(self) -> float:

@@ -191,11 +191,12 @@ def measured_peer(
     seconds=None,
     keep_every=None,
     timeout=120.0,
+    up=None,
 ):
     """Train and average (the first round after the baseline) until ``rounds`` rounds averaged (or, with
     ``seconds``, for that long); returns the baseline, the peak and the extra peak in bytes, with the round
     statuses.  ``joiner_go`` set: a joiner is told to download this peer's state once the baseline is taken
-    (it is the one partner)."""
+    (it is the one partner).  ``up`` (an event) is set once this peer is in the swarm."""
     torch.set_num_threads(1)
     fix_mmap_threshold()
     model = build_model(numel)
@@ -211,6 +212,8 @@ def measured_peer(
             train_step(model, optimizer, step)
     training_peak = max(warm.peak, high_water_bytes() if hwm_reset else 0) - before
     with attach(optimizer, run_id="memory", on_round=lambda r: statuses.append(r.status), **options) as swarm:
+        if up is not None:
+            up.set()
         if joiner_go is None:
             partner_ready.wait(timeout)
             swarm.wait_for_peers(2, timeout=timeout)
@@ -298,7 +301,7 @@ def measure(
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         ctx = swarm.context
-        ready, stop = ctx.Event(), ctx.Event()
+        ready, stop, up = ctx.Event(), ctx.Event(), ctx.Event()
         go = ctx.Event() if serve else None
         swarm.spawn(
             "measured",
@@ -315,9 +318,11 @@ def measure(
             seconds,
             keep_every,
             timeout,
+            up,
         )
-        if not serve:
-            time.sleep(3)  # the measured peer is up first: the partner must not download from it
+        if not serve:  # the measured peer is up first: the partner must not download from it
+            if not up.wait(timeout):
+                raise TimeoutError(f"the measured peer did not join the swarm within {timeout}s")
         swarm.spawn(
             "partner",
             partner_peer,

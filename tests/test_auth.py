@@ -1,13 +1,11 @@
 """Identities, certificates and signed DHT records, without sockets."""
 
-import time
-
 import pytest
 from hivemind.dht.validation import DHTRecord
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer
 
-from gossiptrain.auth import Admission, AuthorityKey, Certificate, CredentialError, Identity, public_key_of
+from gossiptrain.auth import Admission, AuthorityKey, Certificate, CredentialError, Identity, public_key_of, verify
 from gossiptrain.membership import SignedRecords
 
 NOW = 1_800_000_000.0
@@ -146,13 +144,16 @@ def test_records_without_a_peer_id_subkey_are_refused(peer):
     assert not reader.validate(DHTRecord(b"members", made_up, b"\xc0" + b"s" * 64 + SignedRecords.MARKER, NOW))
 
 
-def test_signing_and_verifying_a_record_is_cheap(peer):
+def test_a_record_read_again_or_from_another_replica_is_not_verified_again(peer, monkeypatch):
+    """Each distinct record's signature is checked once (what that costs per record: benchmarks/startup.py)."""
+    from gossiptrain import membership
+
+    checked = []
+    monkeypatch.setattr(membership, "verify", lambda *args: checked.append(args) or verify(*args))
     own, reader = SignedRecords(peer), SignedRecords()
     records = [_record(peer, expiration=NOW + i) for i in range(100)]
-    started = time.perf_counter()
     signed = [DHTRecord(r.key, r.subkey, own.sign_value(r), r.expiration_time) for r in records]
     assert all(reader.validate(record) for record in signed)
-    assert (time.perf_counter() - started) / len(records) < 3e-3, "per record written and read (~0.1 ms unloaded)"
-    started = time.perf_counter()
+    assert len(checked) == len(signed)
     assert all(reader.validate(record) for record in signed * 10), "the same records from other replicas"
-    assert (time.perf_counter() - started) / len(signed * 10) < 3e-4, "a record already checked is not checked again"
+    assert len(checked) == len(signed), "a record already checked is not checked again"

@@ -131,7 +131,7 @@ def test_in_a_kernel_rerunning_the_join_cell_and_interrupting_training_leak_no_p
         while (reply := kc.get_shell_msg(timeout=60))["parent_header"].get("msg_id") != msg_id:
             pass
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-        assert time.monotonic() - interrupted < 30
+        assert time.monotonic() - interrupted < 60  # a hang, not a slow machine (it takes seconds)
         after = run("print(state())")
         assert after == {"daemons": [], "threads": []}, after
         assert daemons(kernel_pid) == []
@@ -198,6 +198,6 @@ def test_an_interrupt_while_an_event_loop_runs_in_the_main_thread_shuts_the_peer
         assert averaged.is_set() and opt.rounds_done > 0
         assert daemons() == [] and not daemon.is_running()
         assert loop_threads() == []
-        assert shutdown_seconds < 20
+        assert shutdown_seconds < 60  # a hang, not a slow machine (it takes seconds)
         with pytest.raises(RuntimeError, match="shut down"):
             opt.step()
