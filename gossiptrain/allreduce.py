@@ -143,7 +143,8 @@ class Defences:
             are the median.
         catch: where the values are parameters, a contribution whose norm exceeds ``catch`` times
             the owner's own values' norm (the low median of all where the owner's are 0) is dropped and
-            its sender caught for the run (``RoundExchange.caught``), also in a pair or where hostile
+            its sender caught (``RoundExchange.caught``; a peer remembers the ``peer.MAX_CAUGHT`` it
+            met most recently, so one that keeps sending stays caught), also in a pair or where hostile
             contributions are the majority.  Parameters
             of one model at one stage of training have about one size, and a weighted mean of them,
             clipped or not, is never larger than the largest: an honest contribution 4x the others'
