@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup demo test test-fast lint bench docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
+
 demo: setup
 	$(VENV)/bin/gossiptrain demo
 
@@ -22,6 +26,10 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest -q
+
+# The API reference from the docstrings (mkdocs.yml) into site/, warnings as errors: open site/index.html.
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict
 
 # The pure protocol, codec and strategy tests (no peers, no sockets): seconds, for iteration.
 test-fast: setup lint

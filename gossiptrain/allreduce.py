@@ -158,18 +158,18 @@ class Defences:
             values there and counts the owner as hostile.  Only
             shards where the member's previous round left a group mean are checked: elsewhere its values
             may lie apart from the group's (a shard that failed or was refused, a round alone), and the
-            honest mean that brings them back must pass (checked everywhere, a member that missed one
-            shard saw every later honest mean there as an outlier: ``benchmarks/wan.py``, spread 0.5).
-            Another member far from the group on one shard moves the honest mean there too: at 5 that
-            refused honest means in ``wan.py`` (8 peers from random starts), at 10 it did not.
+            honest mean that brings them back must pass.  Another member far from the group on one shard
+            moves the honest mean there too, so too small a factor refuses honest means (``benchmarks/wan.py``
+            over lossy links; ``--mean-check 0`` compares without).
         rule: how an owner combines the contributions: ``"clip"`` (CenteredClip, above) or ``"trimmed"``, a
             coordinate-wise trimmed mean (Yin et al., 2018): per value, the ``trim`` largest and ``trim``
             smallest of the contributions (the owner's own included) are dropped and the rest averaged
             with their (capped) weights; ``clip`` is then not used.  With fewer than ``2 * trim + 1``
             contributions it trims as many as leave one (a group of two: the plain mean).
         trim: values dropped at each end, per coordinate, by the ``"trimmed"`` rule.
-        None for any of clip, weight_cap and mean_check turns that defence off; ``Defences.off()``
-        turns all off (a plain mean).
+
+    None for any of clip, weight_cap and mean_check turns that defence off; ``Defences.off()``
+    turns all off (a plain mean).
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
@@ -219,8 +219,7 @@ def l2_norm(values: torch.Tensor, reference: torch.Tensor | None = None) -> floa
     """``|values|``, or ``|values - reference|`` (L2), a part at a time: float32 kernels per part, the
     parts' squares summed in float64.  Within ~1e-5 relative of float64 throughout, far below any
     threshold it is compared with (the defences' factors of 2-20, ``MEAN_CHECK_FLOOR``), in less than
-    half the time on a round's critical path (with float64 norms the defences cost a 4 x 10M round 1.26x:
-    ``benchmarks/README.md``); no whole difference is held."""
+    half the time on a round's critical path (``benchmarks/README.md``); no whole difference is held."""
     squares = 0.0
     for a in range(0, values.numel(), PART):
         part = values[a : a + PART].float()
@@ -387,7 +386,7 @@ class ShardReduction:
         is the ``spread`` of an earlier round instead (``_remember_spread``): with a median of 0, one
         member that trained elsewhere, honest, was dropped by every owner, and refused every mean that
         held it (``Defences.mean_check``), so the group that agreed first decided the final model
-        alone (``benchmarks/adversarial.py``, digits: ``dropped`` 7-16 with no attacker)."""
+        alone (``benchmarks/adversarial.py``, digits, with no attacker)."""
         median = statistics.median_low(norms)
         if not self._same_scale or median > 0:
             return median

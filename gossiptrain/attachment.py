@@ -27,7 +27,9 @@ from gossiptrain.loop import LoopThread
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
 from gossiptrain.peer import Peer
+from gossiptrain.progress import show_progress
 from gossiptrain.state import NoStateDonors, download_state
+from gossiptrain.trackers import LogTo, open_trackers
 from gossiptrain.wire import Contribution, WireState
 
 logger = logging.getLogger(__name__)
@@ -206,6 +208,9 @@ class Attachment:
         samples_per_step: samples in one local step; a peer's weight is its samples since the last round.
         startup_timeout: seconds allowed to start the daemon and join the DHT.
         on_round: called with each ``RoundRecord`` (from the training thread).
+        log_to: experiment trackers for each round's scalars, at the local step (``gossiptrain.trackers``):
+            a ``TensorBoardTracker`` or ``WandbTracker``, a directory (TensorBoard), or a list of them;
+            closed on ``close()``.  A tracker that raises loses that round's scalars only (logged).
         codec: codec spec for the wire, e.g. ``"int8"`` or ``"topk:0.01+int8"`` (see ``gossiptrain.codecs``).
         sync_every: one round in this many averages the parameters with the codec's dense stage,
             the others send deltas (``gossiptrain.wire``): 10 by default for sparse and low-rank
@@ -250,6 +255,7 @@ class Attachment:
         samples_per_step: int = 1,
         startup_timeout: float = 30.0,
         on_round: Callable[[RoundRecord], None] | None = None,
+        log_to: LogTo = None,
         codec: str = "none",
         sync_every: int | None = None,
         outer_optimizer: OuterFactory | None = None,
@@ -320,6 +326,7 @@ class Attachment:
         self.state_download_seconds: float | None = None
         self.startup_seconds: float | None = None
         own = self._restore_checkpoint() if checkpoint is not None and os.path.exists(checkpoint) else None
+        self.trackers = open_trackers(log_to)  # before the daemon starts: a missing package fails fast
         self._loop = LoopThread()
         try:
             self._loop.run(self.peer.start(), timeout=startup_timeout)
@@ -327,6 +334,7 @@ class Attachment:
             self._loop.close()
             self._loop = None
             self._kill_daemon()
+            self.trackers.close()
             raise
         try:
             if load_state:
@@ -451,28 +459,35 @@ class Attachment:
         mix only four peers, and pairs that split the swarm the same way twice end it in two camps.
         Final rounds leave values that the peers agree on where they are (``gossiptrain.wire``), so
         a peer that leaves first is not left behind by the others' later rounds.  Returns the last
-        round's record (with its ``param_digest``), also when ``timeout`` runs out first.
+        round's record (with its ``param_digest``), also when ``timeout`` runs out first.  How many live
+        peers agree so far is shown as it goes (``gossiptrain.progress``).
         """
         self.peer.info = {**self.peer.info, "done": True}
         self._loop.run(self.peer.publish_info(), timeout=10)
         deadline, record = time.monotonic() + timeout, None
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                record = self.average_now(timeout=remaining, params=True)
-            except TimeoutError:
-                break
-            with self._state_lock:
-                record.param_digest = param_digest(self.params)
-            self.peer.info = {**self.peer.info, "digest": record.param_digest}
-            self._loop.run(self.peer.publish_info(), timeout=10)
-            others = [
-                info
-                for peer, info in self._loop.run(self.peer.live_peers(), timeout=10).items()
-                if peer != self.peer.peer_id
-            ]
-            tolerance = AGREEMENT * record.param_norm
-            if all(info.get("done") and _agrees(info.get("digest"), record.param_digest, tolerance) for info in others):
-                break
+        with show_progress("finishing: peers done with the same parameters", unit="peers") as shown:
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    record = self.average_now(timeout=remaining, params=True)
+                except TimeoutError:
+                    break
+                with self._state_lock:
+                    record.param_digest = param_digest(self.params)
+                self.peer.info = {**self.peer.info, "digest": record.param_digest}
+                self._loop.run(self.peer.publish_info(), timeout=10)
+                others = [
+                    info
+                    for peer, info in self._loop.run(self.peer.live_peers(), timeout=10).items()
+                    if peer != self.peer.peer_id
+                ]
+                tolerance = AGREEMENT * record.param_norm
+                agreeing = sum(
+                    bool(info.get("done") and _agrees(info.get("digest"), record.param_digest, tolerance))
+                    for info in others
+                )
+                shown.update(1 + agreeing, total=1 + len(others))
+                if agreeing == len(others):
+                    break
         return record
 
     # -- rounds --
@@ -607,7 +622,23 @@ class Attachment:
                     self.on_round_errors,
                     exc_info=e if self.on_round_errors == 1 else None,
                 )
+        if self.trackers:
+            self.trackers.log_round(record, self._counters(record))
         return record
+
+    def _counters(self, record: RoundRecord) -> dict[str, float]:
+        """The cumulative counters the trackers log beside ``record``, and the outer step's norm of its round."""
+        counters = {
+            "rounds/averaged": self.rounds_done,
+            "rounds/failed": self.rounds_failed,
+            "rounds/crashed": self.rounds_crashed,
+            "bytes/sent_total": self.bytes_sent,
+            "bytes/received_total": self.bytes_received,
+        }
+        step_norm = getattr(self.strategy, "step_norm", None)
+        if record.mode == "outer" and record.status != "failed" and step_norm is not None:  # this round's step
+            counters["outer/step_norm"] = step_norm
+        return counters
 
     def _apply_round(self, result: RoundResult) -> None:
         """Move the strategy's state (reference, anchor, outer optimizer) and the live parameters by
@@ -790,6 +821,7 @@ class Attachment:
             finally:
                 self._loop = None
                 self._kill_daemon()
+                self.trackers.close()
 
     shutdown = close
 
@@ -827,8 +859,9 @@ def attach(optimizer: torch.optim.Optimizer, *, run_id: str, **options: Any) -> 
     frameworks see it unchanged); returns the ``Attachment``, a context manager with ``finish()``,
     ``close()``, ``save_checkpoint()``, the peer and its metrics.  Options: see ``Attachment``.
 
-    >>> with gossiptrain.attach(optimizer, run_id="my-run", initial_peers=[...]) as swarm:
-    ...     for batch in data: ...  # the loop as it was: loss.backward(); optimizer.step(); scheduler.step()
-    ...     swarm.finish()
+    Examples:
+        >>> with gossiptrain.attach(optimizer, run_id="my-run", initial_peers=[...]) as swarm:
+        ...     for batch in data: ...  # the loop as it was: loss.backward(); optimizer.step(); scheduler.step()
+        ...     swarm.finish()
     """
     return Attachment(optimizer, run_id=run_id, **options)

@@ -135,6 +135,33 @@ def _outer_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _trackers(args: argparse.Namespace) -> list:
+    """``--tensorboard`` and ``--wandb-project`` as ``attach``'s ``log_to``; ImportError where a package is missing."""
+    from gossiptrain.trackers import TensorBoardTracker, WandbTracker
+
+    trackers = [TensorBoardTracker(args.tensorboard)] if args.tensorboard else []
+    if args.wandb_project:
+        try:
+            config = {name: value for name, value in vars(args).items() if name != "func"}
+            trackers.append(WandbTracker(args.wandb_project, group=args.run_id, config=config))
+        except BaseException:
+            for tracker in trackers:
+                tracker.close()
+            raise
+    return trackers
+
+
+def _eval_scalars(record: dict) -> dict[str, float]:
+    """An evaluation's numbers (loss, accuracy, ...) as ``eval/...`` scalars for the trackers."""
+    skip = ("time", "step", "train_seconds", "eval_seconds", "rounds_done", "rounds_failed", "startup_seconds")
+    skip += ("param_norm",)
+    return {
+        f"eval/{name}": value
+        for name, value in record.items()
+        if name not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def cmd_peer(args: argparse.Namespace) -> None:
     import torch
 
@@ -148,6 +175,10 @@ def cmd_peer(args: argparse.Namespace) -> None:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's package in this directory is importable
     task = load_task(args.module) if args.module else TASKS[args.example]()
     metrics = open(args.metrics_file, "a") if args.metrics_file else None
+    try:
+        log_to = _trackers(args)
+    except ImportError as e:
+        sys.exit(f"gossiptrain peer: {e}")
 
     def on_round(record: RoundRecord) -> None:
         _print(record.line())
@@ -161,6 +192,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         average_every=args.average_every,
         samples_per_step=args.batch_size,
         on_round=on_round,
+        log_to=log_to,
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs,
         target_group_size=args.group_size,
@@ -198,6 +230,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
         while (args.steps == 0 or step < args.steps) and time.monotonic() < deadline:
             if args.eval_every and (record := evaluation.maybe_evaluate(step)):
                 _print(f"eval step {step} loss {record['loss']:.4f} after {record['train_seconds']:.1f}s of training")
+                optimizer.trackers.log(optimizer.local_step, _eval_scalars(record))
             optimizer.report(task.train_step(optimizer, next(batches)))
             step += 1
         train_seconds = evaluation.train_seconds()
@@ -216,6 +249,7 @@ def cmd_peer(args: argparse.Namespace) -> None:
             "startup_seconds": optimizer.startup_seconds,
             "train_seconds": train_seconds,
         }
+        optimizer.trackers.log(optimizer.local_step, _eval_scalars(result))
         accuracy = f"accuracy {result['accuracy']:.4f} " if "accuracy" in result else ""
         _print(
             f"final: {accuracy}loss {result['loss']:.4f} after {step} steps, "
@@ -450,6 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--threads", type=_COUNT, default=1, help="torch threads of this peer")
     peer.add_argument("--metrics-file", default=None, help="append one JSON object per round to this file")
     peer.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="write each round's scalars (loss, rounds, bytes, ...) as TensorBoard events in DIR "
+        "(pip install 'gossiptrain[tensorboard]')",
+    )
+    peer.add_argument(
+        "--wandb-project",
+        default=None,
+        metavar="NAME",
+        help="log each round's scalars to this Weights & Biases project, one run per peer grouped by --run-id "
+        "(pip install wandb; WANDB_MODE=offline works without a network)",
+    )
+    peer.add_argument(
         "--eval-every",
         type=_SECONDS_OR_ZERO,
         default=0,
@@ -519,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("gossiptrain.progress").setLevel(logging.INFO)  # long waits' lines when stderr is no terminal
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gossiptrain.dashboard import Column, Dashboard
+from gossiptrain.progress import ENV as PROGRESS_ENV
 from gossiptrain.testing import LocalSwarm
 
 
@@ -61,9 +62,15 @@ def _rows(records: dict[int, list[dict]]) -> list[list[str]]:
 
 
 def run_demo(
-    num_peers: int = 4, steps: int = 3000, timeout: float = 300.0, codec: str = "none", average_every: float = 0.5
+    num_peers: int = 4, steps: int = 3000, timeout: float = 300.0, codec: str = "none", average_every: float = 1.0
 ) -> dict:
-    """Train digits with ``num_peers`` local peers; returns the peers' final accuracy and spread."""
+    """Train digits with ``num_peers`` local peers; returns the peers' final accuracy and spread.
+
+    The output is the table and two closing lines: the peers' progress display is off (``GOSSIPTRAIN_PROGRESS``),
+    and the slot is the CLI's default, 1 s.  A 0.5 s slot is too short where the peers outnumber the cores: their
+    training then slows each round to 0.2-0.5 s, which with the registration lead no longer fits the slot
+    (``gossiptrain.timing`` warns), and peers that average every other slot register late and disagree on groups.
+    """
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm() as swarm:
         work = Path(workdir)
         print(f"bootstrap node at {swarm.start_bootstrap()[0]}", flush=True)
@@ -72,6 +79,7 @@ def run_demo(
                 *("--steps", str(steps), "--seed", str(i), "--average-every", str(average_every), "--codec", codec),
                 *("--wait-for-peers", str(num_peers), "--metrics-file", str(work / f"peer{i}.jsonl")),
                 *("--save-model", str(work / f"peer{i}.pt")),
+                env={PROGRESS_ENV: "off"},  # their stderr is ours: bars or lines would break into the table
             )[0]
             for i in range(num_peers)
         ]

@@ -20,10 +20,9 @@ busy path, jitter therefore adds delay rather than spreading it both ways.
 
 ``Switch`` is the pure part (packets and times in, packets and times out), tested without any rights;
 ``serve`` is its I/O loop (epoll on the TUN descriptors, one thread, pure Python); ``SwitchProcess`` runs that
-loop in a child process, so that the owner's GIL does not delay packets.  Measured on this project's 2-core
-machine: ``Switch`` costs about 5 us a packet; with the reads and writes (a write also runs the receiver's TCP
-input in the switch's time), 4 peers without a rate limit pushed 61,000 packets/s (560 Mbit/s) through it at 56%
-of a core, and 4 peers at 50 Mbit/s over 50 ms of RTT needed 23,000 packets/s, at 47% of a core.
+loop in a child process, so that the owner's GIL does not delay packets.  Its cost per packet (a write also runs
+the receiver's TCP input in the switch's time) bounds the packets per second that all links carry together, on a
+core shared with the peers: keep the links' total rate well below it (``benchmarks/README.md``).
 The epoll timeout has a resolution of 1 ms: a packet leaves within about ±0.5 ms of its time.
 
 Failure semantics: the child exits when its owner closes the control pipe or dies (the pipe then closes too), so

@@ -16,9 +16,9 @@ Mbit/s, with drop-tail after ``queue_ms`` of waiting, a quarter of ``rtt_ms`` of
 peers with the same settings see ``rtt_ms`` of round-trip time, ``loss`` one way, ``mbit`` each way; one peer
 can be given other settings (``overrides``).  ``netem``, the usual way, is missing on this project's machines.
 
-The switch is pure Python, in a process of its own: on a 2-core machine it carries 4 peers at 50 Mbit/s with half a
-core, and about 60,000 packets/s (560 Mbit/s) in all at most, shared by all peers.  The TUN devices keep the usual
-MTU of 1500, so that TCP behaves as over the internet.
+The switch is pure Python, in a process of its own: the packets per second it forwards are shared by all peers, so
+keep the links' total rate well below what it carries on the machine (``benchmarks/README.md``).  The TUN devices
+keep the usual MTU of 1500, so that TCP behaves as over the internet.
 
 Cleanup: leaving the ``with`` block (also by an exception, by Ctrl-C, or by SIGTERM, which inside the block
 raises KeyboardInterrupt in the main thread, as ``LocalSwarm`` does) stops the switch, kills any process still

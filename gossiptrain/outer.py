@@ -16,8 +16,8 @@ codec drops (quantization error, the coordinates top-k left out or the group's t
 return) is not reset to the anchor and kept in a hidden buffer, as SparseLoCo does: it stays in
 the parameters, ``params = new anchor - dropped``, so the next pseudo-gradient holds it again and
 the model keeps that local progress meanwhile (CHOCO-SGD's rule, as ``gossiptrain.wire`` does for
-parameter gossip).  Reset to the anchor, a 2% top-k chain lost most of a short run's progress: in a
-60 s char-LM run at 10 Mbit/s it ended at loss 3.23 against 2.77 for a peer training alone.
+parameter gossip).  Reset to the anchor instead, a sparse chain (top-k) loses most of a short
+run's local progress (``benchmarks/README.md``).
 
 Gossip, not all-reduce: a round needs only its group, and members of a group apply the same
 decoded mean, so peers that shared an anchor still share it.  Groups that average different
@@ -82,6 +82,7 @@ class OuterStrategy:
         if not isinstance(self.outer, torch.optim.Optimizer):
             raise TypeError(f"outer_optimizer must build a torch.optim.Optimizer, got {type(self.outer).__name__}")
         self.residual = torch.zeros(self.numel)  # what the exchange's codec dropped, folded into the parameters
+        self.step_norm: float | None = None  # L2 norm of the anchor's move in the last outer step (outer rounds)
 
     def _views(self, flat: torch.Tensor, requires_grad: bool = False) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -114,7 +115,7 @@ class OuterStrategy:
             return moved
         if alone:  # our own pseudo-gradient
             torch.sub(self.anchor, snapshot, out=moved)
-        self.outer_step(moved, held)
+        self.outer_step(moved, held, scratch=moved)  # moved is overwritten below, on held and elsewhere
         for start, end in held:  # what the codec dropped stays in the parameters, not in the residual
             torch.sub(self.anchor[start:end], self.residual[start:end], out=moved[start:end])
             self.residual[start:end] = 0.0
@@ -123,15 +124,19 @@ class OuterStrategy:
         return moved
 
     @torch.no_grad()
-    def outer_step(self, mean: torch.Tensor, held: list[tuple[int, int]]) -> None:
+    def outer_step(self, mean: torch.Tensor, held: list[tuple[int, int]], scratch: torch.Tensor | None = None) -> None:
         """One step of the outer optimizer with ``mean`` as the anchor's gradient, on ``held`` only:
         elsewhere the gradient is zero, and the anchor and the optimizer's state are put back as
-        they were after the step (momentum would move them even without a gradient)."""
+        they were after the step (momentum would move them even without a gradient).  With a
+        ``scratch`` vector (``mean`` itself may be it: it is read first), the norm of the anchor's
+        move is measured in it and kept in ``step_norm``; without one, ``step_norm`` is None."""
         keep = torch.ones(self.numel, dtype=torch.bool)
         for start, end in held:
             keep[start:end] = False
         saved = [[t.clone() for t in self._tensors_of(param)] for param in self.anchor_params] if keep.any() else []
         self.grad.copy_(mean).masked_fill_(keep, 0.0)
+        if scratch is not None:
+            scratch.copy_(self.anchor)
         self.outer.step()
         self.grad.zero_()
         offset = 0
@@ -139,6 +144,7 @@ class OuterStrategy:
             here, offset = keep[offset : offset + param.numel()], offset + param.numel()
             for now, was in zip(self._tensors_of(param), before):  # state created by this step started at 0
                 now.view(-1)[here] = was.view(-1)[here]
+        self.step_norm = None if scratch is None else float(scratch.sub_(self.anchor).norm())
 
     def _tensors_of(self, param: torch.nn.Parameter) -> list[torch.Tensor]:
         """The anchor's values of ``param`` and the outer optimizer's state of its shape (momentum...)."""

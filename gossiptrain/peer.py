@@ -34,6 +34,7 @@ from gossiptrain.errors import DaemonStartError, InitialPeersError, ModelMismatc
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
 from gossiptrain.membership import Membership, SignedRecords
+from gossiptrain.progress import show_progress
 from gossiptrain.state import StateProvider, StateServer, state_protocol
 from gossiptrain.timing import RoundTiming
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message, write_message
@@ -225,8 +226,8 @@ class Peer:
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
         heartbeat_ttl: seconds a membership record lives without refresh (it is refreshed every third of
             that); None: the longer of ``MIN_HEARTBEAT_TTL`` and one slot.  What reads the records (state
-            donors, the clock, credentials) needs them once a slot at most, and with the outer mode's long
-            slots a 2 s heartbeat was the larger part of a peer's traffic between rounds.  A crashed
+            donors, the clock, credentials) needs them once a slot at most, so with long slots (outer mode)
+            a longer ttl saves the traffic of refreshes nobody reads.  A crashed
             peer's record outlives it by up to this long: a joiner that picks it as a donor drops it.
         clock: this machine's clock (seconds since the epoch); slots run on the swarm's median clock,
             estimated against live peers at start and every ``CLOCK_REFRESH`` seconds (``gossiptrain.clock``).
@@ -593,9 +594,13 @@ class Peer:
         against them: the estimate at start saw only the peers up by then (none, or one whose median with our own
         clock is half its skew), and it would otherwise hold until the next refresh, ``CLOCK_REFRESH`` later."""
         async with asyncio.timeout(timeout):
-            while len(peers := await self.live_peers()) < count:
-                await self.membership.publish(self._record())
-                await asyncio.sleep(0.2)
+            if len(peers := await self.live_peers()) < count:  # progress shown only when there is a wait
+                with show_progress(f"waiting for {count} live peers", count, unit="peers") as shown:
+                    while len(peers := await self.live_peers()) < count:
+                        shown.update(len(peers))
+                        await self.membership.publish(self._record())
+                        await asyncio.sleep(0.2)
+                    shown.update(len(peers))
             if count > 1:
                 await self.estimate_clock()
         return peers

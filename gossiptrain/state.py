@@ -56,6 +56,7 @@ import torch
 from hivemind.p2p import P2PDaemonError, PeerID
 
 from gossiptrain.exchange import classify
+from gossiptrain.progress import ShownProgress, show_progress
 from gossiptrain.transport import (
     MAX_FRAME_BYTES,
     ByteCounter,
@@ -399,10 +400,17 @@ class StateServer:
 
 @dataclass
 class Progress:
-    """How far one download got: the size the donor announced and the bytes received so far."""
+    """How far one download got: the size the donor announced and the bytes received so far (also
+    shown by ``shown``, the download's progress display, if any)."""
 
     size: int | None = None
     received: int = 0
+    shown: ShownProgress | None = None
+
+    def update(self, received: int) -> None:
+        self.received = received
+        if self.shown is not None:
+            self.shown.update(received, total=self.size)
 
 
 async def fetch_state(
@@ -427,6 +435,7 @@ async def fetch_state(
         if not isinstance(chunk_bytes, int) or not 0 < chunk_bytes <= MAX_FRAME_BYTES:
             raise ProtocolError(f"the donor announced chunks of {chunk_bytes!r} bytes")
         data, hasher, progress.size = bytearray(), hashlib.sha256(), size
+        progress.update(0)
         while len(data) < size:
             kind, part = await read_frame(
                 reader, counter, timeout=peer.timeouts.part, max_bytes=min(chunk_bytes, size - len(data))
@@ -435,7 +444,7 @@ async def fetch_state(
                 raise ProtocolError(f"expected a non-empty PART frame, got {kind.name} of {len(part)} bytes")
             hasher.update(part)
             data += part
-            progress.received = len(data)
+            progress.update(len(data))
         _, trailer = await read_message(reader, counter, timeout=peer.timeouts.part, expect=(FrameKind.STATE,))
         digest = trailer.get("sha256")
         if not isinstance(digest, str) or len(digest) != 64:
@@ -511,34 +520,35 @@ async def download_state(
             donors = state_donors(await peer.live_peers(), peer.peer_id)
             if not donors:
                 raise NoStateDonors(f"no live peer of run {peer.run_id!r} serves its training state")
-            for attempt in itertools.count():
-                if attempt:
-                    await asyncio.sleep(min(RETRY_PAUSE * 2 ** (attempt - 1), MAX_RETRY_PAUSE))
-                    donors = [d for d in state_donors(await peer.live_peers(), peer.peer_id) if d not in dropped]
-                if not donors:
-                    break
-                for donor in donors:
-                    progress = Progress()
-                    try:
-                        data = await fetch_state(
-                            peer, donor, header_timeout=header_timeout, max_bytes=max_bytes, progress=progress
+            with show_progress("downloading the training state", unit="bytes") as shown:
+                for attempt in itertools.count():
+                    if attempt:
+                        await asyncio.sleep(min(RETRY_PAUSE * 2 ** (attempt - 1), MAX_RETRY_PAUSE))
+                        donors = [d for d in state_donors(await peer.live_peers(), peer.peer_id) if d not in dropped]
+                    if not donors:
+                        break
+                    for donor in donors:
+                        progress = Progress(shown=shown)
+                        try:
+                            data = await fetch_state(
+                                peer, donor, header_timeout=header_timeout, max_bytes=max_bytes, progress=progress
+                            )
+                            state = await asyncio.to_thread(_loaded, data, validate)
+                        except DOWNLOAD_ERRORS as e:
+                            failures.append(f"{donor}: {e!r}")
+                            if isinstance(e, ProtocolError):
+                                dropped.add(donor)
+                            _count_failure(peer, donor, e, progress, last=donor == donors[-1])
+                            continue
+                        seconds = time.perf_counter() - started
+                        logger.info(
+                            "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s)",
+                            len(data),
+                            donor,
+                            seconds,
+                            len(data) / 1e6 / max(seconds, 1e-9),
                         )
-                        state = await asyncio.to_thread(_loaded, data, validate)
-                    except DOWNLOAD_ERRORS as e:
-                        failures.append(f"{donor}: {e!r}")
-                        if isinstance(e, ProtocolError):
-                            dropped.add(donor)
-                        _count_failure(peer, donor, e, progress, last=donor == donors[-1])
-                        continue
-                    seconds = time.perf_counter() - started
-                    logger.info(
-                        "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s)",
-                        len(data),
-                        donor,
-                        seconds,
-                        len(data) / 1e6 / max(seconds, 1e-9),
-                    )
-                    return state
+                        return state
     except TimeoutError:
         failures.append(f"the download did not finish within {timeout}s")
     raise StateDownloadError(

@@ -133,9 +133,9 @@ class LocalSwarm:
         self.initial_peers = [output.wait_for(lambda line: line.startswith("/ip4/"), timeout)]
         return self.initial_peers
 
-    def start_peer(self, *args: str) -> tuple[subprocess.Popen, ProcessOutput]:
-        """Start ``gossiptrain peer`` joined to this swarm's bootstrap node."""
-        return self.run_cli("peer", "--host-maddrs", LOOPBACK, "--initial-peers", *self.initial_peers, *args)
+    def start_peer(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, ProcessOutput]:
+        """Start ``gossiptrain peer`` joined to this swarm's bootstrap node (``env``: variables added to ours)."""
+        return self.run_cli("peer", "--host-maddrs", LOOPBACK, "--initial-peers", *self.initial_peers, *args, env=env)
 
     def spawn(self, key: Any, target: Callable[..., Any], *args: Any) -> multiprocessing.Process:
         """Run ``target(*args)`` in a fresh process; its return value arrives through ``results``."""

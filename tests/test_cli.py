@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -303,3 +305,28 @@ async def test_a_daemon_that_could_not_reach_its_initial_peers_is_gone_when_star
     with pytest.raises(InitialPeersError):
         await start_daemon([UNREACHABLE], ["/ip4/127.0.0.1/tcp/0"], no_listen=True)
     assert _children() == before
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_prints_its_table_and_two_closing_lines_and_no_warning():
+    """``make demo``'s own settings fit this machine: no warning from a peer (their stderr is the demo's)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gossiptrain", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # SIGTERM to the demo's group: its LocalSwarm then stops its peers
+    )
+    try:
+        output, _ = process.communicate(timeout=220)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+    lines = output.splitlines()
+    assert process.returncode == 0, output
+    assert not [line for line in lines if "WARN" in line or "ERROR" in line or "Traceback" in line], output
+    assert lines[0].startswith("bootstrap node at /ip4/127.0.0.1/") and lines[-2].startswith("test accuracy per peer:")
+    assert lines[-1].startswith("relative spread between peers' parameters:")
+    table = re.compile(r"(\d+ peers training digits, \d+s|\s*peer\s+step\s+rounds.*|\s*\d+\s+(starting|\d+ .*)|)$")
+    assert all(table.fullmatch(line) for line in lines[1:-2]), output  # the rest is the table, shown again and again
