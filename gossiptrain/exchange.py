@@ -277,6 +277,7 @@ class RoundExchange:
     def __init__(
         self,
         p2p: P2P,
+        *,
         protocol: str,
         plan: GroupPlan,
         me: str,
@@ -291,7 +292,6 @@ class RoundExchange:
         agreed: list[tuple[int, int]] | None = None,
         caught: set[str] | None = None,
         spread: float = 0.0,
-        *,
         state_lock: contextlib.AbstractContextManager | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me

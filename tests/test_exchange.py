@@ -38,16 +38,16 @@ def _group(names, numel, *, clients=(), exchange_classes=None, residuals=None, s
         exchange_class = (exchange_classes or {}).get(name, RoundExchange)
         exchanges[me] = exchange_class(
             InMemoryP2P(network, me),
-            "/test",
-            plan,
-            me,
-            values[name],
-            1.0,
-            get_codec(codec),
-            TIMEOUTS,
-            Rejections(),
-            (residuals or {}).get(name),
-            **({"state_lock": state_locks[name]} if name in (state_locks or {}) else {}),
+            protocol="/test",
+            plan=plan,
+            me=me,
+            values=values[name],
+            weight=1.0,
+            codec=get_codec(codec),
+            timeouts=TIMEOUTS,
+            rejections=Rejections(),
+            residual=(residuals or {}).get(name),
+            state_lock=(state_locks or {}).get(name),
         )
     return {name: exchanges[me] for name, me in zip(names, ids)}, values, network
 

@@ -144,8 +144,8 @@ async def test_a_client_re_dials_a_reducer_that_did_not_answer_its_round():
     answers = [set(), {reducer}]  # the first round's stream to it fails (a restart the daemon did not notice)
 
     class Exchange:  # RoundExchange's interface to Peer.average, as a stub
-        def __init__(self, *args, **options):
-            self.values = args[4] if len(args) > 4 else options["values"]
+        def __init__(self, p2p, *, values, **options):
+            self.values = values
 
         async def prepare(self) -> None:
             pass
