@@ -315,7 +315,7 @@ class RoundExchange:
         # the round's result, filled in place: means as they arrive, our own values where none did
         self._averaged = torch.empty_like(values)
         self._reduction: ShardReduction | None = None  # made by ``prepare``
-        self._prepared = False
+        self._preparing: asyncio.Future[None] | None = None  # ``prepare``'s work, done once
         self._expected = {peer: asyncio.get_running_loop().create_future() for peer in plan.members if peer != me}
         self._mean: asyncio.Future[tuple[str, list[bytes] | None] | None] = asyncio.get_running_loop().create_future()
         self._joined: set[str] = set()
@@ -327,12 +327,14 @@ class RoundExchange:
         self._loop_started = asyncio.get_running_loop().time()
 
     async def prepare(self) -> None:
-        """Encode our values for our own shard (in a worker thread) and start its reduction.  Call it before
-        the exchange can receive contributions (``Peer.average`` publishes it after); ``run`` calls it if
-        nobody did."""
-        if self._prepared:
-            return
-        self._prepared = True
+        """Encode our values for our own shard (in a worker thread) and start its reduction, once.  ``run``
+        and ``handle_contribution`` wait for it (a contribution that arrives earlier is not late), so a
+        driver may call it before it publishes the exchange (``Peer.average`` does) or not at all."""
+        if self._preparing is None:
+            self._preparing = asyncio.ensure_future(self._start_reduction())
+        await asyncio.shield(self._preparing)  # a cancelled waiter does not cancel it for the others
+
+    async def _start_reduction(self) -> None:
         if self._own_shard is not None:
             own = await asyncio.to_thread(self._own_contribution)
             self._reduction = ShardReduction(
@@ -576,6 +578,7 @@ class RoundExchange:
     ) -> None:
         """Serve one member's stream to us: validate, receive its slice whole, reply with the mean."""
         try:
+            await self.prepare()
             await self._serve_contribution(sender, hello, reader, writer)
         finally:
             self._served.add(sender)

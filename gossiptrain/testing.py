@@ -229,10 +229,8 @@ class FaultyExchange(RoundExchange):
     )
     SLOW_UPLOAD_SECONDS = 2.0
 
-    async def prepare(self) -> None:
-        if self._prepared:
-            return
-        await super().prepare()
+    async def _start_reduction(self) -> None:
+        await super()._start_reduction()
         if self.fault == "shifted_mean" and self._reduction is not None:
             honest_mean = self._reduction.mean
             self._reduction.mean = lambda out=None: honest_mean(out=out).add_(1.0)

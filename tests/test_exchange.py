@@ -191,3 +191,45 @@ async def test_the_event_loop_answers_within_half_a_second_while_a_25m_parameter
     assert [result.status for result in results] == ["averaged", "averaged"], [r.errors for r in results]
     assert torch.equal(results[0].averaged, results[1].averaged)
     assert max(stalls) < 0.5, f"the loop stalled for {max(stalls):.3f}s"
+
+
+class SlowToPrepare(RoundExchange):
+    """An owner whose own shard's encoding ends only once ``go`` is set: a busy machine."""
+
+    go: asyncio.Event
+
+    async def _start_reduction(self):
+        await self.go.wait()
+        await super()._start_reduction()
+
+
+class Uploaded(RoundExchange):
+    """A member that says when its slice is sent."""
+
+    uploaded: asyncio.Event
+
+    async def upload(self, writer, start, end):
+        await super().upload(writer, start, end)
+        self.uploaded.set()
+
+
+@pytest.mark.timeout(30)
+async def test_a_slice_that_arrives_before_the_owner_is_prepared_is_reduced_not_taken_for_late():
+    """A contribution that reached an owner still encoding its own shard was taken for a late one and its
+    future never set: the owner waited for it with no deadline (the round hung)."""
+    SlowToPrepare.go, Uploaded.uploaded = asyncio.Event(), asyncio.Event()
+    exchanges, values, network = _group(
+        ["owner", "member"],
+        1000,
+        clients=["member"],
+        codec="int8",
+        exchange_classes={"owner": SlowToPrepare, "member": Uploaded},
+    )
+    rounds = [asyncio.create_task(exchanges[name].run()) for name in ("owner", "member")]
+    await Uploaded.uploaded.wait()
+    SlowToPrepare.go.set()
+    async with asyncio.timeout(20):
+        owner, member = await asyncio.gather(*rounds)
+        await asyncio.gather(*network.serving)
+    assert owner.status == member.status == "averaged" and not any("late" in e for e in member.errors), member.errors
+    assert torch.equal(owner.averaged, member.averaged)
