@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -188,17 +188,18 @@ def test_status_with_an_unreachable_initial_peer_says_so_without_a_traceback():
     assert "is the address right" in process.stderr and "Traceback" not in process.stderr
 
 
-@pytest.mark.timeout(180)
-def test_peer_module_trains_a_model_defined_in_this_test_with_a_second_peer(tmp_path):
+def run_two_tiny_peers(run_id: str, flags_of: Callable[[int], tuple[str, ...]], duration: str = "5") -> None:
+    """Two ``gossiptrain peer --module tests.test_cli:tiny_task`` processes of ``run_id`` (peer ``i`` with
+    ``flags_of(i)`` too), until both have finished and exited cleanly."""
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         peers = [
             swarm.run_cli(
                 *("peer", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--initial-peers", *swarm.initial_peers),
-                *("--module", "tests.test_cli:tiny_task", "--run-id", "module", "--seed", str(i), "--lr", "0.01"),
-                *("--duration", "5", "--average-every", "0.5", "--wait-for-peers", "2", "--batch-size", "16"),
-                *("--metrics-file", str(tmp_path / f"peer{i}.jsonl"), "--save-model", str(tmp_path / f"peer{i}.pt")),
+                *("--module", "tests.test_cli:tiny_task", "--run-id", run_id, "--seed", str(i)),
+                *("--duration", duration, "--average-every", "0.5", "--wait-for-peers", "2", "--batch-size", "16"),
+                *flags_of(i),
                 env=env,
             )
             for i in range(2)
@@ -206,6 +207,17 @@ def test_peer_module_trains_a_model_defined_in_this_test_with_a_second_peer(tmp_
         for process, output in peers:
             output.wait_for(lambda line: line.startswith("final: loss"), timeout=120)
             assert process.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(180)
+def test_peer_module_trains_a_model_defined_in_this_test_with_a_second_peer(tmp_path):
+    run_two_tiny_peers(
+        "module",
+        lambda i: (
+            ("--lr", "0.01", "--metrics-file", str(tmp_path / f"peer{i}.jsonl"))
+            + ("--save-model", str(tmp_path / f"peer{i}.pt"))
+        ),
+    )
     initial = tiny_task()
     before = initial.evaluate(initial.model)["loss"]
     for i in range(2):

@@ -17,6 +17,7 @@ from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import OuterStrategy
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from gossiptrain.trackers import TensorBoardTracker, Tracker, open_trackers, round_scalars
+from tests.test_cli import run_two_tiny_peers
 from tests.test_state import mlp, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,22 +125,9 @@ def scalars_in(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.timeout(150)
 def test_two_cli_peers_write_their_rounds_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard package is in the dev extra: pip install -e '.[dev]'")
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        peers = [
-            swarm.run_cli(
-                *("peer", "--host-maddrs", LOOPBACK, "--initial-peers", *swarm.initial_peers),
-                *("--module", "tests.test_cli:tiny_task", "--run-id", "tensorboard", "--seed", str(i)),
-                *("--duration", "4", "--average-every", "0.5", "--wait-for-peers", "2", "--batch-size", "16"),
-                *("--eval-every", "2", "--tensorboard", str(tmp_path / f"peer{i}")),
-                env=env,
-            )
-            for i in range(2)
-        ]
-        for process, output in peers:
-            output.wait_for(lambda line: line.startswith("final: loss"), timeout=120)
-            assert process.wait(timeout=30) == 0
+    run_two_tiny_peers(
+        "tensorboard", lambda i: ("--eval-every", "2", "--tensorboard", str(tmp_path / f"peer{i}")), duration="4"
+    )
     for i in range(2):
         scalars = scalars_in(tmp_path / f"peer{i}")
         assert ROUND_TAGS | {"eval/loss"} <= set(scalars), sorted(scalars)
