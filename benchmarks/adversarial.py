@@ -50,7 +50,6 @@ number) and ``<out>.png`` (``--out``, default ``benchmarks/results/adversarial``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -194,9 +193,9 @@ def run_swarm(swarm: LocalSwarm, work: Path, run_id: str, run: dict, steps: int,
 def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     """One run of the matrix in this process (``--simulate``): the same peers, attacks and defences, with
     rounds every ``every_steps`` steps of every peer through the real round code over in-memory streams
-    (``gossiptrain.simulation``), and ``finish()`` as rounds until the honest peers agree.  No timing
-    enters, so a run is the same bit for bit when repeated, and two rules of one repeat differ only by
-    what the rules did.  Repeat ``r`` starts every peer from model seed ``r`` (as ``--no-load-state``),
+    (``gossiptrain.simulation``: live peers on ideal links, in virtual time), and ``finish()`` as rounds until
+    the honest peers agree.  A run is the same bit for bit when repeated, and two rules of one repeat differ
+    only by what the rules did.  Repeat ``r`` starts every peer from model seed ``r`` (as ``--no-load-state``),
     peer ``i`` draws from seed ``1000 r + i``, and every contribution weighs one round's samples.
     ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a million: what a final
     loss moves by from a perturbation alone (the noise floor of a comparison).
@@ -204,8 +203,9 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     repeat, the round and the peer, so the same in every rule), as live peers miss rounds (54-93% of
     their rounds averaged in the live runs): a peer that missed one comes back apart from its group,
     which is where the defences' rules engage when nobody attacks."""
-    from gossiptrain.simulation import SimulatedPeer, simulate_round, simulated_peer_id
+    from gossiptrain.simulation import SimulatedSwarm
     from gossiptrain.tasks import TASKS
+    from gossiptrain.virtual_time import run as run_virtual
 
     settings, repeat, started = TASK_SETTINGS[run["task"]], run.get("repeat", 0), time.monotonic()
     task = TASKS[run["task"]](model_seed=repeat)
@@ -213,12 +213,9 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     models = [copy.deepcopy(task.model) for _ in range(args.peers)]
     optimizers = [torch.optim.Adam(model.parameters(), lr=settings["lr"]) for model in models]
     batches = [task.batches(1000 * repeat + i, settings["batch_size"]) for i in range(args.peers)]
-    peers = [SimulatedPeer(simulated_peer_id(f"peer{i}")) for i in range(args.peers)]
-    for peer in peers[len(honest) :]:
-        peer.client = run["attack"] != "shifted_mean"
-        peer.exchange_class = faulty_exchange(run["attack"])
     jitter = 1e-6 if run["defences"] == NOISE_FLOOR else 0.0
     defences = DEFENCES["off" if run["defences"] == NOISE_FLOOR else run["defences"]]
+    swarm = SimulatedSwarm(defences=defences)
     records: dict[int, list[dict]] = {i: [] for i in honest}  # as the live peers' metrics files have them
 
     async def average(round_id: int, miss: float) -> None:
@@ -227,17 +224,22 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             for i in range(args.peers)
             if i not in honest or random.Random(10**6 * repeat + 10**3 * round_id + i).random() >= miss
         ]
-        values = {peers[i].peer_id: parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
+        values = {f"peer{i}": parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
         weight = settings["every_steps"] * settings["batch_size"]
-        weights = {peers[i].peer_id: weight * (1 + jitter * i) for i in taking_part}
-        results = await simulate_round([peers[i] for i in taking_part], values, weights, round_id, defences=defences)
+        weights = {f"peer{i}": weight * (1 + jitter * i) for i in taking_part}
+        results = await swarm.round(values, weights)
         for i in taking_part:
-            vector_to_parameters(results[peers[i].peer_id].averaged, models[i].parameters())
+            vector_to_parameters(results[f"peer{i}"].averaged, models[i].parameters())
             if i in honest:
-                status, rejected = results[peers[i].peer_id].status, dict(peers[i].rejections)
+                status, rejected = results[f"peer{i}"].status, dict(swarm.peers[f"peer{i}"].rejections)
                 records[i].append({"round": round_id, "status": status, "rejected": rejected})
 
     async def train() -> None:
+        for i in range(args.peers):
+            hostile = i not in honest
+            peer = await swarm.add(f"peer{i}", client=hostile and run["attack"] != "shifted_mean")
+            if hostile:
+                peer.exchange_class = faulty_exchange(run["attack"])
         round_id = 0
         for step in range(1, steps + 1):
             for model, optimizer, batch in zip(models, optimizers, batches):
@@ -254,8 +256,9 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             await average(finishing, 0.0)
             if spread([parameters_to_vector(models[i].parameters()).double() for i in honest]) < 1e-6:
                 break
+        await swarm.close()
 
-    asyncio.run(train())
+    run_virtual(train())
     for i in honest:
         before = next(r for r in records[i] if "loss_before_finish" in r)
         records[i].append({"final": True, "step": steps, "rounds_failed": 0, **before, **task.evaluate(models[i])})

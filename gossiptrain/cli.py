@@ -89,21 +89,12 @@ async def _until_signalled() -> None:
 
 
 async def _bootstrap(args: argparse.Namespace) -> None:
-    from hivemind.dht.node import DHTNode
-
     from gossiptrain.auth import Identity
-    from gossiptrain.membership import SignedRecords
-    from gossiptrain.peer import dialable_first, start_daemon
+    from gossiptrain.network import LibP2PNetwork, dialable_first
 
-    identity = Identity.load_or_create(args.identity) if args.identity else None  # an Ed25519 file, never RSA
-    p2p = await start_daemon(
-        args.initial_peers,
-        args.host_maddrs,
-        args.announce_maddrs,
-        identity_path=args.identity,
-        check_if_identity_free=False,
-    )
-    dht = await DHTNode.create(p2p=p2p, initial_peers=args.initial_peers, record_validator=SignedRecords(identity))
+    identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()  # Ed25519, never RSA
+    network = LibP2PNetwork(args.initial_peers, args.host_maddrs, args.announce_maddrs, client_mode=False)
+    p2p, dht = await network.start(identity, args.identity)
     try:
         maddrs = dialable_first([str(m) for m in await p2p.get_visible_maddrs()])
         _print(*maddrs, f"peers join with: gossiptrain peer --initial-peers {maddrs[0]}")
@@ -290,7 +281,7 @@ async def _status(args: argparse.Namespace) -> None:
     from gossiptrain.auth import Admission, Certificate
     from gossiptrain.exchange import Rejections
     from gossiptrain.membership import Membership, SignedRecords
-    from gossiptrain.peer import start_daemon
+    from gossiptrain.network import start_daemon
 
     admission = None if args.credential is None else Admission(args.run_id, Certificate.load(args.credential).authority)
     rejections = Rejections()

@@ -25,7 +25,6 @@ import logging
 import math
 import statistics
 import struct
-import time
 from collections.abc import Callable, Iterable
 
 from hivemind.p2p import P2P, PeerID
@@ -86,17 +85,17 @@ class SwarmClock:
     async def sample(self, p2p: P2P, run_id: str, peer: str, timeout: float) -> float | None:
         """The NTP-style offset to ``peer`` from its fastest of ``PINGS`` answers; None if it did not
         answer in time or sent no finite time."""
-        writer, pings = None, []
+        writer, pings, loop = None, [], asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
                 protocol = clock_protocol(run_id)
                 _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), protocol)
                 for _ in range(PINGS):
-                    sent, started = self.local(), time.perf_counter()
+                    sent, started = self.local(), loop.time()
                     writer.write(b"?")
                     await writer.drain()
                     (theirs,) = _TIME.unpack(await reader.readexactly(_TIME.size))
-                    round_trip = time.perf_counter() - started
+                    round_trip = loop.time() - started
                     if math.isfinite(theirs):
                         pings.append((round_trip, theirs - (sent + round_trip / 2)))
         except Exception as e:  # unreachable, gone, or garbage: left out of the median

@@ -342,7 +342,7 @@ class RoundExchange:
             )
 
     async def run(self) -> RoundResult:
-        started = time.perf_counter()
+        started = asyncio.get_running_loop().time()
         await self.prepare()
         averaged = self._averaged
         own = asyncio.create_task(self._reduce_own_shard())
@@ -391,7 +391,7 @@ class RoundExchange:
             len(self._shards),
             self.counter.sent,
             self.counter.received,
-            time.perf_counter() - started,
+            asyncio.get_running_loop().time() - started,
             self.errors,
             answered=answered,
             agreed=sorted([bounds for bounds in combined if bounds in self._whole] + refused),

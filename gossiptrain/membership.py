@@ -33,9 +33,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
@@ -43,6 +43,7 @@ from gossiptrain.auth import Admission, Identity, public_key_of, verify
 
 if TYPE_CHECKING:
     from gossiptrain.exchange import Rejections
+    from gossiptrain.network import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class Membership:
     """This peer's view of, and presence in, the run's membership records.
 
     Args:
+        clock: the time that record expirations are in (the DHT's: hivemind's ``get_dht_time`` live, virtual
+            time in the simulator).
         credential: this peer's certificate (``Certificate.to_bytes()``), added to every record it writes.
         admission: in a private run, which entries to keep (see the module docstring).
         rejections: where refused entries are counted.
@@ -147,16 +150,17 @@ class Membership:
 
     def __init__(
         self,
-        dht: DHTNode,
+        dht: RecordStore,
         run_id: str,
         peer_id: str,
         ttl: float = 6.0,
         *,
+        clock: Callable[[], float] = get_dht_time,
         credential: bytes | None = None,
         admission: Admission | None = None,
         rejections: Rejections | None = None,
     ):
-        self.dht, self.run_id, self.peer_id, self.ttl = dht, run_id, peer_id, ttl
+        self.dht, self.run_id, self.peer_id, self.ttl, self.clock = dht, run_id, peer_id, ttl, clock
         self.members_key = f"{run_id}.members"
         self.credential, self.admission, self.rejections = credential, admission, rejections
         self._refused_members: set[str] = set()
@@ -191,9 +195,7 @@ class Membership:
             self.admission.count_refusal(self.rejections, kind, peer, round_id, detail)
 
     async def publish(self, info: dict[str, Any]) -> bool:
-        return await self.dht.store(
-            self.members_key, self._signed(info), get_dht_time() + self.ttl, subkey=self.peer_id
-        )
+        return await self.dht.store(self.members_key, self._signed(info), self.clock() + self.ttl, subkey=self.peer_id)
 
     async def heartbeat(self, get_info) -> None:
         """Refresh our record every third of its lifetime until cancelled."""
@@ -205,7 +207,7 @@ class Membership:
             await asyncio.sleep(self.ttl / 3)
 
     async def leave(self) -> None:
-        await self.dht.store(self.members_key, {LEFT: True}, get_dht_time() + self.ttl, subkey=self.peer_id)
+        await self.dht.store(self.members_key, {LEFT: True}, self.clock() + self.ttl, subkey=self.peer_id)
 
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         return self._admitted(_live_entries(await self.dht.get(self.members_key, latest=True)), None)

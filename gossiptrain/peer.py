@@ -14,14 +14,12 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from typing import Any
 
 import torch
-from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -30,10 +28,11 @@ from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences, GroupPlan
 from gossiptrain.auth import Admission, Certificate, CredentialError, Identity
 from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
-from gossiptrain.errors import DaemonStartError, InitialPeersError, ModelMismatchError
+from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
 from gossiptrain.groups import group_of
-from gossiptrain.membership import Membership, SignedRecords
+from gossiptrain.membership import Membership
+from gossiptrain.network import LibP2PNetwork, Network, RecordStore, Transport, dialable_first
 from gossiptrain.progress import show_progress
 from gossiptrain.state import StateProvider, StateServer, state_protocol
 from gossiptrain.timing import RoundTiming
@@ -46,20 +45,10 @@ ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 MIN_HEARTBEAT_TTL = 6.0  # seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl)
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
-DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
 MAX_VOUCHES = 64  # and names at most this many of them (a reader reads no more of anyone's)
 MAX_CAUGHT = 1024  # peers caught beyond any honest values that a peer remembers (``RecentSet``)
-
-
-def _is_loopback(maddr: str) -> bool:
-    return maddr.startswith(("/ip4/127.", "/ip6/::1/", "/dns4/localhost/", "/dns/localhost/"))
-
-
-def dialable_first(maddrs: Sequence[str]) -> list[str]:
-    """``maddrs`` with the addresses another machine can dial (not loopback) first, order otherwise kept."""
-    return sorted(maddrs, key=_is_loopback)
 
 
 def _checked_maddr(text: str) -> str:
@@ -73,57 +62,6 @@ def _checked_maddr(text: str) -> str:
     return text
 
 
-async def start_daemon(
-    initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] | None = None, **options
-) -> P2P:
-    """Start a libp2p daemon (hivemind's ``P2P.create`` with ``options``) that dials ``initial_peers``.
-
-    Raises:
-        InitialPeersError: none of ``initial_peers`` answered (the message names them and what to check).
-        DaemonStartError: the daemon failed otherwise, e.g. on an address in ``host_maddrs`` it cannot bind.
-
-    A start that fails (or is cancelled) stops its daemon and waits for it to exit before it raises: p2pd closes
-    its output a moment before it exits, and hivemind raises at the end of the output, so the daemon would
-    otherwise exit after a short-lived caller's event loop closed (asyncio then warns ``Loop ... that handles
-    pid ... is closed`` after the caller's answer).
-    """
-    building: list[P2P] = []
-
-    class OwnedP2P(P2P):  # hivemind's P2P.create builds it; we keep it, to stop its daemon if create raises
-        def __init__(self):
-            super().__init__()
-            building.append(self)
-
-    try:
-        try:
-            return await OwnedP2P.create(
-                initial_peers=list(initial_peers),
-                host_maddrs=list(host_maddrs),
-                announce_maddrs=announce_maddrs,
-                **options,
-            )
-        except BaseException as e:
-            for p2p in building:
-                child = p2p._child
-                if isinstance(e, P2PDaemonError) and child is not None:  # it gave up: let it exit by itself, as
-                    # terminating a child that just exited reaps it behind asyncio's back ("Unknown child process")
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(child.wait()), DAEMON_EXIT_WAIT)
-                await asyncio.shield(p2p.shutdown())
-            raise
-    except P2PDaemonError as e:
-        if initial_peers and "bootstrap" in str(e):
-            raise InitialPeersError(
-                f"no peer answered at {', '.join(initial_peers)}: is the address right "
-                f"(it ends with /p2p/<peer id>) and is that peer running and reachable from here?"
-            ) from None
-        raise DaemonStartError(
-            f"the libp2p daemon (p2pd) failed to start: {e}; check that host_maddrs {list(host_maddrs)} "
-            f"are addresses of this machine with free ports (or port 0), and announce_maddrs "
-            f"{announce_maddrs} name explicit ports"
-        ) from e
-
-
 def _load_credential(credential: Certificate | str | os.PathLike | None) -> Certificate | None:
     if credential is None or isinstance(credential, Certificate):
         return credential
@@ -131,17 +69,6 @@ def _load_credential(credential: Certificate | str | os.PathLike | None) -> Cert
         return Certificate.load(credential)
     except OSError as e:
         raise CredentialError(f"cannot read the certificate file {os.fspath(credential)!r}: {e.strerror}") from None
-
-
-@contextlib.contextmanager
-def _identity_file(identity: Identity, path: str | os.PathLike | None) -> Iterator[str]:
-    """A file holding ``identity`` for the daemon to read at start: ``path`` itself, or a private temporary one."""
-    if path is not None:
-        yield os.fspath(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="gossiptrain-identity-") as folder:
-        identity.save(os.path.join(folder, "identity.key"))
-        yield os.path.join(folder, "identity.key")
 
 
 def _vouches(record: dict | None) -> frozenset[str]:
@@ -238,6 +165,9 @@ class Peer:
             ``Defences.off()`` takes plain weighted means.
         identity_path: this peer's libp2p identity file (``gossiptrain.auth.Identity``; created there if missing),
             so that its peer id persists across restarts; None for a new identity every start.
+        network: where this peer's streams and records go: None for the live network (a libp2p daemon and a
+            hivemind DHT node, ``network.LibP2PNetwork``, built from the addresses above); the simulator passes
+            one port of its ``simnet.SimulatedNetwork``.
         credential: for a private run, this peer's certificate (a ``gossiptrain.auth.Certificate`` or the path of
             its file), issued by the run's authority for the peer id of ``identity_path``.  The peer then admits
             only peers with a certificate of the same authority: it leaves every other peer's membership and
@@ -268,6 +198,7 @@ class Peer:
         identity_path: str | os.PathLike | None = None,
         credential: Certificate | str | os.PathLike | None = None,
         defences: Defences = DEFAULT_DEFENCES,
+        network: Network | None = None,
     ):
         if bandwidth_mbit is not None and not (math.isfinite(bandwidth_mbit) and bandwidth_mbit > 0):
             raise ValueError(f"bandwidth_mbit must be a positive number of Mbit/s, got {bandwidth_mbit!r}")
@@ -283,6 +214,7 @@ class Peer:
         if client_mode and not self.initial_peers:
             raise ValueError("a client-mode peer needs initial_peers: no one can dial it, so it can only join others")
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
+        self.network = network or LibP2PNetwork(self.initial_peers, self.host_maddrs, announce_maddrs, client_mode)
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
         self.model_schema, self.bandwidth_mbit = model_schema, bandwidth_mbit
@@ -302,8 +234,8 @@ class Peer:
         self._credential_lookup_at = -math.inf
         self.protocol = f"gossiptrain.{run_id}.allreduce"
         self.info: dict[str, Any] = {}
-        self.p2p: P2P | None = None
-        self.dht: DHTNode | None = None
+        self.p2p: Transport | None = None
+        self.dht: RecordStore | None = None
         self.membership: Membership | None = None
         self._heartbeat: asyncio.Task | None = None
         self._clock_refresh: asyncio.Task | None = None
@@ -340,9 +272,11 @@ class Peer:
             return []
 
     async def start(self) -> None:
-        """Start the libp2p daemon, join the DHT and the run; sets ``startup_seconds``."""
-        started = time.perf_counter()
-        self.identity = Identity.load_or_create(self.identity_path) if self.identity_path else Identity.generate()
+        """Start the transport (the libp2p daemon), join the DHT and the run; sets ``startup_seconds``."""
+        started = asyncio.get_running_loop().time()
+        self.identity = self.network.identity
+        if self.identity is None:
+            self.identity = Identity.load_or_create(self.identity_path) if self.identity_path else Identity.generate()
         if self.credential is not None:
             try:
                 self.credential.check(self.identity.peer_id, self.run_id, self.credential.authority, time.time())
@@ -352,22 +286,8 @@ class Peer:
                     f"for peer {self.identity.peer_id} (`gossiptrain auth issue --peer-id {self.identity.peer_id} "
                     f"--run-id {self.run_id} ...`)"
                 ) from None
-        with _identity_file(self.identity, self.identity_path) as identity_path:
-            self.p2p = await start_daemon(
-                self.initial_peers,
-                self.host_maddrs,
-                self.announce_maddrs,
-                no_listen=self.client_mode,
-                identity_path=identity_path,
-                check_if_identity_free=False,  # hivemind's check reads RSA identities only
-            )
+        self.p2p, self.dht = await self.network.start(self.identity, self.identity_path)
         try:
-            self.dht = await DHTNode.create(
-                p2p=self.p2p,
-                initial_peers=self.initial_peers,
-                client_mode=self.client_mode,
-                record_validator=SignedRecords(self.identity),
-            )
             suffix = Multiaddr(f"/p2p/{self.peer_id}")
             self._listen_maddrs = [str(Multiaddr(m).decapsulate(suffix)) for m in await self.maddrs()]
             self.membership = Membership(
@@ -375,6 +295,7 @@ class Peer:
                 self.run_id,
                 self.peer_id,
                 self.heartbeat_ttl,
+                clock=self.network.record_time,
                 credential=None if self.credential is None else self.credential.to_bytes(),
                 admission=self.admission,
                 rejections=self.rejections,
@@ -393,20 +314,23 @@ class Peer:
         except BaseException:
             await self._shutdown_transport()
             raise
-        self.startup_seconds = time.perf_counter() - started
+        self.startup_seconds = asyncio.get_running_loop().time() - started
         self.info = {**self.info, "startup_seconds": round(self.startup_seconds, 3)}
 
-    async def stop(self) -> None:
-        """Leave the swarm at once (tombstone in the DHT) and stop the daemon."""
+    async def stop(self, *, announce: bool = True) -> None:
+        """Leave the swarm at once (with ``announce``, a tombstone in the DHT) and stop the transport.
+
+        ``announce=False`` leaves as a crash looks to the others: the record lives until it expires."""
         await self._stop_serving_state()
         if self._clock_refresh is not None:
             self._clock_refresh.cancel()
             await asyncio.gather(self._clock_refresh, return_exceptions=True)
             self._clock_refresh = None
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
-            self._heartbeat = None
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        if heartbeat is not None and announce:
             try:
                 async with asyncio.timeout(self.timeouts.matchmaking):
                     await self.membership.leave()
@@ -522,7 +446,7 @@ class Peer:
         except TimeoutError:
             return self.clock.offset
         others = [p for p, info in peers.items() if p != self.peer_id and not info.get("client")]
-        others = sorted(others, key=lambda p: hash((p, self.peer_id)))[:CLOCK_PEERS]
+        others = sorted(others, key=lambda p: zlib.crc32(f"{p}/{self.peer_id}".encode()))[:CLOCK_PEERS]
         return await self.clock.estimate(self.p2p, self.run_id, others, timeout=self.timeouts.join)
 
     async def _refresh_clock(self) -> None:
@@ -568,7 +492,7 @@ class Peer:
         """
         try:
             async with asyncio.timeout(self.timeouts.join):
-                live = {info.peer_id.to_base58() for info in await self.p2p.list_peers()}
+                live = await self.p2p.connected_peers()
             self._connected &= live & records.keys()
         except Exception as e:  # the dials below are what matters; without the list, the known stay known
             logger.debug("could not list the daemon's connections: %r", e)
@@ -582,7 +506,7 @@ class Peer:
         async def dial(peer: str, maddrs: list[str]) -> None:
             try:
                 async with asyncio.timeout(self.timeouts.join):
-                    await self.p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(m) for m in maddrs])
+                    await self.p2p.connect(peer, maddrs)
                 self._connected.add(peer)
             except Exception as e:
                 logger.debug("could not dial %s at %s: %r", peer, maddrs, e)
@@ -662,16 +586,17 @@ class Peer:
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         try:
-            registering = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            registering = loop.time()
             async with asyncio.timeout(self.timeouts.matchmaking):
                 await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
-            registration_s = time.perf_counter() - registering
+            registration_s = loop.time() - registering
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not register for the round in the DHT")
         if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
             logger.info("registered for round %s %.3fs after it started", round_id, self.now() - start)
         await asyncio.sleep(max(0.0, start - self.now()))
-        started = time.perf_counter()
+        started = loop.time()
         try:
             async with asyncio.timeout(self.timeouts.matchmaking):
                 participants = await self.membership.round_participants(round_id)
@@ -728,7 +653,7 @@ class Peer:
         finally:
             self._exchanges.pop(round_id, None)
             self._forget_old_rounds(round_id)
-        result.seconds, result.participants = time.perf_counter() - started, len(vouches)
+        result.seconds, result.participants = loop.time() - started, len(vouches)
         self._answered.append(result.answered)
         if self.client_mode:  # a reducer whose answer did not reach us is dialed again before our next round
             self._connected -= set(plan.reducers) - result.answered

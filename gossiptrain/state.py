@@ -47,7 +47,6 @@ import logging
 import random
 import struct
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -364,7 +363,7 @@ class StateServer:
             await close_after_peer(reader, writer, self.timeouts.part)
 
     async def _serve(self, writer: asyncio.StreamWriter, counter: ByteCounter, joiner: str) -> None:
-        started = time.perf_counter()
+        started = asyncio.get_running_loop().time()
         try:
             stream = await asyncio.to_thread(self.snapshot)
         except Exception as e:
@@ -377,7 +376,9 @@ class StateServer:
         async with asyncio.timeout(self.timeouts.part):
             await write_message(writer, FrameKind.STATE, {"sha256": stream.hexdigest()}, counter)
         self.served += 1
-        logger.info("served %d bytes of state to %s in %.2fs", stream.size, joiner, time.perf_counter() - started)
+        logger.info(
+            "served %d bytes of state to %s in %.2fs", stream.size, joiner, asyncio.get_running_loop().time() - started
+        )
 
     async def send_parts(self, writer: asyncio.StreamWriter, stream: StateStream, counter: ByteCounter) -> None:
         """Send ``stream`` as PART frames, each within ``timeouts.part`` (testing overrides this to misbehave)."""
@@ -514,7 +515,7 @@ async def download_state(
     """
     failures: list[str] = []
     dropped: set[str] = set()  # donors that sent wrong bytes
-    started = time.perf_counter()
+    started = asyncio.get_running_loop().time()
     try:
         async with asyncio.timeout(timeout):
             donors = state_donors(await peer.live_peers(), peer.peer_id)
@@ -540,7 +541,7 @@ async def download_state(
                                 dropped.add(donor)
                             _count_failure(peer, donor, e, progress, last=donor == donors[-1])
                             continue
-                        seconds = time.perf_counter() - started
+                        seconds = asyncio.get_running_loop().time() - started
                         logger.info(
                             "downloaded %d bytes of state from %s in %.2fs (%.1f MB/s)",
                             len(data),

@@ -305,7 +305,8 @@ async def test_a_daemon_that_could_not_reach_its_initial_peers_is_gone_when_star
     output left the daemon to exit after `gossiptrain status`'s event loop had closed, and asyncio then warned
     (`Loop ... that handles pid ... is closed`) after the answer, some of the time.  Here the daemon lingers a
     second after its output ends, so that the moment cannot be missed."""
-    from gossiptrain.peer import InitialPeersError, start_daemon
+    from gossiptrain.errors import InitialPeersError
+    from gossiptrain.network import start_daemon
 
     create = asyncio.subprocess.create_subprocess_exec
 

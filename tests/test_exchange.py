@@ -9,17 +9,22 @@ import torch
 from gossiptrain.allreduce import GroupPlan, ShardReduction
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import Rejections, RoundExchange, Timeouts
-from gossiptrain.simulation import InMemoryNetwork, InMemoryP2P, simulated_peer_id
+from gossiptrain.simnet import SimulatedNetwork
+from gossiptrain.simulation import IDEAL_LINK
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message
 
 TIMEOUTS = Timeouts(join=5.0, straggler_grace=0.0, straggler_min=0.1)
 
 
-def _group(names, numel, *, clients=(), exchange_classes=None, residuals=None, state_locks=None, codec="none"):
-    """Exchanges of one group over in-memory streams, prepared (as ``Peer.average`` and ``simulate_round`` do)."""
-    ids = [simulated_peer_id(name) for name in names]
-    plan = GroupPlan.build("exchange-test", 7, ids, numel, frozenset(simulated_peer_id(c) for c in clients))
-    network, exchanges = InMemoryNetwork(), {}
+async def _group(names, numel, *, clients=(), exchange_classes=None, residuals=None, state_locks=None, codec="none"):
+    """Exchanges of one group over simulated streams of ideal links, prepared (as ``Peer.average`` does)."""
+    network, transports = SimulatedNetwork(), {}
+    for name in names:
+        port = network.port(name, IDEAL_LINK, client=name in clients)
+        transports[name], _ = await port.start(port.identity, None)
+    ids = {name: transport.peer_id.to_base58() for name, transport in transports.items()}
+    plan = GroupPlan.build("exchange-test", 7, list(ids.values()), numel, frozenset(ids[c] for c in clients))
+    exchanges = {}
 
     def handler_of(owner):
         async def handle(info, reader, writer):
@@ -32,15 +37,15 @@ def _group(names, numel, *, clients=(), exchange_classes=None, residuals=None, s
         return handle
 
     values = {}
-    for i, (name, me) in enumerate(zip(names, ids)):
-        network.handlers[me] = handler_of(me)
+    for i, name in enumerate(names):
+        await transports[name].add_binary_stream_handler("/test", handler_of(name))
         values[name] = torch.randn(numel, generator=torch.Generator().manual_seed(i))
         exchange_class = (exchange_classes or {}).get(name, RoundExchange)
-        exchanges[me] = exchange_class(
-            InMemoryP2P(network, me),
+        exchanges[name] = exchange_class(
+            transports[name],
             protocol="/test",
             plan=plan,
-            me=me,
+            me=ids[name],
             values=values[name],
             weight=1.0,
             codec=get_codec(codec),
@@ -49,7 +54,12 @@ def _group(names, numel, *, clients=(), exchange_classes=None, residuals=None, s
             residual=(residuals or {}).get(name),
             state_lock=(state_locks or {}).get(name),
         )
-    return {name: exchanges[me] for name, me in zip(names, ids)}, values, network
+    return exchanges, values, network
+
+
+async def _served(network: SimulatedNetwork) -> None:
+    """Wait for the handlers of every stream opened in ``network``."""
+    await asyncio.gather(*(task for transport in network.transports.values() for task in list(transport.serving)))
 
 
 class HeldBack(RoundExchange):
@@ -67,7 +77,7 @@ async def test_a_late_sender_receives_the_mean_of_its_own_round_after_the_owner_
     """A straggler's reply was encoded lazily from the owner's result, which the caller rewrites in place
     (the outer step): the late sender received the next round's values as its mean."""
     HeldBack.release = asyncio.Event()
-    exchanges, values, network = _group(
+    exchanges, values, network = await _group(
         ["owner", "member", "straggler"],
         1000,
         clients=["member", "straggler"],
@@ -83,7 +93,7 @@ async def test_a_late_sender_receives_the_mean_of_its_own_round_after_the_owner_
     owner.averaged.fill_(999.0)  # what the caller does next: the outer step, formed in place in the result
     HeldBack.release.set()
     straggler = await straggler_round
-    await asyncio.gather(*network.serving)
+    await _served(network)
     assert straggler.status == "averaged" and any("late" in error for error in straggler.errors), straggler.errors
     assert torch.equal(straggler.averaged, mean), "the late sender got its own round's mean"
 
@@ -104,9 +114,9 @@ async def test_the_heavy_tensor_work_of_a_round_never_runs_on_the_event_loop_thr
     for cls, name in [(Codec, "encode"), (Codec, "decode"), (ShardReduction, "mean")]:
         monkeypatch.setattr(cls, name, on_thread(getattr(cls, name)))
     residuals = {name: torch.zeros(2**19) for name in ("a", "b", "c")}
-    exchanges, values, network = _group(["a", "b", "c"], 2**19, residuals=residuals, codec="int8")
+    exchanges, values, network = await _group(["a", "b", "c"], 2**19, residuals=residuals, codec="int8")
     results = await asyncio.gather(*(exchange.run() for exchange in exchanges.values()))
-    await asyncio.gather(*network.serving)
+    await _served(network)
     assert all(result.status == "averaged" for result in results)
     assert threads and loop_thread not in threads
 
@@ -133,7 +143,7 @@ async def test_a_checkpoint_sees_the_residual_as_before_or_after_the_round_never
     residuals = {name: torch.full((numel,), 0.001) for name in ("a", "b", "c", "d")}
     before = residuals["a"].clone()
     lock = RecordingLock(residuals["a"])
-    exchanges, values, network = _group(
+    exchanges, values, network = await _group(
         ["a", "b", "c", "d"], numel, residuals=residuals, state_locks={"a": lock}, codec="int8"
     )
     stop, checkpoints = threading.Event(), []
@@ -148,7 +158,7 @@ async def test_a_checkpoint_sees_the_residual_as_before_or_after_the_round_never
     thread.start()
     try:
         results = await asyncio.gather(*(exchange.run() for exchange in exchanges.values()))
-        await asyncio.gather(*network.serving)
+        await _served(network)
     finally:
         stop.set()
         thread.join()
@@ -218,7 +228,7 @@ async def test_a_slice_that_arrives_before_the_owner_is_prepared_is_reduced_not_
     """A contribution that reached an owner still encoding its own shard was taken for a late one and its
     future never set: the owner waited for it with no deadline (the round hung)."""
     SlowToPrepare.go, Uploaded.uploaded = asyncio.Event(), asyncio.Event()
-    exchanges, values, network = _group(
+    exchanges, values, network = await _group(
         ["owner", "member"],
         1000,
         clients=["member"],
@@ -230,6 +240,6 @@ async def test_a_slice_that_arrives_before_the_owner_is_prepared_is_reduced_not_
     SlowToPrepare.go.set()
     async with asyncio.timeout(20):
         owner, member = await asyncio.gather(*rounds)
-        await asyncio.gather(*network.serving)
+        await _served(network)
     assert owner.status == member.status == "averaged" and not any("late" in e for e in member.errors), member.errors
     assert torch.equal(owner.averaged, member.averaged)

@@ -8,8 +8,10 @@ import psutil
 import pytest
 import torch
 
+from gossiptrain.errors import DaemonStartError
+from gossiptrain.network import dialable_first
 from gossiptrain.optimizer import GossipOptimizer
-from gossiptrain.peer import DaemonStartError, Peer, dialable_first
+from gossiptrain.peer import Peer
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 
 UNBINDABLE = "/ip4/203.0.113.1/tcp/0"  # TEST-NET-3: an address of no interface of this machine

@@ -99,14 +99,13 @@ class FakeP2P:
 
     def __init__(self, me: str, connected: set[str]):
         self.peer_id, self.connected, self.dialed = _id(me), connected, []
-        self._client = self
 
-    async def list_peers(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(peer_id=_id(peer)) for peer in self.connected]
+    async def connected_peers(self) -> set[str]:
+        return set(self.connected)
 
-    async def connect(self, peer_id, maddrs) -> None:
-        self.dialed.append(peer_id.to_base58())
-        self.connected.add(peer_id.to_base58())
+    async def connect(self, peer: str, maddrs) -> None:
+        self.dialed.append(peer)
+        self.connected.add(peer)
 
 
 class FakeMembership:
