@@ -1,9 +1,10 @@
-"""The ``gossiptrain`` command: bootstrap | peer | status | demo | auth."""
+"""The ``gossiptrain`` command: bootstrap | peer | status | simulate | demo | auth."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ _SECONDS_OR_ZERO = _number("a number of seconds >= 0", float, lambda x: 0 <= x <
 _POSITIVE = _number("a positive number", float, lambda x: 0 < x < math.inf)
 _COUNT = _number("a whole number >= 1", int, lambda n: n >= 1)
 _COUNT_OR_ZERO = _number("a whole number >= 0", int, lambda n: n >= 0)
+_SHARE = _number("a number in [0, 1)", float, lambda x: 0 <= x < 1)
 
 
 def _network_args(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +314,21 @@ def cmd_status(args: argparse.Namespace) -> None:
     asyncio.run(_status(args))
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from gossiptrain.simulation import Scenario, simulate
+
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(Scenario)}
+    scenario = Scenario(**options)
+    if not args.verbose:  # the simulated peers' own warnings and joiners' progress would bury the table
+        logging.getLogger("gossiptrain").setLevel(logging.ERROR)
+        os.environ.setdefault("GOSSIPTRAIN_PROGRESS", "off")
+    report = simulate(scenario)
+    _print(report.table())
+    if args.json:
+        report.save(args.json, args.plot)
+        _print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from gossiptrain.demo import run_demo
 
@@ -539,6 +556,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the table again every SECONDS (default: 2) until interrupted; redrawn in place in a terminal",
     )
     status.set_defaults(func=cmd_status)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="what will my swarm do? simulated peers (the live round code, in virtual time) average a vector "
+        "every slot over modelled links",
+    )
+    simulate.add_argument("--peers", type=_COUNT, default=100, help="peers at every moment")
+    simulate.add_argument("--numel", type=_COUNT, default=100_000, help="values each peer averages")
+    simulate.add_argument("--rounds", type=_COUNT, default=20, help="round slots simulated")
+    simulate.add_argument("--mbit", type=_POSITIVE, default=100.0, help="each peer's link, Mbit/s each way")
+    simulate.add_argument("--rtt-ms", type=_SECONDS_OR_ZERO, default=50.0, help="round-trip time between two peers")
+    simulate.add_argument("--jitter-ms", type=_SECONDS_OR_ZERO, default=0.0, help="spread of the one-way delay")
+    simulate.add_argument("--loss", type=_SHARE, default=0.0, help="share of packets lost one way")
+    simulate.add_argument("--slow-peers", type=_COUNT_OR_ZERO, default=0, help="this many peers have --slow-mbit")
+    simulate.add_argument("--slow-mbit", type=_POSITIVE, default=5.0)
+    simulate.add_argument(
+        "--churn", type=_SHARE, default=0.0, help="share of the peers that crash over the run, each replaced at once"
+    )
+    simulate.add_argument("--group-size", type=_COUNT, default=4)
+    simulate.add_argument("--round-interval", type=_SECONDS, default=2.0, help="seconds between round slots")
+    simulate.add_argument("--codec", default="none")
+    simulate.add_argument("--dht-miss", type=_SHARE, default=0.0, help="chance that a DHT read misses a record")
+    simulate.add_argument("--dht-lag", type=_SECONDS_OR_ZERO, default=0.0, help="seconds before a record is seen")
+    simulate.add_argument("--seed", type=int, default=0, help="the same seed gives the same run, bit for bit")
+    simulate.add_argument("--json", default=None, metavar="FILE", help="write the report (per slot, summary) here")
+    simulate.add_argument("--plot", default=None, metavar="FILE", help="with --json: plot the run here (PNG)")
+    simulate.set_defaults(func=cmd_simulate)
 
     demo = commands.add_parser("demo", help="train digits with a local swarm of peers")
     demo.add_argument("--peers", type=_COUNT, default=4)

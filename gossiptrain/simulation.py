@@ -51,7 +51,8 @@ class SimulatedSwarm:
         seed: seeds the network (identities, jitter, losses, DHT misses) and Python's ``random`` (the live
             code's own draws, such as the order of state donors).
         link: every peer's link unless ``add`` names another.
-        dht_miss, dht_lag: see ``simnet.SimulatedNetwork``.
+        dht_miss: chance that a DHT read misses a record (``simnet.SimulatedNetwork``).
+        dht_lag: seconds before a stored record is seen.
         peer_options: passed to every ``Peer`` (``target_group_size``, ``round_interval``, ``timeouts``, ...).
     """
 
@@ -145,12 +146,19 @@ class Scenario:
         peers: peers at the start (and at every moment: each crash is followed by a join).
         numel: values each peer averages (float32).
         rounds: slots simulated.
-        mbit, rtt_ms, jitter_ms, loss: every peer's link (``linkswitch.LinkSpec``).
-        slow_peers, slow_mbit: that many peers have a link of ``slow_mbit`` instead.
+        mbit: every peer's link rate, Mbit/s each way (``linkswitch.LinkSpec``).
+        rtt_ms: round-trip time between two peers.
+        jitter_ms: spread of a message's one-way delay.
+        loss: share of packets lost one way.
+        slow_peers: that many peers have a link of ``slow_mbit`` instead.
+        slow_mbit: the slow peers' rate.
         churn: share of ``peers`` that crash over the run, each replaced at once by a joiner that downloads
             a live peer's values (``state.download_state``) and averages from its next slot.
-        group_size, round_interval, codec: the peers' settings (``Peer``).
-        dht_miss, dht_lag: the DHT's view differences (``simnet.SimulatedNetwork``).
+        group_size: the peers' ``target_group_size``.
+        round_interval: seconds between round slots.
+        codec: the codec on the wire.
+        dht_miss: chance that a DHT read misses a record (``simnet.SimulatedNetwork``): views that differ.
+        dht_lag: seconds before a stored record is seen.
         seed: everything random (values, links, churn) follows from it.
     """
 
@@ -180,9 +188,10 @@ class Scenario:
 
 @dataclass
 class SimulationReport:
-    """What a simulated run did.  ``rounds``: per slot, the peers that took part, how many averaged, the
-    median round time, and the spread (RMS distance of the peers' values from their mean, relative to
-    the first slot's)."""
+    """What a simulated run did.  ``rounds``: per slot, the peers that took part, the share that averaged, the
+    median round time, and the spread after it (RMS distance of the peers' values from their mean, relative to
+    the start).  ``summary``: over the run (``round_p50_s`` over every round, ``averaged_round_p50_s`` over
+    the averaged ones; bytes at the links, DHT included)."""
 
     scenario: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -246,7 +255,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     slow_link = dataclasses.replace(swarm.link, mbit=scenario.slow_mbit)
     slow = set(rng.sample(range(scenario.peers), scenario.slow_peers))
     values: dict[str, torch.Tensor] = {}
-    results: dict[int, list[RoundResult]] = {}
+    results: dict[int, list[tuple[str, float]]] = {}  # per slot: each peer's status and round time
     tasks: dict[str, asyncio.Task] = {}
     loop = asyncio.get_running_loop()
 
@@ -255,7 +264,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
         while True:
             result = await peer.average(values[name])
             values[name] = result.averaged
-            results.setdefault(result.round_id, []).append(result)
+            results.setdefault(result.round_id, []).append((result.status, result.seconds))
 
     async def start(name: str, index: int, joining: bool) -> None:
         peer = await swarm.add(name, link=slow_link if index in slow else None)
@@ -292,24 +301,25 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     report = SimulationReport(asdict(scenario))
     for slot in range(first_slot, first_slot + scenario.rounds):
         done = results.get(slot, [])
-        averaged = [r for r in done if r.status == "averaged"]
         report.rounds.append(
             {
                 "slot": slot - first_slot,
                 "peers": len(done),
-                "averaged_share": len(averaged) / len(done) if done else 0.0,
-                "round_p50_s": statistics.median(r.seconds for r in done) if done else math.nan,
+                "averaged_share": sum(status == "averaged" for status, _ in done) / len(done) if done else 0.0,
+                "round_p50_s": statistics.median(seconds for _, seconds in done) if done else math.nan,
                 "spread": spreads[slot + 1],
             }
         )
     taken = [r for slot in range(first_slot, first_slot + scenario.rounds) for r in results.get(slot, [])]
+    averaged = [seconds for status, seconds in taken if status == "averaged"]
     sent = sum(swarm.network.bytes_of(name)[0] for name in swarm.network.links)
     report.summary = {
         "peer_rounds": len(taken),
-        "averaged_share": round(sum(r.status == "averaged" for r in taken) / max(1, len(taken)), 4),
-        "round_p50_s": round(statistics.median(r.seconds for r in taken), 4) if taken else None,
+        "averaged_share": round(sum(status == "averaged" for status, _ in taken) / max(1, len(taken)), 4),
+        "round_p50_s": round(statistics.median(seconds for _, seconds in taken), 4) if taken else None,
+        "averaged_round_p50_s": round(statistics.median(averaged), 4) if averaged else None,
         "bytes_sent_per_peer_round": round(sent / max(1, len(taken))),
-        "spread_after": spreads[first_slot + scenario.rounds],
+        "spread_after": float(f"{spreads[first_slot + scenario.rounds]:.3g}"),
         "crashed": crashes,
         "joined": joined - scenario.peers,
     }
