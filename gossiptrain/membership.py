@@ -34,7 +34,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
@@ -43,7 +43,6 @@ from gossiptrain.auth import Admission, Identity, public_key_of, verify
 
 if TYPE_CHECKING:
     from gossiptrain.exchange import Rejections
-    from gossiptrain.network import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +50,17 @@ LEFT = "left"
 CERT = "cert"
 MAX_REMEMBERED_REFUSALS = 4096  # distinct refused peer ids remembered (so each is logged once), then forgotten
 MAX_VERIFIED_RECORDS = 4096  # digests of records whose signature was checked: each replica's copy is checked once
+
+
+class RecordStore(Protocol):
+    """Dictionaries of records with expirations (the subset of ``hivemind.dht.node.DHTNode`` used here):
+    ``get`` returns None or an object whose ``value`` maps each subkey to an item with ``value``."""
+
+    async def store(self, key: str, value: Any, expiration_time: float, *, subkey: str) -> bool: ...
+
+    async def get(self, key: str, latest: bool = True) -> Any: ...
+
+    async def shutdown(self) -> None: ...
 
 
 class SignedRecords(RecordValidatorBase):

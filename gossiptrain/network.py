@@ -1,10 +1,10 @@
 """Where a peer's bytes move and its records live: two small interfaces, and the live implementation of both.
 
-A ``Peer`` needs a ``Transport`` (binary streams to other peers, by peer id and protocol) and a ``RecordStore``
-(the DHT's dictionaries of records with expirations).  Live peers get them from ``LibP2PNetwork``: hivemind's
-libp2p daemon (``P2P``) and DHT node (``DHTNode``).  The simulator (``gossiptrain.simnet``) gives them from an
-in-memory network in virtual time.  Everything above these two interfaces (membership, matchmaking, the
-exchange, state download, the clock) is the same code in both.
+A ``Peer`` needs a ``Transport`` (binary streams to other peers, by peer id and protocol) and a
+``membership.RecordStore`` (the DHT's dictionaries of records with expirations).  Live peers get them from
+``LibP2PNetwork``: hivemind's libp2p daemon (``P2P``) and DHT node (``DHTNode``).  The simulator
+(``gossiptrain.simnet``) gives them from an in-memory network in virtual time.  Everything above these two
+interfaces (membership, matchmaking, the exchange, state download, the clock) is the same code in both.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from gossiptrain.auth import Identity
 from gossiptrain.errors import DaemonStartError, InitialPeersError
-from gossiptrain.membership import SignedRecords
+from gossiptrain.membership import RecordStore, SignedRecords
 
 DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 
@@ -51,17 +51,6 @@ class Transport(Protocol):
 
     async def connect(self, peer: str, maddrs: Sequence[str]) -> None:
         """Open a connection to ``peer`` at ``maddrs`` (client mode dials the peers it sends to)."""
-
-    async def shutdown(self) -> None: ...
-
-
-class RecordStore(Protocol):
-    """Dictionaries of records with expirations (the subset of ``hivemind.dht.node.DHTNode`` used here):
-    ``get`` returns None or an object whose ``value`` maps each subkey to an item with ``value``."""
-
-    async def store(self, key: str, value: Any, expiration_time: float, *, subkey: str) -> bool: ...
-
-    async def get(self, key: str, latest: bool = True) -> Any: ...
 
     async def shutdown(self) -> None: ...
 

@@ -23,14 +23,15 @@ import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
+from gossiptrain import matchmaking
 from gossiptrain.addresses import malformed_initial_peer
-from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences, GroupPlan
+from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.auth import Admission, Certificate, CredentialError, Identity
 from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
-from gossiptrain.groups import group_of
+from gossiptrain.matchmaking import plan_group
 from gossiptrain.membership import Membership
 from gossiptrain.network import LibP2PNetwork, Network, RecordStore, Transport, dialable_first
 from gossiptrain.progress import show_progress
@@ -47,7 +48,6 @@ CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
 CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
-MAX_VOUCHES = 64  # and names at most this many of them (a reader reads no more of anyone's)
 MAX_CAUGHT = 1024  # peers caught beyond any honest values that a peer remembers (``RecentSet``)
 
 
@@ -69,14 +69,6 @@ def _load_credential(credential: Certificate | str | os.PathLike | None) -> Cert
         return Certificate.load(credential)
     except OSError as e:
         raise CredentialError(f"cannot read the certificate file {os.fspath(credential)!r}: {e.strerror}") from None
-
-
-def _vouches(record: dict | None) -> frozenset[str]:
-    """The peers a round record says answered its writer lately (``groups.guarded_groups``)."""
-    answered = (record or {}).get("answered")
-    if not isinstance(answered, list):
-        return frozenset()
-    return frozenset(peer for peer in answered[:MAX_VOUCHES] if isinstance(peer, str))
 
 
 class RecentSet(MutableSet[str]):
@@ -119,11 +111,6 @@ class RecentSet(MutableSet[str]):
     def update(self, members: Iterable[str]) -> None:
         for member in members:
             self.add(member)
-
-
-def _declared_mbit(record: dict | None) -> bool:
-    mbit = (record or {}).get("mbit")
-    return isinstance(mbit, (int, float)) and math.isfinite(mbit) and mbit > 0
 
 
 class Peer:
@@ -582,7 +569,7 @@ class Peer:
         round_id = self.next_round_id() if round_id is None else round_id
         start = self.round_start(round_id)
         record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
-        record["answered"] = self._recent_vouches()
+        record["answered"] = self._recent_vouches()  # ``matchmaking.vouches``
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         try:
@@ -602,28 +589,15 @@ class Peer:
                 participants = await self.membership.round_participants(round_id)
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not read the round's participants from the DHT")
-        compatible = {
-            peer
-            for peer, info in participants.items()
-            if (info.get("schema"), info.get("numel"), info.get("mode")) == (self.model_schema, snapshot.numel(), mode)
-        }
-        vouches = {peer: _vouches(participants[peer]) for peer in compatible}
-        vouches[self.peer_id] = frozenset(record["answered"])  # what we registered, even if our own read missed it
-        members = group_of(self.peer_id, vouches, round_id, self.target_group_size, salt=self.run_id)
-        clients = frozenset(peer for peer in members if participants.get(peer, {}).get("client"))
-        if self.client_mode:
-            clients |= {self.peer_id}
-        bandwidths = {peer: participants[peer]["mbit"] for peer in members if _declared_mbit(participants.get(peer))}
-        if self.bandwidth_mbit is not None:  # what we registered, even if our own read missed it
-            bandwidths[self.peer_id] = self.bandwidth_mbit
-        plan = GroupPlan.build(self.run_id, round_id, members, snapshot.numel(), clients, bandwidths)
+        plan, seen = plan_group(self.run_id, round_id, self.peer_id, record, participants, self.target_group_size)
+        members = plan.members
         if self.client_mode and set(plan.reducers) - self._connected:
             await self._dial(await self.membership.live_peers())
         if not plan.reducers:
             if len(members) == 1:
                 self._answered.append(set())
                 self._agreed[mode] = []
-                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=len(vouches))
+                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=seen)
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
         exchange = self.exchange_class(
             self.p2p,
@@ -653,7 +627,7 @@ class Peer:
         finally:
             self._exchanges.pop(round_id, None)
             self._forget_old_rounds(round_id)
-        result.seconds, result.participants = loop.time() - started, len(vouches)
+        result.seconds, result.participants = loop.time() - started, seen
         self._answered.append(result.answered)
         if self.client_mode:  # a reducer whose answer did not reach us is dialed again before our next round
             self._connected -= set(plan.reducers) - result.answered
@@ -664,7 +638,7 @@ class Peer:
     def _recent_vouches(self) -> list[str]:
         """Who answered us in our last ``VOUCH_ROUNDS`` rounds, the latest first (at most ``MAX_VOUCHES``)."""
         recent = dict.fromkeys(peer for answered in reversed(self._answered) for peer in sorted(answered))
-        return list(recent)[:MAX_VOUCHES]
+        return list(recent)[: matchmaking.MAX_VOUCHES]
 
     def _failed(self, round_id: int, snapshot: torch.Tensor, reason: str) -> RoundResult:
         logger.warning("round %s failed: %s", round_id, reason)

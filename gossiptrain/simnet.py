@@ -258,7 +258,7 @@ class SimulatedTransport:
 
 
 class SimulatedRecords:
-    """One peer's access to the swarm's DHT (``network.RecordStore``): its operations take that peer's link."""
+    """One peer's access to the swarm's DHT (``membership.RecordStore``): its operations take that peer's link."""
 
     def __init__(self, network: SimulatedNetwork, name: str):
         self.network, self.name = network, name

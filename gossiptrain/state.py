@@ -49,7 +49,7 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from hivemind.p2p import P2PDaemonError, PeerID
@@ -70,8 +70,7 @@ from gossiptrain.transport import (
 )
 
 if TYPE_CHECKING:
-    from gossiptrain.exchange import Timeouts
-    from gossiptrain.peer import Peer
+    from gossiptrain.exchange import Rejections, Timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +105,18 @@ StateProvider = Callable[[], dict[str, Any]]
 lists, tuples, dicts), e.g. ``{"params": [...], "optimizer": optimizer.state_dict(), "local_step": n}``.
 It is called in a worker thread, once per request, under the server's ``lock`` if it has one; its
 tensors may be the live ones (not copies): the server reads them under that lock, a chunk at a time."""
+
+
+class Joiner(Protocol):
+    """What a download needs of the joining peer (a started ``peer.Peer``)."""
+
+    run_id: str
+    peer_id: str
+    p2p: Any  # a ``network.Transport``
+    timeouts: Timeouts
+    rejections: Rejections
+
+    async def live_peers(self) -> dict[str, dict[str, Any]]: ...
 
 
 class StateDownloadError(ConnectionError):
@@ -415,7 +426,7 @@ class Progress:
 
 
 async def fetch_state(
-    peer: Peer, donor: str, *, header_timeout: float, max_bytes: int, progress: Progress | None = None
+    peer: Joiner, donor: str, *, header_timeout: float, max_bytes: int, progress: Progress | None = None
 ) -> bytearray:
     """Download the serialized state from one donor and check its size and sha256; raise on any failure."""
     counter, progress = ByteCounter(), progress or Progress()
@@ -467,7 +478,7 @@ def _loaded(data: bytearray, validate: Callable[[dict[str, Any]], None] | None) 
     return state
 
 
-def _count_failure(peer: Peer, donor: str, error: BaseException, progress: Progress, last: bool) -> None:
+def _count_failure(peer: Joiner, donor: str, error: BaseException, progress: Progress, last: bool) -> None:
     kind = _rejection_kind(error)
     peer.rejections[kind] += 1
     logger.warning(
@@ -492,7 +503,7 @@ def _rejection_kind(error: BaseException) -> str:
 
 
 async def download_state(
-    peer: Peer,
+    peer: Joiner,
     *,
     timeout: float = 300.0,
     header_timeout: float = 30.0,
