@@ -572,6 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--slow-peers", type=_COUNT_OR_ZERO, default=0, help="this many peers have --slow-mbit")
     simulate.add_argument("--slow-mbit", type=_POSITIVE, default=5.0)
     simulate.add_argument(
+        "--compute-s", type=_SECONDS_OR_ZERO, default=0.0, help="seconds of local work each peer does before a round"
+    )
+    simulate.add_argument(
+        "--compute-spread", type=_POSITIVE, default=1.0, help="the slowest peer's work takes this many times longer"
+    )
+    simulate.add_argument(
         "--churn", type=_SHARE, default=0.0, help="share of the peers that crash over the run, each replaced at once"
     )
     simulate.add_argument("--group-size", type=_COUNT, default=4)

@@ -152,6 +152,9 @@ class Scenario:
         loss: share of packets lost one way.
         slow_peers: that many peers have a link of ``slow_mbit`` instead.
         slow_mbit: the slow peers' rate.
+        compute_s: seconds of local work (training steps) a peer does before each round, at full speed.
+        compute_spread: the slowest peer's work takes this many times ``compute_s``; the peers' slowness is
+            spread evenly between 1 and it.
         churn: share of ``peers`` that crash over the run, each replaced at once by a joiner that downloads
             a live peer's values (``state.download_state``) and averages from its next slot.
         group_size: the peers' ``target_group_size``.
@@ -171,6 +174,8 @@ class Scenario:
     loss: float = 0.0
     slow_peers: int = 0
     slow_mbit: float = 5.0
+    compute_s: float = 0.0
+    compute_spread: float = 1.0
     churn: float = 0.0
     group_size: int = 4
     round_interval: float = 2.0
@@ -184,6 +189,8 @@ class Scenario:
             raise ValueError(f"peers, numel and rounds must be at least 1: {self}")
         if not 0 <= self.churn <= 1 or not 0 <= self.slow_peers <= self.peers:
             raise ValueError(f"churn must be in [0, 1] and slow_peers in [0, peers]: {self}")
+        if self.compute_s < 0 or self.compute_spread < 1:
+            raise ValueError(f"compute_s must be >= 0 and compute_spread >= 1: {self}")
 
 
 @dataclass
@@ -259,9 +266,11 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     tasks: dict[str, asyncio.Task] = {}
     loop = asyncio.get_running_loop()
 
-    async def take_part(name: str) -> None:
+    async def take_part(name: str, index: int) -> None:
         peer = swarm.peers[name]
+        slowness = 1 + (scenario.compute_spread - 1) * (index % scenario.peers) / max(1, scenario.peers - 1)
         while True:
+            await asyncio.sleep(scenario.compute_s * slowness)
             result = await peer.average(values[name])
             values[name] = result.averaged
             results.setdefault(result.round_id, []).append((result.status, result.seconds))
@@ -272,7 +281,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
             state = await download_state(peer, timeout=10 * scenario.round_interval)
             values[name] = state["values"].clone()
         await peer.serve_state(lambda: {"values": values[name]})
-        tasks[name] = asyncio.create_task(take_part(name))
+        tasks[name] = asyncio.create_task(take_part(name, index))
 
     for index in range(scenario.peers):
         values[f"peer{index}"] = torch.randn(scenario.numel, generator=generator)

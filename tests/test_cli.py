@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -343,3 +344,20 @@ def test_the_demo_prints_its_table_and_two_closing_lines_and_no_warning():
     assert lines[-1].startswith("relative spread between peers' parameters:")
     table = re.compile(r"(\d+ peers training digits, \d+s|\s*peer\s+step\s+rounds.*|\s*\d+\s+(starting|\d+ .*)|)$")
     assert all(table.fullmatch(line) for line in lines[1:-2]), output  # the rest is the table, shown again and again
+
+
+def test_simulate_prints_a_table_per_slot_and_writes_the_report(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run.json"
+    argv = ["simulate", "--peers", "8", "--numel", "500", "--rounds", "3", "--churn", "0.25", "--json", str(out)]
+    monkeypatch.setenv("GOSSIPTRAIN_PROGRESS", "off")
+    logger = logging.getLogger("gossiptrain")
+    level = logger.level
+    try:
+        cli.main([*argv, "--plot", str(tmp_path / "run.png")])
+    finally:  # the command quiets the simulated peers' logs: the other tests read them
+        logger.setLevel(level)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["slot", "peers", "averaged", "round", "p50", "s", "spread"]
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 3 and report["summary"]["crashed"] == report["summary"]["joined"] == 2
+    assert report["summary"]["averaged_share"] > 0.5 and (tmp_path / "run.png").stat().st_size > 0
