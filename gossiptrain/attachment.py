@@ -6,7 +6,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from gossiptrain.exchange import EXCHANGE_ERRORS, RoundResult
 from gossiptrain.loop import LoopThread
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
+from gossiptrain.params import AGREEMENT, agrees, apply_delta, host_copy, model_schema, param_digest, param_norm, unwrap
 from gossiptrain.peer import Peer
 from gossiptrain.progress import show_progress
 from gossiptrain.state import NoStateDonors, download_state
@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[Attachment] = weakref.WeakSet()  # not closed yet, in this process
 
-# Finishing peers agree when each projection of their parameters' digests (``param_digest``) differs by
-# at most this much times the parameters' norm: float32 rounding of equal means applied to each peer's own
-# snapshot leaves about 1e-7 of it, a spread that matters is far larger.
-AGREEMENT = 1e-6
 
 # A round that raises one of these failed for a reason of the network (a peer gone, a timeout) or was
 # cancelled by close(); anything else is a bug, counted as a crash.
@@ -58,93 +54,6 @@ def shutdown_all() -> None:
     """Close every attachment of this process that is still running (also run at exit)."""
     for attachment in list(_LIVE):
         attachment.close()
-
-
-def model_schema(params: Sequence[torch.Tensor]) -> str:
-    """A short name for the shapes and dtypes of a model's parameters."""
-    text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
-    numel = sum(p.numel() for p in params)
-    return f"{numel}params-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside a framework's wrapper (accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``): the one whose ``step`` runs the hooks."""
-    for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
-
-
-def host_copy(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A flat float32 copy of ``params`` on the host.  From CUDA tensors the copies go into pinned
-    memory without blocking, and the caller (a worker thread, not the training step) waits for them."""
-    cuda = {p.device for p in params if p.device.type == "cuda"}
-    out = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, pin_memory=bool(cuda))
-    offset = 0
-    for p in params:
-        out[offset : offset + p.numel()].copy_(p.detach().reshape(-1), non_blocking=bool(cuda))
-        offset += p.numel()
-    for device in cuda:
-        torch.cuda.current_stream(device).synchronize()
-    return out
-
-
-CHUNK_NUMEL = 2**20  # values per step of the chunked passes over the parameters (4 MiB of float32)
-
-
-def _chunks(p: torch.Tensor) -> list[tuple[int, int]]:
-    return [(a, min(a + CHUNK_NUMEL, p.numel())) for a in range(0, p.numel(), CHUNK_NUMEL)]
-
-
-@torch.no_grad()
-def param_norm(params: Sequence[torch.Tensor]) -> float:
-    """The L2 norm of all parameters, in float64, a chunk at a time: no copy of the model."""
-    squares = 0.0
-    for p in params:
-        flat = p.detach().reshape(-1)
-        for a, b in _chunks(flat):
-            chunk = flat[a:b].to("cpu", torch.float64)
-            squares += float(torch.dot(chunk, chunk))
-    return squares**0.5
-
-
-DIGEST_PROJECTIONS = 4  # random directions in ``param_digest``
-
-
-@torch.no_grad()
-def param_digest(params: Sequence[torch.Tensor], projections: int = DIGEST_PROJECTIONS) -> list[float]:
-    """The parameters' projections on ``projections`` random directions, the same on every peer (a fixed
-    seed per chunk), in float64, a chunk at a time.
-
-    Two peers whose parameters differ by ``d`` get projections that differ by about ``|d|`` each,
-    independently, whatever the direction of ``d``: a difference over ten times ``AGREEMENT`` of the
-    norm shows in at least one of four projections but with odds below 1e-8.  (A sum, one fixed
-    direction, misses every difference that sums to zero, such as two values swapped.)  Float32
-    rounding of equal means, about 1e-7 of the norm, stays within ``AGREEMENT``."""
-    totals = torch.zeros(projections, dtype=torch.float64)
-    generator, index = torch.Generator(), 0
-    for p in params:
-        flat = p.detach().reshape(-1)
-        for a, b in _chunks(flat):
-            generator.manual_seed(index)
-            directions = torch.randn(projections, b - a, generator=generator, dtype=torch.float64)
-            totals += directions @ flat[a:b].to("cpu", torch.float64)
-            index += 1
-    return totals.tolist()
-
-
-def _agrees(digest: Any, ours: Sequence[float], tolerance: float) -> bool:
-    """Whether a digest read from another peer's record is ours, each projection within ``tolerance``."""
-    return (
-        isinstance(digest, list)
-        and len(digest) == len(ours)
-        and all(isinstance(x, float) and abs(x - y) <= tolerance for x, y in zip(digest, ours))
-    )
 
 
 class Attachment:
@@ -482,7 +391,7 @@ class Attachment:
                 ]
                 tolerance = AGREEMENT * record.param_norm
                 agreeing = sum(
-                    bool(info.get("done") and _agrees(info.get("digest"), record.param_digest, tolerance))
+                    bool(info.get("done") and agrees(info.get("digest"), record.param_digest, tolerance))
                     for info in others
                 )
                 shown.update(1 + agreeing, total=1 + len(others))
@@ -642,37 +551,11 @@ class Attachment:
 
     def _apply_round(self, result: RoundResult) -> None:
         """Move the strategy's state (reference, anchor, outer optimizer) and the live parameters by
-        ``after - snapshot``, together under the state lock: a joiner's snapshot sees both or neither.
-
-        Where no step was taken since the snapshot, the parameters become ``after``: rounded once to
-        their dtype, equal values give equal parameters on every peer, in bf16 too.  Otherwise the
-        live value plus the delta is formed in float32 (or the parameter's wider dtype) and rounded once.
-        """
-        offset = 0
+        ``after - snapshot``, together under the state lock: a joiner's snapshot sees both or neither
+        (``params.apply_delta``: where no step was taken since the snapshot, they become ``after``)."""
         with self._state_lock, torch.no_grad():
             after = self.strategy.combine(result, self._snapshot, self._mode)
-            unchanged = self.local_step == self._snapshot_step
-            for p in self.params:
-                n = p.numel()
-                if unchanged and p.dtype != torch.float64:
-                    p.copy_(after[offset : offset + n].view_as(p), non_blocking=True)
-                elif p.is_contiguous():  # a chunk at a time: the delta never takes a whole parameter's copy
-                    flat = p.view(-1)
-                    for a, b in _chunks(flat):
-                        delta = after[offset + a : offset + b] - self._snapshot[offset + a : offset + b]
-                        delta = delta.to(p.device, non_blocking=True)
-                        if p.dtype in (torch.float32, torch.float64):
-                            flat[a:b].add_(delta)
-                        else:
-                            flat[a:b].copy_(flat[a:b].float() + delta)
-                else:
-                    delta = (after[offset : offset + n] - self._snapshot[offset : offset + n]).view_as(p)
-                    delta = delta.to(p.device, non_blocking=True)
-                    if p.dtype in (torch.float32, torch.float64):
-                        p.add_(delta)
-                    else:
-                        p.copy_(p.float() + delta)
-                offset += n
+            apply_delta(self.params, after, self._snapshot, becomes=self.local_step == self._snapshot_step)
 
     # -- state: joiners, checkpoints --
 

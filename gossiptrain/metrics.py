@@ -28,7 +28,7 @@ class RoundRecord:
     errors: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # refused network inputs so far, by kind
     time: float = field(default_factory=time.time)
-    # finish()'s rounds only: random projections of the parameters (``attachment.param_digest``)
+    # finish()'s rounds only: random projections of the parameters (``params.param_digest``)
     param_digest: list[float] | None = None
 
     def line(self) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gossiptrain.attachment import AGREEMENT, Attachment, model_schema, shutdown_all
+from gossiptrain.attachment import Attachment, shutdown_all
+from gossiptrain.params import AGREEMENT, model_schema
 
 __all__ = ["AGREEMENT", "GossipOptimizer", "model_schema", "shutdown_all"]
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from gossiptrain import attach, training_state
-from gossiptrain.attachment import AGREEMENT, CRASHES_BEFORE_RAISING, _agrees, param_digest, param_norm
+from gossiptrain.attachment import CRASHES_BEFORE_RAISING
 from gossiptrain.codecs import get_codec
 from gossiptrain.errors import RoundCrashError
 from gossiptrain.outer import OuterStrategy
+from gossiptrain.params import AGREEMENT, agrees, param_digest, param_norm
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from gossiptrain.wire import WireState
 from tests.attach_workers import (
@@ -197,9 +198,9 @@ def test_the_finish_digest_tells_apart_models_whose_parameter_sums_are_equal():
     swapped = [ours[0].flip(0), ours[1].clone()]
     assert float(sum(p.sum() for p in swapped)) == pytest.approx(float(sum(p.sum() for p in ours)), rel=1e-6)
     tolerance = AGREEMENT * param_norm(ours)
-    assert not _agrees(param_digest(swapped), param_digest(ours), tolerance)
+    assert not agrees(param_digest(swapped), param_digest(ours), tolerance)
     rounded = [p * (1 + 1e-7) for p in ours]  # what applying equal means to different snapshots leaves apart
-    assert _agrees(param_digest(rounded), param_digest(ours), tolerance)
+    assert agrees(param_digest(rounded), param_digest(ours), tolerance)
 
 
 def _two_attached_peers(run_id: str, **options):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gossiptrain.attachment import AGREEMENT
+from gossiptrain.params import AGREEMENT
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
