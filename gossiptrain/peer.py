@@ -31,6 +31,7 @@ from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
+from gossiptrain.gate import CredentialGate
 from gossiptrain.matchmaking import plan_group
 from gossiptrain.membership import Membership
 from gossiptrain.network import LibP2PNetwork, Network, RecordStore, Transport, dialable_first
@@ -46,7 +47,6 @@ ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
 MIN_HEARTBEAT_TTL = 6.0  # seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl)
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
-CREDENTIAL_LOOKUP_INTERVAL = 1.0  # at most one DHT read per second for the credentials of unknown stream openers
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
 MAX_CAUGHT = 1024  # peers caught beyond any honest values that a peer remembers (``RecentSet``)
 
@@ -217,8 +217,6 @@ class Peer:
             )
         self.identity: Identity | None = None  # loaded or created by start()
         self.admission = None if self.credential is None else Admission(run_id, self.credential.authority)
-        self._credential_lookup: asyncio.Task | None = None
-        self._credential_lookup_at = -math.inf
         self.protocol = f"gossiptrain.{run_id}.allreduce"
         self.info: dict[str, Any] = {}
         self.p2p: Transport | None = None
@@ -228,6 +226,10 @@ class Peer:
         self._clock_refresh: asyncio.Task | None = None
         self._exchanges: dict[int, asyncio.Future[RoundExchange | None]] = {}
         self.rejections = Rejections()
+        self.gate = None
+        if self.admission is not None:  # its lookups read the members' records, where the certificates are
+            read = lambda: self.membership.live_peers()  # noqa: E731
+            self.gate = CredentialGate(self.admission, run_id, self.rejections, self.timeouts, read)
         self.state_server: StateServer | None = None
         self.startup_seconds: float | None = None  # from start() to ready to average
         self.inbound_streams = 0  # allreduce streams opened to us by other peers
@@ -326,63 +328,12 @@ class Peer:
         await self._shutdown_transport()
 
     def _admitted_only(self, kind: str, handler: Callable, *, reject: bool = True) -> Callable:
-        """``handler`` in an open run; in a private run, ``handler`` for peers with a valid certificate only.
-
-        The remote peer id of a stream is the one libp2p authenticated; a refused stream is answered with a
-        REJECT frame (if ``reject``), closed, and counted as ``uncredentialed_<kind>``.
-        """
-        if self.admission is None:
-            return handler
-
-        async def handler_if_admitted(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            sender = info.peer_id.to_base58()
-            if await self._has_credential(sender):
-                return await handler(info, reader, writer)
-            detail = f"{kind} stream refused: no valid certificate of run {self.run_id!r} in its DHT records"
-            self.admission.count_refusal(self.rejections, f"uncredentialed_{kind}", sender, "?", detail)
-            if not reject:
-                return writer.close()
-            reason = f"run {self.run_id!r} is private: join with a certificate of its authority (--credential)"
-            try:
-                await write_message(writer, FrameKind.REJECT, {"reason": reason}, ByteCounter())
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                await close_after_peer(reader, writer, self.timeouts.part)
-
-        return handler_if_admitted
-
-    async def _has_credential(self, peer: str) -> bool:
-        """Whether ``peer`` has shown a valid certificate in its DHT records.  One that we have not seen yet
-        (a joiner) is looked up in the members' records: one read at a time, at most one per
-        ``CREDENTIAL_LOOKUP_INTERVAL`` for all, shared by the streams that wait for it (within ``join``)."""
-        if self.admission.admitted(peer):
-            return True
-        loop = asyncio.get_running_loop()
-        if self._credential_lookup is None or self._credential_lookup.done():
-            delay = max(0.0, self._credential_lookup_at + CREDENTIAL_LOOKUP_INTERVAL - loop.time())
-            self._credential_lookup_at = loop.time() + delay
-            self._credential_lookup = asyncio.create_task(self._read_credentials(delay))
-        try:
-            async with asyncio.timeout(self.timeouts.join):
-                await asyncio.shield(self._credential_lookup)
-        except Exception as e:  # the peer stays unknown and is refused; it may try again
-            logger.debug("could not read the members' credentials: %r", e)
-        return self.admission.admitted(peer)
-
-    async def _read_credentials(self, delay: float) -> None:
-        """Read the members' records after ``delay`` seconds: ``Admission`` caches the certificates in them."""
-        await asyncio.sleep(delay)
-        try:
-            await self.membership.live_peers()
-        except Exception as e:  # the peers waiting for it are refused; they may try again
-            logger.debug("could not read the members' credentials: %r", e)
+        """``handler`` in an open run; in a private run, guarded by ``gate.CredentialGate``."""
+        return handler if self.gate is None else self.gate.guard(kind, handler, reject=reject)
 
     async def _shutdown_transport(self) -> None:
-        if self._credential_lookup is not None:
-            self._credential_lookup.cancel()
-            await asyncio.gather(self._credential_lookup, return_exceptions=True)
-            self._credential_lookup = None
+        if self.gate is not None:
+            await self.gate.close()
         if self.dht is not None:
             await self.dht.shutdown()
             self.dht = None
