@@ -29,8 +29,9 @@ from gossiptrain.params import AGREEMENT, agrees, apply_delta, host_copy, model_
 from gossiptrain.peer import Peer
 from gossiptrain.progress import show_progress
 from gossiptrain.state import NoStateDonors, download_state
+from gossiptrain.strategy import Contribution, RoundStrategy
 from gossiptrain.trackers import LogTo, open_trackers
-from gossiptrain.wire import Contribution, WireState
+from gossiptrain.wire import WireState
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class Attachment:
             raise ValueError("checkpoint_every needs a checkpoint path and a positive number of steps")
         self.average_every_steps = inner_steps if inner_steps is not None else average_every_steps
         self.samples_per_step, self.on_round = samples_per_step, on_round
+        self.strategy: RoundStrategy
         if outer_optimizer is None:
             self.strategy = WireState(get_codec(codec), sync_every)
             self.strategy.allocate(sum(p.numel() for p in self.params))  # the codec's state, made once

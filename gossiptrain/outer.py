@@ -43,7 +43,7 @@ import torch
 
 from gossiptrain.codecs import Codec
 from gossiptrain.exchange import RoundResult, uncovered
-from gossiptrain.wire import Contribution
+from gossiptrain.strategy import Contribution
 
 OuterFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 ANCHOR_SYNC_EVERY = 5  # one outer round in this many averages the parameters and resets the anchor

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from gossiptrain.strategy import RoundStrategy
 
 
 def _copied(obj: Any) -> Any:
@@ -43,7 +46,7 @@ def capture(
     params: Sequence[torch.Tensor],
     optimizer: torch.optim.Optimizer,
     local_step: int,
-    strategy: Any,
+    strategy: RoundStrategy,
     extra: dict,
     scheduler: Any | None = None,
     own: bool = False,
@@ -66,7 +69,7 @@ def capture(
 
 
 def check(
-    state: dict[str, Any], params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, strategy: Any
+    state: dict[str, Any], params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, strategy: RoundStrategy
 ) -> None:
     """Raise ValueError if a downloaded state (or a checkpoint) cannot be loaded here."""
     theirs_params, theirs_optimizer, local_step = state.get("params"), state.get("optimizer"), state.get("local_step")
@@ -98,7 +101,7 @@ def load(
     state: dict[str, Any],
     params: Sequence[torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    strategy: Any,
+    strategy: RoundStrategy,
     scheduler: Any | None = None,
     own: bool = False,
 ) -> int:

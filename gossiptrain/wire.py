@@ -45,24 +45,13 @@ dropped (``unsent``) lives for that round only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from gossiptrain.codecs import Codec
 from gossiptrain.exchange import RoundResult
+from gossiptrain.strategy import Contribution
 
 SPARSE_SYNC_EVERY = 10  # sparse and low-rank codecs: one params round in this many, by default
-
-
-@dataclass
-class Contribution:
-    """What this peer hands to ``Peer.average`` for one round."""
-
-    values: torch.Tensor
-    residual: torch.Tensor | None
-    mode: str  # "params" | "delta"
-    codec: Codec
 
 
 class WireState:
