@@ -73,7 +73,7 @@ def run_demo(
     """
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm() as swarm:
         work = Path(workdir)
-        print(f"bootstrap node at {swarm.start_bootstrap()[0]}", flush=True)
+        swarm.start_bootstrap()
         peers = [
             swarm.start_peer(
                 *("--steps", str(steps), "--seed", str(i), "--average-every", str(average_every), "--codec", codec),
