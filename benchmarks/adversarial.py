@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -65,7 +64,7 @@ import time
 from pathlib import Path
 
 import torch
-from environment import report_header
+from harness import figure, report_header, save_figure, write_report
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
@@ -393,13 +392,8 @@ def no_attack_cost(summary: list[dict]) -> list[dict]:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     tasks = list(dict.fromkeys(s["task"] for s in report["summary"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.8), squeeze=False)
+    fig, axes = figure(1, len(tasks), figsize=(7 * len(tasks), 4.8), squeeze=False)
     colors = {"off": "tab:red", "clip": "tab:blue", "trimmed": "tab:green", "default": "tab:purple"}
     for ax, task in zip(axes[0], tasks):
         rows = [s for s in report["summary"] if s["task"] == task and "error" not in s]
@@ -430,9 +424,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['date']}; {report['machine']['cpu_count']} CPUs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -521,11 +513,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"{result['wall_seconds']:.0f} s",
                     flush=True,
                 )
-            args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far
+            write_report(report, args.out.with_suffix(".json"))  # so far
     report["no_attack_cost"] = no_attack_cost(report["summary"])
     report["total_seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out.with_suffix(".json"))
     print()
     print(table(report["summary"]))
     for cost in report["no_attack_cost"]:

@@ -28,19 +28,17 @@ Writes ``benchmarks/results/churn_soak.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import random
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from environment import machine_info
+from harness import fmt, median, report_header, write_report
 
 from gossiptrain.demo import read_records
 from gossiptrain.exchange import Timeouts
@@ -158,7 +156,7 @@ def summarize(swarm: dict, state_size: int) -> dict:
         "rounds_alone": statuses.count("alone"),
         "rounds_failed": statuses.count("failed"),
         "max_round_seconds": max((r["round_seconds"] for r in rounds), default=None),
-        "median_round_seconds": statistics.median(r["round_seconds"] for r in rounds) if rounds else None,
+        "median_round_seconds": median(r["round_seconds"] for r in rounds),
         "non_finite_records": non_finite_records,
         "non_finite_refused": non_finite_refused,
         "joiners": joiners,
@@ -167,10 +165,6 @@ def summarize(swarm: dict, state_size: int) -> dict:
         "final_accuracy": statistics.fmean(f["accuracy"] for f in finals if f is not None) if final_losses else None,
         "peers_finished": len(final_losses),
     }
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def table(results: dict, round_bound: float) -> str:
@@ -183,11 +177,11 @@ def table(results: dict, round_bound: float) -> str:
         spawns = [j["first_contribution_after_spawn_seconds"] for j in s["joiners"]]
         rows.append(
             f"{name:<7} {s['peers_started']:>5} {s['killed']:>6} {s['rounds_averaged']:>8} {s['rounds_alone']:>5} "
-            f"{s['rounds_failed']:>6} {_fmt(s['max_round_seconds'], '.2f'):>10} "
+            f"{s['rounds_failed']:>6} {fmt(s['max_round_seconds'], '.2f'):>10} "
             f"{s['non_finite_records'] + s['non_finite_refused']:>7} "
-            f"{_fmt(max(joins, default=None) if None not in joins else None, '.2f'):>17} "
-            f"{_fmt(max(spawns, default=None) if None not in spawns else None, '.2f'):>18} "
-            f"{_fmt(s['final_loss'], '.4f'):>10} {_fmt(s['final_accuracy'], '.4f'):>8}"
+            f"{fmt(max(joins, default=None) if None not in joins else None, '.2f'):>17} "
+            f"{fmt(max(spawns, default=None) if None not in spawns else None, '.2f'):>18} "
+            f"{fmt(s['final_loss'], '.4f'):>10} {fmt(s['final_accuracy'], '.4f'):>8}"
         )
     rows.append(f"round wait bound (join + part + 2 s): {round_bound:.1f} s")
     return "\n".join(rows)
@@ -206,13 +200,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    report = {
-        "benchmark": "churn_soak",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = report_header("churn_soak", args)
     state_size = state_bytes(args.task)
     round_bound = Timeouts().join + Timeouts().part + 2.0
     results = {}
@@ -240,8 +228,7 @@ def main() -> None:
     report.update(results=results, verdict=verdict)
     print(table(results, round_bound))
     print(json.dumps(verdict, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -39,21 +39,18 @@ Writes ``<out>.json`` (machine, date, command, configuration, every number) and 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import re
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-from environment import machine_info
+from harness import figure, median, run_info, save_figure, write_report
 
 from gossiptrain.demo import parameter_spread, read_records
 from gossiptrain.testing import LocalSwarm
@@ -174,8 +171,8 @@ def summarize(
         "rounds_averaged_per_peer": len(averaged) / len(records),
         "rounds_alone_per_peer": sum(r["status"] == "alone" for r in rounds) / len(records),
         "rounds_failed_per_peer": sum(r["status"] == "failed" for r in rounds) / len(records),
-        "median_group_size": statistics.median([r["group_size"] for r in averaged]) if averaged else None,
-        "median_round_seconds": statistics.median([r["round_seconds"] for r in averaged]) if averaged else None,
+        "median_group_size": median([r["group_size"] for r in averaged]),
+        "median_round_seconds": median([r["round_seconds"] for r in averaged]),
         "wall_seconds": wall,
         "steps": [f["step"] for f in finals],
         "val_loss": _mean([f["loss"] for f in finals]),
@@ -255,7 +252,7 @@ def add_penalties(results: dict[str, dict[str, dict]]) -> None:
                     if "error" not in run and "error" not in base
                 ]
                 s["paired_penalty_pct"] = pairs  # run i against none's run i, run side by side
-                s["paired_penalty_median_pct"] = statistics.median(pairs) if pairs else None
+                s["paired_penalty_median_pct"] = median(pairs)
             if s.get("bytes_per_param_per_training_round") is not None and dense:
                 s["bytes_per_value_sent"] = 4 * s["bytes_per_param_per_training_round"] / dense
 
@@ -270,13 +267,9 @@ def plot_title(report: dict) -> str:
 
 
 def plot(results: dict[str, dict[str, dict]], path: Path, title: str, spread_over: str = "peers") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from matplotlib import ticker
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    fig, axes = figure(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for ax, (task, by_codec) in zip(axes[0], results.items()):
         for codec, s in by_codec.items():
             if "val_loss" not in s:
@@ -294,9 +287,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, title: str, spread_ove
         ax.set_title(task)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -331,9 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {task: args.steps or TASK_SETTINGS[task]["quick_steps" if args.quick else "steps"] for task in tasks}
     report = {
         "benchmark": "compression",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "machine": machine_info(),
+        **run_info(interpreter_path=True),
         "config": {
             "codecs": codecs,
             "tasks": tasks,
@@ -373,10 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
                             runs[codec].append({"error": str(e)})
                     report["results"][task][codec] = runs[codec][0] if args.repeats == 1 else merge_repeats(runs[codec])
                     add_penalties(report["results"])
-                    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+                    write_report(report, args.out.with_suffix(".json"))
     report["total_seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out.with_suffix(".json"))
     print()
     print(table(report["results"]))
     plot(report["results"], args.out.with_suffix(".png"), plot_title(report), "runs" if args.repeats > 1 else "peers")

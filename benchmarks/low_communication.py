@@ -85,7 +85,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import report_header
+from harness import figure, fmt, report_header, save_figure, write_report
 from time_to_loss import hivemind_worker, start_in, time_to
 
 from gossiptrain.demo import read_records
@@ -465,7 +465,7 @@ def summarize(report: dict, results: dict) -> None:
             extent.update(system=system, runs=len(metrics))
             for key in METRICS:
                 values = [m[key] for m in metrics]
-                entry[key] = _median(values)
+                entry[key] = _median_none_largest(values)
                 known = [v for v in values if v is not None]
                 extent[key] = [min(known), max(known)] if known else None
             extent["reached"] = sum(m["seconds_to_target"] is not None for m in metrics)
@@ -478,8 +478,9 @@ def summarize(report: dict, results: dict) -> None:
 KEY = ("mbit", "rtt_ms", "system")
 
 
-def _median(values: list[float | None]) -> float | None:
-    """The median, None (never reached, unknown) counting as larger than any number; None if that is the median."""
+def _median_none_largest(values: list[float | None]) -> float | None:
+    """The median, None (never reached, unknown) counting as larger than any number; None if that is the median.
+    Not ``harness.median``, which leaves a None out: here a target most runs never reach has no median."""
     ranked = sorted(math.inf if v is None else v for v in values)
     median = statistics.median(ranked) if ranked else math.inf
     return None if math.isinf(median) or math.isnan(median) else median
@@ -489,9 +490,6 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def table(report: dict) -> str:
-    def number(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
-
     header = (
         f"{'Mbit/s':>6} {'rtt ms':>6} {'system':<9} {'to target s':>11} {'MB/peer to tgt':>14} {'final loss':>10} "
         f"{'equal-tok loss':>14} {'util':>5} {'reached':>7}"
@@ -502,9 +500,9 @@ def table(report: dict) -> str:
         mark = "*" if entry["projected"] else " "
         rows.append(
             f"{entry['mbit']:>6g} {entry['rtt_ms']:>6g} {entry['system']:<9}"
-            f"{number(entry['seconds_to_target'], '.1f'):>11}{mark} {number(to_bytes and to_bytes / 1e6, '.2f'):>14} "
-            f"{number(entry['final_loss'], '.4f'):>10} {number(entry['final_loss_equal_tokens'], '.4f'):>14} "
-            f"{number(entry['compute_utilization'], '.2f'):>5} {extent['reached']:>3}/{extent['runs']:<3}"
+            f"{fmt(entry['seconds_to_target'], '.1f'):>11}{mark} {fmt(to_bytes and to_bytes / 1e6, '.2f'):>14} "
+            f"{fmt(entry['final_loss'], '.4f'):>10} {fmt(entry['final_loss_equal_tokens'], '.4f'):>14} "
+            f"{fmt(entry['compute_utilization'], '.2f'):>5} {extent['reached']:>3}/{extent['runs']:<3}"
         )
     targets = ", ".join(f"{k}: {v:.4f}" for k, v in report["targets"].items() if v is not None)
     rows.append(
@@ -517,14 +515,9 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     settings = sorted({(mbit, rtt) for mbit, rtt, _ in results}, key=lambda s: (-s[0], s[1]))
     dp_runs = [r["dp"] for r in results.values() if "dp" in r]
-    fig, axes = plt.subplots(2, len(settings), figsize=(6 * len(settings), 9), squeeze=False)
+    fig, axes = figure(2, len(settings), figsize=(6 * len(settings), 9), squeeze=False)
     colors = dict(zip(SYSTEMS, ("tab:gray", "black", "tab:green", "tab:orange", "tab:blue", "tab:red")))
     for column, (mbit, rtt) in enumerate(settings):
         by_time, by_bytes = axes[0][column], axes[1][column]
@@ -562,9 +555,7 @@ def plot(report: dict, results: dict, path: Path) -> None:
         by_bytes.set_xscale("log")
         by_bytes.set_xlabel("bytes per peer through its link (log; solo sends none)")
     fig.suptitle(f"char-LM, low communication; {report['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_training_bytes(report: dict) -> None:
@@ -585,7 +576,9 @@ def add_training_bytes(report: dict) -> None:
         run["training_bytes_per_peer_to_target"] = None if total is None else total - start
     for entry in report["summary"]:
         runs = [r for r in report["per_run"] if (r["mbit"], r["rtt_ms"], r["system"]) == tuple(entry[k] for k in KEY)]
-        entry["training_bytes_per_peer_to_target"] = _median([r["training_bytes_per_peer_to_target"] for r in runs])
+        entry["training_bytes_per_peer_to_target"] = _median_none_largest(
+            [r["training_bytes_per_peer_to_target"] for r in runs]
+        )
 
 
 def write(report: dict, results: dict, out: Path) -> None:
@@ -596,7 +589,7 @@ def write(report: dict, results: dict, out: Path) -> None:
         for s, r in run.items()
     ]
     add_training_bytes(report)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, out.with_suffix(".json"))
 
 
 # --- the benchmark -----------------------------------------------------------------------------------------------
@@ -731,7 +724,7 @@ def main() -> None:
     if args.resummarize:
         report = json.loads(args.resummarize.read_text())
         add_training_bytes(report)
-        args.resummarize.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(report, args.resummarize)
         return print(table(report))
     if args.hivemind_epoch_steps is None:
         args.hivemind_epoch_steps = args.inner_steps

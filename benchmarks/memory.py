@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from environment import report_header
+from harness import figure, report_header, save_figure, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.memory_workers
 
@@ -102,12 +102,7 @@ def table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     keys = sorted({(s["mode"], s["codec"], s["serve"]) for s in summary})
     for mode, codec, serve in keys:
         rows = [s for s in summary if (s["mode"], s["codec"], s["serve"]) == (mode, codec, serve)]
@@ -120,8 +115,7 @@ def plot(summary: list[dict], path: Path) -> None:
     ax.set_ylabel("extra peak RSS / fp32 model size")
     ax.set_title("A peer's extra peak host memory in a round (2 peers)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def soak(args: argparse.Namespace) -> dict:
@@ -158,13 +152,8 @@ def soak(args: argparse.Namespace) -> dict:
 
 
 def plot_soak(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     series = report["series"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     ax.plot([t / 60 for t, _ in series], [rss / 2**20 for _, rss in series])
     ax.axvline(report["summary"]["warmup_s"] / 60, color="grey", linestyle="--", label="end of warm-up")
     ax.set_xlabel("minutes")
@@ -172,8 +161,7 @@ def plot_soak(report: dict, path: Path) -> None:
     s = report["summary"]
     ax.set_title(f"Soak: {s['size']} {s['codec']}, growth after warm-up {100 * s['growth']:+.1f}%")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -197,7 +185,7 @@ def main() -> None:
         out = args.out or RESULTS / "memory-soak.json"
         report = {**report_header("memory-soak", args), **soak(args)}
         report["wall_seconds"] = round(time.monotonic() - started, 1)
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(report, out)
         plot_soak(report, out.with_suffix(".png"))
         print(json.dumps(report["summary"], indent=1))
         return
@@ -224,7 +212,7 @@ def main() -> None:
         summary.append(row(result, size))
         print(table(summary[-1:]).splitlines()[-1], flush=True)
         report.update(summary=summary, results=results, wall_seconds=round(time.monotonic() - started, 1))
-        out.write_text(json.dumps(report, indent=1) + "\n")  # after every run: a partial result survives
+        write_report(report, out)  # after every run: a partial result survives
     plot(summary, out.with_suffix(".png"))
     print(table(summary))
 

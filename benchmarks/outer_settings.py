@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import re
@@ -48,7 +47,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from environment import report_header
+from harness import figure, report_header, save_figure, write_report
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from gossiptrain.codecs import Codec, get_codec
@@ -262,12 +261,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = figure(1, 2, figsize=(13, 5))
     for r in rows:
         if "curve" not in r:
             continue
@@ -291,9 +285,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -340,9 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
         if name.startswith("best"):
             rows[-1]["best_is"] = best.name
         report.update(summary=rows, total_seconds=time.monotonic() - started)
-        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+        write_report(report, args.out.with_suffix(".json"))
     report.update(summary=rows, total_seconds=time.monotonic() - started, load_average_at_end=list(os.getloadavg()))
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out.with_suffix(".json"))
     print(table(rows))
     title = (
         f"charlm, {args.workers} workers x {args.steps} inner steps (Adam lr {args.lr}, batch {args.batch_size}); "

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import report_header
+from harness import report_header, write_report
 
 from gossiptrain.demo import read_records
 from gossiptrain.testing import LocalSwarm
@@ -275,8 +275,7 @@ def main() -> None:
     summary = summarize(runs, conditions)
     report.update(runs=runs, summary=summary, load_average_at_end=list(os.getloadavg()))
     print(table(summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     print(f"wrote {args.out}")
 
 

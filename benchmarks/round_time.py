@@ -63,21 +63,18 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import datetime
 import io
-import json
 import math
 import multiprocessing
 import os
 import pstats
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from environment import machine_info
+from harness import fmt, median, report_header, write_report
 
 from gossiptrain.netns import EmulatedLinks, enter_namespace
 from gossiptrain.testing import LOOPBACK, LocalSwarm
@@ -468,28 +465,24 @@ def size_name(numel: int) -> str:
     return f"{numel // 10**6}M" if numel % 10**6 == 0 else f"{numel // 10**3}K" if numel % 10**3 == 0 else str(numel)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(results: list[dict]) -> str:
     columns = [
         ("config", 7, lambda r, g, h: r["config"]),
-        ("gossip s", 9, lambda r, g, h: _fmt(g and g["median_round_s"], ".3f")),
-        ("hivemind s", 10, lambda r, g, h: _fmt(h and h["median_round_s"], ".3f")),
-        ("ratio g/h", 9, lambda r, g, h: _fmt(r.get("ratio_gossiptrain_over_hivemind"), ".2f")),
-        ("undefended s", 12, lambda r, g, h: _fmt(r.get("undefended", {}).get("median_round_s"), ".3f")),
-        ("ratio g/u", 9, lambda r, g, h: _fmt(r.get("ratio_defended_over_undefended"), ".2f")),
-        ("g bytes/peer/rnd", 16, lambda r, g, h: _fmt(g and g.get("bytes_sent_per_peer_round"), ",d")),
-        ("ideal", 10, lambda r, g, h: _fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
-        ("g max err", 9, lambda r, g, h: _fmt(g and g["max_abs_error"], ".1e")),
-        ("h max err", 9, lambda r, g, h: _fmt(h and h["max_abs_error"], ".1e")),
-        ("g peak MB", 9, lambda r, g, h: _fmt(g and g["peak_rss_mb_per_peer"], ".0f")),
-        ("h peak MB", 9, lambda r, g, h: _fmt(h and h["peak_rss_mb_per_peer"], ".0f")),
-        ("g cpu s", 7, lambda r, g, h: _fmt(g and g["median_cpu_s_per_peer_round"], ".2f")),
-        ("h cpu s", 7, lambda r, g, h: _fmt(h and h["median_cpu_s_per_peer_round"], ".2f")),
-        ("g p2pd s", 8, lambda r, g, h: _fmt(g and g.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
-        ("h p2pd s", 8, lambda r, g, h: _fmt(h and h.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
+        ("gossip s", 9, lambda r, g, h: fmt(g and g["median_round_s"], ".3f")),
+        ("hivemind s", 10, lambda r, g, h: fmt(h and h["median_round_s"], ".3f")),
+        ("ratio g/h", 9, lambda r, g, h: fmt(r.get("ratio_gossiptrain_over_hivemind"), ".2f")),
+        ("undefended s", 12, lambda r, g, h: fmt(r.get("undefended", {}).get("median_round_s"), ".3f")),
+        ("ratio g/u", 9, lambda r, g, h: fmt(r.get("ratio_defended_over_undefended"), ".2f")),
+        ("g bytes/peer/rnd", 16, lambda r, g, h: fmt(g and g.get("bytes_sent_per_peer_round"), ",d")),
+        ("ideal", 10, lambda r, g, h: fmt(g and g.get("ideal_bytes_per_peer_round"), ",d")),
+        ("g max err", 9, lambda r, g, h: fmt(g and g["max_abs_error"], ".1e")),
+        ("h max err", 9, lambda r, g, h: fmt(h and h["max_abs_error"], ".1e")),
+        ("g peak MB", 9, lambda r, g, h: fmt(g and g["peak_rss_mb_per_peer"], ".0f")),
+        ("h peak MB", 9, lambda r, g, h: fmt(h and h["peak_rss_mb_per_peer"], ".0f")),
+        ("g cpu s", 7, lambda r, g, h: fmt(g and g["median_cpu_s_per_peer_round"], ".2f")),
+        ("h cpu s", 7, lambda r, g, h: fmt(h and h["median_cpu_s_per_peer_round"], ".2f")),
+        ("g p2pd s", 8, lambda r, g, h: fmt(g and g.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
+        ("h p2pd s", 8, lambda r, g, h: fmt(h and h.get("median_p2pd_cpu_s_per_peer_round"), ".2f")),
         (
             "incomplete g/h",
             14,
@@ -521,17 +514,12 @@ def run_system(system: str, num_peers: int, numel: int, config: str, args: argpa
         print(stream.getvalue())
     times = [round(t, 3) for t in summary["round_s_max_over_peers"]]
     print(
-        f"  median {_fmt(summary['median_round_s'], '.3f')}s  rounds {times}"
-        f"  max err {_fmt(summary['max_abs_error'], '.1e')}  incomplete {summary['incomplete_rounds']}"
+        f"  median {fmt(summary['median_round_s'], '.3f')}s  rounds {times}"
+        f"  max err {fmt(summary['max_abs_error'], '.1e')}  incomplete {summary['incomplete_rounds']}"
         f"  wall {summary['wall_s']:.0f}s  errors {summary['errors'][:2]}",
         flush=True,
     )
     return summary
-
-
-def _median(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
 
 
 def main() -> None:
@@ -580,14 +568,14 @@ def main() -> None:
         if args.repeats > 1:  # the median over the repeats; the summaries' other numbers are the last repeat's
             row["repeats"] = medians
             for system in systems:
-                row[system]["median_round_s"] = _median(medians[system])
+                row[system]["median_round_s"] = median(medians[system])
         for base, key in (
             ("hivemind", "ratio_gossiptrain_over_hivemind"),
             ("undefended", "ratio_defended_over_undefended"),
         ):
             ratios = [g / b for g, b in zip(medians.get("gossiptrain", []), medians.get(base, [])) if g and b]
             if ratios:  # per repeat (the two systems' runs side by side), then the median of those
-                row[key] = _median(ratios)
+                row[key] = median(ratios)
                 row[key + "_per_repeat"] = ratios
         results.append(row)
 
@@ -599,21 +587,13 @@ def main() -> None:
     )
     print(table(results))
     report = {
-        "benchmark": "round_time",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {
-            **machine_info(),
-            "load_average_at_start": load_start,
-            "load_average_at_end": list(os.getloadavg()),
-        },
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **report_header("round_time", args, interpreter_path=True),
         "round_time_definition": "per round: max over peers of the round's time; reported: median over measured rounds",
         "wall_s": time.monotonic() - started,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report["machine"].update(load_average_at_start=load_start, load_average_at_end=list(os.getloadavg()))
+    write_report(report, args.out)
     print(f"\nwrote {args.out} ({report['wall_s']:.0f}s)")
 
 

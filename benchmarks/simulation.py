@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wan  # noqa: E402
-from environment import report_header  # noqa: E402
+from harness import figure, fmt, report_header, save_figure, write_report  # noqa: E402
 
 from gossiptrain.netns import EmulationUnavailable  # noqa: E402
 from gossiptrain.simulation import Scenario, simulate  # noqa: E402
@@ -83,18 +83,14 @@ def at_scale(peers: int, limit_s: float) -> dict:
     return {"peers": peers, "limit_s": limit_s, "within_limit": summary["wall_s"] <= limit_s, **summary}
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(report: dict) -> str:
     lines = ["peers rtt_ms  loss   live_p50  sim_p50  ratio   live_avg  sim_avg  points"]
     for row in report["faithful"]:
         lines.append(
-            f"{row['peers']:>5} {row['rtt_ms']:>6g} {row['loss']:>5g} {_fmt(row.get('live_p50_s'), '>10.3f')} "
-            f"{_fmt(row['sim_p50_s'], '>8.3f')} {_fmt(row.get('p50_ratio'), '>6.2f')} "
-            f"{_fmt(row.get('live_averaged'), '>10.1%')} {row['sim_averaged']:>8.1%} "
-            f"{_fmt(row.get('averaged_points'), '>7.1f')}"
+            f"{row['peers']:>5} {row['rtt_ms']:>6g} {row['loss']:>5g} {fmt(row.get('live_p50_s'), '>10.3f')} "
+            f"{fmt(row['sim_p50_s'], '>8.3f')} {fmt(row.get('p50_ratio'), '>6.2f')} "
+            f"{fmt(row.get('live_averaged'), '>10.1%')} {row['sim_averaged']:>8.1%} "
+            f"{fmt(row.get('averaged_points'), '>7.1f')}"
         )
     lines.append("peers  wall_s  s/round  peak_rss_MB  averaged  spread_after  crashed/joined")
     for row in report["scale"]:
@@ -106,13 +102,8 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [row for row in report["faithful"] if row.get("live_p50_s")]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = figure(1, 2, figsize=(11, 3.8))
     labels = [f"{r['peers']}p {r['rtt_ms']:g}ms {r['loss']:g}" for r in rows]
     x = range(len(rows))
     left.bar([i - 0.2 for i in x], [r["live_p50_s"] for r in rows], 0.4, label="live")
@@ -125,9 +116,7 @@ def plot(report: dict, path: Path) -> None:
     right.plot([r["peers"] for r in scale], [r["limit_s"] for r in scale], "k--", label="target")
     right.set(xscale="log", yscale="log", xlabel="simulated peers", ylabel="seconds", title="simulator at scale")
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -163,8 +152,7 @@ def main() -> None:
     report["wall_s"] = time.monotonic() - started
     print(table(report))
     print(json.dumps(report["summary"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

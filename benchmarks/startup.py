@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from environment import machine_info
+from harness import run_info, write_report
 
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.peer import Peer
@@ -142,15 +138,13 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"load average before/after: {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} CPUs")
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "machine": {**machine_info(), "load_average_at_start": load_before, "load_average_at_end": load_after},
+        **run_info(interpreter_path=True),
         "repeats": args.repeats,
         "budget_seconds": 2.0,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    report["machine"].update(load_average_at_start=load_before, load_average_at_end=load_after)
+    write_report(report, args.out)
     print(f"wrote {args.out}")
 
 

@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from environment import machine_info
+from harness import machine_info
 
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.state import serialize_state

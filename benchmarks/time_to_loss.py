@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from environment import report_header
+from harness import figure, report_header, save_figure, write_report
 
 from gossiptrain.demo import read_records
 from gossiptrain.metrics import PeriodicEvaluation
@@ -264,13 +264,8 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     mbits = sorted({run["mbit"] for run in report["runs"]}, reverse=True)
-    fig, axes = plt.subplots(1, len(mbits), figsize=(6 * len(mbits), 4.5), squeeze=False, sharey=True)
+    fig, axes = figure(1, len(mbits), figsize=(6 * len(mbits), 4.5), squeeze=False, sharey=True)
     colors = {"gossiptrain": "tab:blue", "hivemind": "tab:orange"}
     for ax, mbit in zip(axes[0], mbits):
         for run in (run for run in report["runs"] if run["mbit"] == mbit):
@@ -289,9 +284,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(f"char-LM, codec {report['settings']['codec']}; {report['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_setting(mbit: float, repeat: int, args: argparse.Namespace, workdir: Path) -> dict:
@@ -376,13 +369,13 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for mbit in args.mbit:
                     report["runs"].append(run_setting(mbit, repeat, args, Path(workdir)))
-                    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # so far
+                    write_report(report, args.out.with_suffix(".json"))  # so far
     except EmulationUnavailable as e:
         print(f"skipped: cannot emulate bandwidth-limited links on this machine: {e}")
         return
     report.update(total_seconds=time.monotonic() - started, load_average_at_end=list(os.getloadavg()))
     print(table(report))
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out.with_suffix(".json"))
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 

@@ -34,7 +34,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import report_header  # noqa: E402
+from harness import figure, fmt, median, report_header, save_figure, write_report  # noqa: E402
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES  # noqa: E402
 from gossiptrain.netns import EmulatedLinks, EmulationUnavailable  # noqa: E402
@@ -159,15 +158,11 @@ def summarize(result: dict, indices: range | None = None) -> dict:
         "loss": result["loss"],
         "rounds": len(rounds),
         "averaged_share": len(averaged) / len(rounds) if rounds else 0.0,
-        "round_p50_s": statistics.median(seconds) if seconds else None,
+        "round_p50_s": median(seconds),
         "round_p95_s": _quantile(seconds, 0.95),
         "final_spread": result["final_spread"],
         "first_errors": sorted({e for r in rounds for e in r["errors"]})[:5],
     }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def table(report: dict) -> str:
@@ -175,30 +170,25 @@ def table(report: dict) -> str:
     for s in report["summary"]:
         lines.append(
             f"{s['peers']:>5}  {s['rtt_ms']:>6g}  {s['loss']:<5g}  {s['rounds']:>6}  {s['averaged_share']:>8.1%}  "
-            f"{_fmt(s['round_p50_s'], '5.2f')}  {_fmt(s['round_p95_s'], '5.2f')}  {s['final_spread']:>12.2e}"
+            f"{fmt(s['round_p50_s'], '5.2f')}  {fmt(s['round_p95_s'], '5.2f')}  {s['final_spread']:>12.2e}"
         )
     if slow := report.get("slow_peer"):
         lines.append(
             f"one {slow['slow_mbit']:g} Mbit/s peer among {slow['mbit']:g} Mbit/s ({slow['peers']} peers, "
-            f"{slow['rtt_ms']:g} ms RTT): fast peers' round p50 {_fmt(slow['baseline_round_p50_s'], '.2f')} s alone"
+            f"{slow['rtt_ms']:g} ms RTT): fast peers' round p50 {fmt(slow['baseline_round_p50_s'], '.2f')} s alone"
         )
         for case in ("undeclared", "declared"):
             if result := slow.get(case):
                 lines.append(
-                    f"  its bandwidth {case}: fast peers' p50 {_fmt(result['fast_round_p50_s'], '.2f')} s "
-                    f"({_fmt(result['slowdown'], '.2f')}x), fast peers averaged {result['fast_averaged_share']:.0%}, "
+                    f"  its bandwidth {case}: fast peers' p50 {fmt(result['fast_round_p50_s'], '.2f')} s "
+                    f"({fmt(result['slowdown'], '.2f')}x), fast peers averaged {result['fast_averaged_share']:.0%}, "
                     f"slow peer {result['slow_peer_averaged_share']:.0%}, final spread {result['final_spread']:.1e}"
                 )
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (share_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (share_ax, time_ax) = figure(1, 2, figsize=(10, 4))
     for peers in sorted({s["peers"] for s in report["summary"]}):
         for loss in sorted({s["loss"] for s in report["summary"]}):
             rows = sorted(
@@ -210,8 +200,7 @@ def plot(report: dict, path: Path) -> None:
     share_ax.set(xlabel="RTT (ms)", ylabel="share of rounds averaged", ylim=(0, 1.05))
     time_ax.set(xlabel="RTT (ms)", ylabel="round time p50 (s)")
     share_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path, dpi=100)
 
 
 def main() -> None:
@@ -296,8 +285,7 @@ def main() -> None:
         parser.exit(1, f"cannot emulate links here: {e}\n")
     report["wall_s"] = time.monotonic() - started
     print(table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_report(report, args.out)
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
