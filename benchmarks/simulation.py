@@ -41,7 +41,7 @@ SCALE = [(100, 60.0), (1000, 600.0)]  # peers, and the wall time they must finis
 
 
 def faithful(peers: int, rtt_ms: float, loss: float, args: argparse.Namespace, live: bool) -> dict:
-    """One setting, live (if ``live``) and simulated."""
+    """One setting, simulated, and live (if ``live``: measured now, or taken from ``--live-from``)."""
     row = {"peers": peers, "rtt_ms": rtt_ms, "loss": loss}
     scenario = Scenario(
         peers=peers,
@@ -57,7 +57,10 @@ def faithful(peers: int, rtt_ms: float, loss: float, args: argparse.Namespace, l
     )
     simulated = simulate(scenario).summary
     row["sim_p50_s"], row["sim_averaged"] = simulated["averaged_round_p50_s"], simulated["averaged_share"]
-    if live:
+    earlier = args.live_rows.get((peers, rtt_ms, loss))
+    if earlier is not None:
+        row["live_p50_s"], row["live_averaged"] = earlier["live_p50_s"], earlier["live_averaged"]
+    elif live:
         options = argparse.Namespace(
             **WAN_SETTINGS,
             group_size=4,
@@ -67,6 +70,7 @@ def faithful(peers: int, rtt_ms: float, loss: float, args: argparse.Namespace, l
         )
         measured = wan.summarize(wan.run_setting(peers, rtt_ms, loss, options))
         row["live_p50_s"], row["live_averaged"] = measured["round_p50_s"], measured["averaged_share"]
+    if row.get("live_p50_s") is not None:
         row["p50_ratio"] = row["sim_p50_s"] / row["live_p50_s"] if row["live_p50_s"] and row["sim_p50_s"] else None
         row["averaged_points"] = 100 * (row["sim_averaged"] - row["live_averaged"])
     return row
@@ -114,7 +118,9 @@ def plot(report: dict, path: Path) -> None:
     scale = report["scale"]
     right.plot([r["peers"] for r in scale], [r["wall_s"] for r in scale], marker="o", label="wall time, 20 slots")
     right.plot([r["peers"] for r in scale], [r["limit_s"] for r in scale], "k--", label="target")
-    right.set(xscale="log", yscale="log", xlabel="simulated peers", ylabel="seconds", title="simulator at scale")
+    right.set(xlabel="simulated peers", ylabel="seconds", title="simulator at scale")
+    if scale:
+        right.set(xscale="log", yscale="log")
     right.legend()
     save_figure(fig, path, dpi=100)
 
@@ -123,11 +129,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-live", action="store_true", help="skip the live runs (they need root for netns)")
     parser.add_argument("--quick", action="store_true", help="one setting and 100 peers: a smoke run")
+    parser.add_argument(
+        "--live-from",
+        type=Path,
+        default=None,
+        help="take the live rows from this earlier report (live runs do not depend on the simulator's model)",
+    )
+    parser.add_argument("--no-scale", action="store_true", help="skip the scale part")
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of rounds per live setting")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "simulation.json")
     args = parser.parse_args()
     logging.getLogger("gossiptrain").setLevel(logging.ERROR)
     report = report_header("simulation", args)
+    args.live_rows, report["live_from"] = {}, None
+    if args.live_from is not None:
+        earlier = json.loads(args.live_from.read_text())
+        args.live_rows = {(r["peers"], r["rtt_ms"], r["loss"]): r for r in earlier["faithful"] if "live_p50_s" in r}
+        report["live_from"] = {"file": str(args.live_from), "machine": earlier["machine"], "date": earlier["date"]}
     started = time.monotonic()
     settings = (
         [(4, 50.0, 0.0)] if args.quick else [(p, r, x) for p in (4, 8) for r in (50.0, 150.0) for x in (0.0, 0.01)]
@@ -139,7 +157,8 @@ def main() -> None:
             report["faithful"].append(faithful(peers, rtt_ms, loss, args, live=not args.no_live))
     except EmulationUnavailable as e:
         parser.exit(1, f"cannot emulate links here ({e}): run with --no-live for the scale part only\n")
-    report["scale"] = [at_scale(peers, limit) for peers, limit in (SCALE[:1] if args.quick else SCALE)]
+    scale = [] if args.no_scale else SCALE[:1] if args.quick else SCALE
+    report["scale"] = [at_scale(peers, limit) for peers, limit in scale]
     compared = [row for row in report["faithful"] if row.get("p50_ratio") is not None]
     report["summary"] = {
         "faithful_p50_within_25pct": sum(abs(row["p50_ratio"] - 1) <= 0.25 for row in compared),

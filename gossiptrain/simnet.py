@@ -10,11 +10,13 @@ than per packet.  A message from a to b waits for a's uplink (a FIFO at a's rate
 streams and DHT traffic), travels ``rtt_a/4``, passes b's downlink (a FIFO at b's rate), and travels
 ``rtt_b/4`` plus jitter (uniform in ±j, j the mean of the two ends').  The two queues overlap as a packet
 stream does.  A message never overtakes an earlier one of its stream.  Loss ``p`` on a path (the share that
-gets through is the geometric mean of the two ends', as in ``linkswitch``) caps the connection between two
-peers at TCP's rate under loss (Mathis et al.: MSS / (RTT * sqrt(2p/3))), and a short message (at most
-``SHORT_PACKETS`` packets, too few for fast retransmit) that loses a packet waits a retransmission timeout.
-Not modelled: TCP's slow start and windows, drop-tail overflow, and the CPU time of the exchange's tensor
-work (``virtual_time`` runs it in zero virtual time).
+gets through is the geometric mean of the two ends', as in ``linkswitch``) loses packets by a Poisson draw: a
+short message (at most ``SHORT_PACKETS`` packets, too few for fast retransmit) that loses one waits a
+retransmission timeout, a longer one ``MAX_RECOVERIES`` round trip (SACK recovers a window's losses at once).
+Each pair of peers has one TCP connection (``TcpWindow``): a window that shrinks while idle, grows in slow start
+and is cut by losses, so a message larger than the window waits round trips for it.  Not modelled: drop-tail
+overflow, and the CPU time of the exchange's tensor work and of the daemon (``virtual_time`` runs it in zero
+virtual time).
 
 Streams: opening one takes a round trip (the handler at the other end starts after one way); a sender's
 ``drain`` waits while more than ``SEND_BUFFER`` bytes of its stream wait in its uplink.  A peer that crashes
@@ -24,7 +26,7 @@ after a round trip.
 
 DHT: one store of records for the swarm (what hivemind's DHT converges to), with hivemind's rules (a
 subkey's record with the later expiration wins; expired records are not returned).  A store or a get takes
-``DHT_HOPS`` sequential round trips of the caller's link (a lookup, then the request) and moves its bytes
+``dht_hops()`` sequential round trips of the caller's link (a lookup, then the request) and moves its bytes
 (the request, or the whole dictionary read) through the caller's queues; a store sends ``DHT_REPLICAS``
 copies.  A record stored at ``t`` is seen from ``t + dht_lag``, and each read misses each record with
 probability ``dht_miss`` (a replica without it): views of a round's participants can differ.  Draws come
@@ -56,9 +58,13 @@ from gossiptrain.network import StreamHandler
 MSS = 1448  # bytes of payload per TCP packet
 SHORT_PACKETS = 3  # a message of at most this many packets that loses one waits for a retransmission timeout
 MIN_RTO = 0.2  # seconds: Linux's minimum retransmission timeout
+INITIAL_WINDOW = 10 * 1448  # bytes: TCP's initial congestion window (10 segments)
+LOSS_CUT = 0.7  # what a loss leaves of the congestion window (CUBIC)
+MAX_RECOVERIES = 1  # round trips that losses add to one message (SACK recovers a window's losses in one)
 SEND_BUFFER = 2**18  # bytes a stream may have waiting in its uplink before ``drain`` waits
 OPEN_BYTES = 128  # bytes that opening a stream sends (multistream-select, the protocol name)
-DHT_HOPS = 2  # round trips of a DHT store or get: a lookup of the nodes nearest to the key, then the request
+DHT_BUCKET = 20  # nodes a Kademlia node knows per distance (hivemind's bucket size): a swarm this small is one hop
+DHT_BITS_PER_HOP = 3  # bits of distance to the key that each round trip of a lookup gains (alpha = 3 in parallel)
 DHT_REPLICAS = 5  # copies of a record that a store sends
 RECORD_OVERHEAD = 96  # bytes of a DHT record besides its value (key, subkey, expiration, signature)
 
@@ -116,6 +122,38 @@ class LinkUse:
     @property
     def one_way(self) -> float:
         return self.spec.rtt_ms / 4e3  # each direction of each link adds a quarter of its RTT
+
+
+class TcpWindow:
+    """The congestion window of the connection from one peer to another (libp2p multiplexes every stream
+    between two peers on one TCP connection).
+
+    After an idle spell the window is halved for each retransmission timeout it lasted, down to
+    ``INITIAL_WINDOW`` (Linux's ``tcp_slow_start_after_idle``); it doubles every round trip (slow start) up to
+    the path's bandwidth-delay product, where the link's rate takes over; a message that loses packets cuts it
+    to ``LOSS_CUT`` of itself (CUBIC's reduction).
+    """
+
+    __slots__ = ("window", "idle_from")
+
+    def __init__(self):
+        self.window, self.idle_from = float(INITIAL_WINDOW), 0.0
+
+    def send(self, size: int, now: float, rtt: float, rate: float, lost: int) -> int:
+        """Round trips that ``size`` bytes sent at ``now`` wait for the window, beyond the first."""
+        rto = max(MIN_RTO, 2 * rtt)
+        idle = now - self.idle_from
+        if idle > rto:  # Linux halves the window for each timeout the connection sat idle
+            self.window = max(float(INITIAL_WINDOW), self.window / 2 ** min(64, idle // rto))
+        full, rounds, sent = rate * rtt, 0, self.window
+        while sent < size and self.window < full:
+            self.window = min(2 * self.window, full)
+            sent += self.window
+            rounds += 1
+        if lost:  # one reduction per loss episode (the losses of one message)
+            self.window = max(float(INITIAL_WINDOW), self.window * LOSS_CUT)
+        self.idle_from = now + rounds * rtt + size / rate
+        return rounds
 
 
 @dataclass(frozen=True)
@@ -347,7 +385,7 @@ class SimulatedNetwork:
         self.transports: dict[str, SimulatedTransport] = {}  # live ones, by peer id
         self.dht = SimulatedDHT(dht_lag)
         self._addresses: dict[str, int] = {}
-        self._pair_free: dict[tuple[str, str], float] = {}
+        self._connections: dict[tuple[str, str], TcpWindow] = {}
 
     def port(self, name: str, link: LinkSpec, *, client: bool = False) -> SimulatedPort:
         """A new peer ``name`` behind ``link``: pass it to ``Peer(network=...)``.  A name is one machine: a
@@ -376,26 +414,45 @@ class SimulatedNetwork:
         left = a.up_free
         rtt = (a.spec.rtt_ms + b.spec.rtt_ms) / 2e3
         loss = 1 - math.sqrt((1 - a.spec.loss) * (1 - b.spec.loss))
-        if loss and rtt and dst is not None:  # TCP's rate under loss bounds this connection
-            seconds_per_byte = rtt * math.sqrt(2 * loss / 3) / MSS
-            pair = (src, dst)
-            start = max(up_start, self._pair_free.get(pair, 0.0))
-            self._pair_free[pair] = start + size * seconds_per_byte
-            left = max(left, self._pair_free[pair])
+        packets = -(-size // MSS)
+        lost = self._losses(packets, loss)
+        window_rounds = 0
+        if dst is not None and rtt:  # TCP's congestion window between the two: slow start, loss recovery
+            rate = min(a.spec.mbit, b.spec.mbit) * 1e6 / 8
+            window_rounds = self._connections.setdefault((src, dst), TcpWindow()).send(size, now, rtt, rate, lost)
+            left = max(left, up_start + window_rounds * rtt)
         through = b.down.take(up_start + a.one_way, size * b.up_seconds_per_byte, now) if dst is not None else 0.0
         arrival = max(through, left + a.one_way + min(size, MSS) * b.up_seconds_per_byte) + b.one_way
         jitter = (a.spec.jitter_ms + b.spec.jitter_ms) / 2e3
         if jitter:
             arrival += self.rng.uniform(-jitter, jitter)
-        packets = -(-size // MSS)
-        if loss and packets <= SHORT_PACKETS and self.rng.random() < 1 - (1 - loss) ** packets:
-            arrival += max(MIN_RTO, 2 * rtt)
+        if lost:  # a short message waits a retransmission timeout; a longer one a round trip per loss (SACK)
+            arrival += max(MIN_RTO, 2 * rtt) if packets <= SHORT_PACKETS else rtt * min(lost, MAX_RECOVERIES)
         return left, max(arrival, now)
 
+    def _losses(self, packets: int, loss: float) -> int:
+        """How many of ``packets`` are lost (a Poisson draw of mean ``packets * loss``, from the seed)."""
+        if not loss:
+            return 0
+        mean, lost, level = packets * loss, 0, self.rng.random()
+        term = total = math.exp(-mean)
+        while level > total and lost < packets:
+            lost += 1
+            term *= mean / lost
+            total += term
+        return lost
+
+    def dht_hops(self) -> int:
+        """Round trips of a DHT store or get: one to the nodes nearest to the key, after a lookup of them that
+        takes more the larger the swarm (a node of a swarm within one bucket knows them all)."""
+        peers = max(1, len(self.transports))
+        return 1 + max(0, math.ceil(math.log2(peers / DHT_BUCKET) / DHT_BITS_PER_HOP))
+
     async def dht_round_trips(self, name: str, request_bytes: int, reply_bytes: int) -> None:
-        """A DHT operation of peer ``name``: ``DHT_HOPS`` round trips, the last carrying the bytes."""
-        for hop in range(DHT_HOPS):
-            last = hop == DHT_HOPS - 1
+        """A DHT operation of peer ``name``: ``dht_hops()`` round trips, the last carrying the bytes."""
+        hops = self.dht_hops()
+        for hop in range(hops):
+            last = hop == hops - 1
             _, there = self.transfer(name, None, request_bytes if last else RECORD_OVERHEAD)
             await asyncio.sleep(there - asyncio.get_running_loop().time())
             a, now = self.links[name], asyncio.get_running_loop().time()
