@@ -35,6 +35,18 @@ def shard_bounds(
     return list(zip(edges[:-1], edges[1:]))
 
 
+PARAMETERS = "params"  # the mode of rounds whose values are the model's parameters themselves
+
+
+def averages_parameters(mode: str) -> bool:
+    """Whether a round of ``mode`` averages the model's parameters themselves.  Their values then have about one
+    size on every peer and lie near each other, so owners judge a contribution's size against their own values
+    (``ShardReduction``'s ``same_scale``), members catch an owner whose mean lies far beyond any honest one, and an
+    owner keeps what its quantized mean rounds off.  Other modes (deltas, pseudo-gradients, any vector given to
+    ``Peer.average``) are judged against each other only."""
+    return mode == PARAMETERS
+
+
 def straggler_quorum(expected: int) -> int:
     """How many of ``expected`` transfers must be done before the rest get a straggler deadline: half,
     rounded up (at least one)."""
@@ -94,7 +106,7 @@ class GroupPlan:
 
 
 def check_hello(
-    hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str, codec: str, mode: str = "params"
+    hello: dict[str, Any], plan: GroupPlan, sender: str, owner: str, codec: str, mode: str = PARAMETERS
 ) -> tuple[str, str] | None:
     """``(kind, detail)`` saying why ``owner`` must refuse a HELLO from ``sender``, or None to accept it."""
     if hello.get("run_id") != plan.run_id:

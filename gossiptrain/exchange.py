@@ -55,9 +55,11 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from gossiptrain.allreduce import (
     DEFAULT_DEFENCES,
+    PARAMETERS,
     Defences,
     GroupPlan,
     ShardReduction,
+    averages_parameters,
     check_hello,
     l2_norm,
     outlying_means,
@@ -287,7 +289,7 @@ class RoundExchange:
         timeouts: Timeouts,
         rejections: Rejections,
         residual: torch.Tensor | None = None,
-        mode: str = "params",
+        mode: str = PARAMETERS,
         defences: Defences = DEFAULT_DEFENCES,
         agreed: list[tuple[int, int]] | None = None,
         caught: set[str] | None = None,
@@ -298,6 +300,7 @@ class RoundExchange:
         # held while the residual is changed, once at the end of the round (see the module)
         self.state_lock = contextlib.nullcontext() if state_lock is None else state_lock
         self.rejections, self.mode, self.defences, self.agreed = rejections, mode, defences, agreed
+        self.parameters = averages_parameters(mode)  # what the defences may assume of the values
         # peers caught sending parameters (or means) far beyond any honest size, in this round or an
         # earlier one: their slices count nothing and their means are refused (the caller's set, kept)
         self.caught = set() if caught is None else caught
@@ -338,7 +341,7 @@ class RoundExchange:
         if self._own_shard is not None:
             own = await asyncio.to_thread(self._own_contribution)
             self._reduction = ShardReduction(
-                own, self.weight, self.defences, same_scale=self.mode == "params", spread=self.spread
+                own, self.weight, self.defences, same_scale=self.parameters, spread=self.spread
             )
 
     async def run(self) -> RoundResult:
@@ -473,7 +476,7 @@ class RoundExchange:
                 bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
             }
         norms = {}
-        if self.mode == "params" and self.defences.catch is not None:
+        if self.parameters and self.defences.catch is not None:
             norms = {bounds: l2_norm(mean) for bounds, mean in means.items()}
         return {"sizes": sizes, "distances": distances, "rounding": rounding, "norms": norms}
 
@@ -496,7 +499,7 @@ class RoundExchange:
         outlying = outlying_means(distances, self.defences, self.agreed, rounding)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized = set()
-        if self.mode == "params" and self.defences.catch is not None:
+        if self.parameters and self.defences.catch is not None:
             catch = self.defences.catch  # a mean over ``catch`` times our values' norm (never where ours are 0)
             oversized = {bounds for bounds in means if 0 < sizes[bounds] * catch < measured["norms"][bounds]}
         outlying |= oversized
@@ -507,7 +510,7 @@ class RoundExchange:
             elif bounds in oversized:
                 detail = f"{detail} and over {self.defences.catch:g}x their size"
                 self.caught.add(owners[bounds])
-            elif self.mode == "params" and distances[bounds] > CAUGHT_MEAN_DISTANCE:
+            elif self.parameters and distances[bounds] > CAUGHT_MEAN_DISTANCE:
                 self.caught.add(owners[bounds])
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)
             self.errors.append(f"refused {owners[bounds]}'s mean: {detail}")
@@ -743,7 +746,7 @@ class RoundExchange:
         capped at 4x the group size: an owner with a tiny weight would otherwise carry a residual
         far larger than its values (the mass above the cap is lost, as before this feedback).
         ``mean`` and ``decoded`` are one part of the own shard, starting at ``start`` of the values."""
-        if self.residual is None or self.mode != "params":
+        if self.residual is None or not self.parameters:
             return
         scale = min(total_weight / self.weight, 4.0 * len(self.plan.members))
         self._rounded_off.append((start, torch.sub(mean, decoded).mul_(scale)))  # added at the round's end
