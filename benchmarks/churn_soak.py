@@ -41,7 +41,7 @@ import torch
 from harness import fmt, median, report_header, write_report
 
 from gossiptrain.demo import read_records
-from gossiptrain.exchange import Timeouts
+from gossiptrain.rounds import Timeouts
 from gossiptrain.state import serialize_state
 from gossiptrain.tasks import TASKS
 from gossiptrain.testing import LocalSwarm

@@ -21,13 +21,14 @@ import torch
 from gossiptrain import training_state
 from gossiptrain.codecs import get_codec
 from gossiptrain.errors import RoundCrashError
-from gossiptrain.exchange import EXCHANGE_ERRORS, RoundResult
 from gossiptrain.loop import LoopThread
 from gossiptrain.metrics import RoundRecord
 from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterFactory, OuterStrategy
 from gossiptrain.params import AGREEMENT, agrees, apply_delta, host_copy, model_schema, param_digest, param_norm, unwrap
 from gossiptrain.peer import Peer
 from gossiptrain.progress import show_progress
+from gossiptrain.rejections import EXCHANGE_ERRORS
+from gossiptrain.rounds import RoundResult
 from gossiptrain.state import NoStateDonors, download_state
 from gossiptrain.strategy import Contribution, RoundStrategy
 from gossiptrain.trackers import LogTo, open_trackers

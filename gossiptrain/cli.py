@@ -281,9 +281,9 @@ async def _status(args: argparse.Namespace) -> None:
     from hivemind.dht.node import DHTNode
 
     from gossiptrain.auth import Admission, Certificate
-    from gossiptrain.exchange import Rejections
     from gossiptrain.membership import Membership, SignedRecords
     from gossiptrain.network import start_daemon
+    from gossiptrain.rejections import Rejections
 
     admission = None if args.credential is None else Admission(args.run_id, Certificate.load(args.credential).authority)
     rejections = Rejections()

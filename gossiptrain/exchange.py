@@ -44,14 +44,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 
 import torch
-from hivemind.p2p import P2P, P2PDaemonError, PeerID
+from hivemind.p2p import P2P, PeerID
 
 from gossiptrain.allreduce import (
     DEFAULT_DEFENCES,
@@ -67,11 +64,12 @@ from gossiptrain.allreduce import (
     rounding_distance,
     straggler_quorum,
 )
-from gossiptrain.codecs import Codec, CodecError, NonFiniteValues, get_codec
+from gossiptrain.codecs import Codec, CodecError, get_codec
+from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
+from gossiptrain.rounds import RoundResult, Timeouts
 from gossiptrain.transport import (
     ByteCounter,
     FrameKind,
-    OversizedFrame,
     ProtocolError,
     close_after_peer,
     read_frame,
@@ -83,140 +81,9 @@ from gossiptrain.transport import (
 logger = logging.getLogger(__name__)
 
 PART_NUMEL = 2**18
-EXCHANGE_ERRORS = (
-    ProtocolError,
-    CodecError,
-    ConnectionError,
-    asyncio.IncompleteReadError,
-    TimeoutError,
-    OSError,
-    P2PDaemonError,  # the daemon could not dial a member (e.g. it died after registering for the round)
-)
-
 # a mean refused by the mean check that lies this far from our parameters (relative to their size) is
 # no honest group's mean: its owner is caught for the rest of the run (``RoundExchange.caught``)
 CAUGHT_MEAN_DISTANCE = 2.0
-
-
-def classify(error: BaseException) -> str:
-    """The rejection kind counted for a failed read of a peer's data."""
-    if isinstance(error, NonFiniteValues):
-        return "non_finite"
-    if isinstance(error, OversizedFrame):
-        return "oversized"
-    if isinstance(error, CodecError):
-        return "wrong_shape"
-    if isinstance(error, TimeoutError):  # before OSError, its base class
-        return "timeout"
-    if isinstance(error, P2PDaemonError):
-        return "unreachable"
-    if isinstance(error, (asyncio.IncompleteReadError, ConnectionError, OSError)):
-        return "truncated"
-    return "garbage"
-
-
-class Rejections(Counter):
-    """Counts of refused inputs by kind, exact; and warning lines about them, rate-limited.
-
-    The first refusal of a kind from a sender is a warning line; after it, at most one line per
-    ``log_every`` seconds for that kind and sender, which says how many were not logged since the
-    last one (those are debug lines).  An outsider who sends garbage in a loop so costs the log one
-    line per ``log_every``, while the counts stay exact.  The log keeps track of at most
-    ``MAX_SENDERS`` (kind, sender) pairs, the least recently refused forgotten first.
-
-    Args:
-        log_every: seconds between warning lines for one kind and sender.
-        clock: monotonic seconds (tests pass a fake one).
-    """
-
-    LOG_EVERY = 60.0
-    MAX_SENDERS = 1024
-
-    def __init__(self, *counts, log_every: float = LOG_EVERY, clock: Callable[[], float] = time.monotonic):
-        super().__init__(*counts)
-        self.log_every, self.clock = log_every, clock
-        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # -> (last warning line, refusals since)
-
-    def record(self, kind: str, sender: str, round_id: object, detail: str) -> None:
-        self[kind] += 1
-        key, now = (kind, sender), self.clock()
-        last, since = self._logged.pop(key, (float("-inf"), 0))
-        if now - last < self.log_every:
-            self._logged[key] = (last, since + 1)  # re-inserted: the most recently refused is forgotten last
-            logger.debug("rejected %s from %s in round %s: %s", kind, sender, round_id, detail)
-            return
-        if len(self._logged) >= self.MAX_SENDERS:
-            del self._logged[next(iter(self._logged))]
-        self._logged[key] = (now, 0)
-        more = f" (and {since} more from it since {now - last:.0f}s ago, not logged)" if since else ""
-        logger.warning("rejected %s from %s in round %s: %s%s", kind, sender, round_id, detail, more)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Every network wait of a round, in seconds.
-
-    Args:
-        matchmaking: reading the round's participants from the DHT.
-        join: opening a stream to a group member / waiting for an expected member's first frame.
-        part: the next frame of a stream that has started.
-        result: an owner's averaged shard, counted from the end of our upload.
-        straggler_grace: once half the transfers a peer waits for in a round are done, the others get
-            this fraction of the time that took (at least ``straggler_min`` seconds) before they are
-            left out; None waits for every transfer until its own timeout.
-    """
-
-    matchmaking: float = 2.0
-    join: float = 3.0
-    part: float = 3.0
-    result: float = 10.0
-    straggler_grace: float | None = 0.5
-    straggler_min: float = 0.5
-
-    def __post_init__(self):
-        for name in ("matchmaking", "join", "part", "result", "straggler_min"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise ValueError(f"Timeouts.{name} must be a positive number of seconds, not {value!r}")
-        grace = self.straggler_grace
-        if grace is not None and not (isinstance(grace, (int, float)) and 0 <= grace < float("inf")):
-            raise ValueError(
-                f"Timeouts.straggler_grace must be None (wait for every transfer) or a number >= 0, not {grace!r}"
-            )
-
-    def straggler_deadline(self, started: float, now: float) -> float | None:
-        """When the transfers still pending at ``now`` are left out (loop time), or None for never."""
-        if self.straggler_grace is None:
-            return None
-        return now + max(self.straggler_grace * (now - started), self.straggler_min)
-
-
-@dataclass
-class RoundResult:
-    """What one averaging round did at this peer."""
-
-    round_id: int
-    status: str  # "averaged" | "alone" | "failed"
-    group: list[str]
-    averaged: torch.Tensor
-    combined: list[tuple[int, int]] = field(default_factory=list)  # slices that hold a group mean
-    shards_total: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
-    participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
-    answered: set[str] = field(default_factory=set)  # members whose slice or mean reached us whole
-    # of those, the slices whose mean combined every member: there the group's values now agree, and
-    # next round's means are checked (``Defences.mean_check``)
-    agreed: list[tuple[int, int]] = field(default_factory=list)
-    # the median distance of our shard's contributions from our values, relative to their size, from
-    # this round or, where none was measured, the one given (``ShardReduction.spread``)
-    spread: float = 0.0
-
-    @property
-    def group_size(self) -> int:
-        return len(self.group)
 
 
 async def _send_payloads(writer: asyncio.StreamWriter, payloads: Iterable[bytes], counter: ByteCounter) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gossiptrain.auth import Admission
-from gossiptrain.exchange import Rejections, Timeouts
+from gossiptrain.rejections import Rejections
+from gossiptrain.rounds import Timeouts
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, write_message
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from gossiptrain.auth import Admission, Identity, public_key_of, verify
 
 if TYPE_CHECKING:
-    from gossiptrain.exchange import Rejections
+    from gossiptrain.rejections import Rejections
 
 logger = logging.getLogger(__name__)
 

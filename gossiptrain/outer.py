@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from gossiptrain.codecs import Codec
-from gossiptrain.exchange import RoundResult, uncovered
+from gossiptrain.exchange import uncovered
+from gossiptrain.rounds import RoundResult
 from gossiptrain.strategy import Contribution
 
 OuterFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]

@@ -30,12 +30,14 @@ from gossiptrain.auth import Admission, Certificate, CredentialError, Identity
 from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.errors import ModelMismatchError
-from gossiptrain.exchange import EXCHANGE_ERRORS, Rejections, RoundExchange, RoundResult, Timeouts, classify
+from gossiptrain.exchange import RoundExchange
 from gossiptrain.gate import CredentialGate
 from gossiptrain.matchmaking import plan_group
 from gossiptrain.membership import Membership
 from gossiptrain.network import LibP2PNetwork, Network, RecordStore, Transport, dialable_first
 from gossiptrain.progress import show_progress
+from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
+from gossiptrain.rounds import RoundResult, Timeouts
 from gossiptrain.state import StateProvider, StateServer, state_protocol
 from gossiptrain.timing import RoundTiming
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message, write_message

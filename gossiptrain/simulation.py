@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from gossiptrain.exchange import RoundResult
 from gossiptrain.linkswitch import LinkSpec
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import RoundResult
 from gossiptrain.simnet import SimulatedNetwork, SimulatedPort
 from gossiptrain.state import download_state
 from gossiptrain.virtual_time import run

@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from hivemind.p2p import P2PDaemonError, PeerID
 
-from gossiptrain.exchange import classify
 from gossiptrain.progress import ShownProgress, show_progress
+from gossiptrain.rejections import classify
 from gossiptrain.transport import (
     MAX_FRAME_BYTES,
     ByteCounter,
@@ -70,7 +70,8 @@ from gossiptrain.transport import (
 )
 
 if TYPE_CHECKING:
-    from gossiptrain.exchange import Rejections, Timeouts
+    from gossiptrain.rejections import Rejections
+    from gossiptrain.rounds import Timeouts
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from gossiptrain.codecs import Codec
 
 if TYPE_CHECKING:
-    from gossiptrain.exchange import RoundResult
+    from gossiptrain.rounds import RoundResult
 
 
 @dataclass

@@ -29,9 +29,10 @@ from hivemind.p2p import P2P
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from gossiptrain.auth import Identity
-from gossiptrain.exchange import PART_NUMEL, RoundExchange, RoundResult
+from gossiptrain.exchange import PART_NUMEL, RoundExchange
 from gossiptrain.membership import Membership, SignedRecords
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import RoundResult
 from gossiptrain.state import StateServer, StateStream
 from gossiptrain.transport import FRAME_PREFIX, ByteCounter, FrameKind, write_frame, write_message
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from gossiptrain.codecs import Codec
-from gossiptrain.exchange import RoundResult
+from gossiptrain.rounds import RoundResult
 from gossiptrain.strategy import Contribution
 
 SPARSE_SYNC_EVERY = 10  # sparse and low-rank codecs: one params round in this many, by default

@@ -11,10 +11,10 @@ import torch
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.demo import run_demo
-from gossiptrain.exchange import Timeouts
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.outer import OuterStrategy
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
 DIGITS_STEPS = 2000

@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
-from gossiptrain.exchange import Rejections, Timeouts
 from gossiptrain.peer import Peer
+from gossiptrain.rejections import Rejections
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK, FaultyExchange, FaultyPeer
 
 FAST = Timeouts(matchmaking=2.0, join=1.5, part=1.0, result=3.0)

@@ -5,8 +5,8 @@ import asyncio
 import pytest
 import torch
 
-from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK, FaultyPeer
 from tests.peer_workers import run_averaging, weighted_mean
 

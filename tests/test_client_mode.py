@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK
 from tests.peer_workers import weighted_mean
 

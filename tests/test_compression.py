@@ -11,8 +11,8 @@ import torch
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.demo import spread
-from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK, LocalSwarm
 from gossiptrain.wire import WireState
 from tests.peer_workers import consensus_rounds, finish_only, train_digits

@@ -8,7 +8,9 @@ import torch
 
 from gossiptrain.allreduce import GroupPlan, ShardReduction
 from gossiptrain.codecs import Codec, get_codec
-from gossiptrain.exchange import Rejections, RoundExchange, Timeouts
+from gossiptrain.exchange import RoundExchange
+from gossiptrain.rejections import Rejections
+from gossiptrain.rounds import Timeouts
 from gossiptrain.simnet import SimulatedNetwork
 from gossiptrain.simulation import IDEAL_LINK
 from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
-from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK, FaultyPeer, GhostFlood
 
 NUMEL = 40_000

@@ -5,10 +5,10 @@ import torch
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.demo import spread
-from gossiptrain.exchange import RoundResult
 from gossiptrain.groups import make_groups
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.outer import OuterStrategy
+from gossiptrain.rounds import RoundResult
 from gossiptrain.testing import LocalSwarm
 from tests.peer_workers import nesterov, outer_training, release, run_averaging, shared_anchor
 from tests.test_state import PEER_OPTIONS, mlp, train

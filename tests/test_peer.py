@@ -7,8 +7,8 @@ import msgpack
 import torch
 
 from gossiptrain.auth import Identity
-from gossiptrain.exchange import RoundResult, Timeouts
 from gossiptrain.peer import MAX_CAUGHT, Peer, RecentSet
+from gossiptrain.rounds import RoundResult, Timeouts
 from gossiptrain.transport import FRAME_PREFIX, FrameKind
 
 NOW = 100.0  # the swarm's time in these tests: round 100 of one-second slots

@@ -15,9 +15,9 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from gossiptrain.auth import Identity
-from gossiptrain.exchange import Timeouts
 from gossiptrain.membership import SignedRecords
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.state import StateDownloadError, download_state
 from gossiptrain.tasks import TASKS
 from gossiptrain.testing import LOOPBACK, LocalSwarm, ProcessOutput

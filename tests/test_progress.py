@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gossiptrain import progress
-from gossiptrain.exchange import Timeouts
 from gossiptrain.peer import Peer
 from gossiptrain.progress import progress_mode, show_progress
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LOOPBACK
 
 RUN = "progress"
@@ -23,7 +23,7 @@ STATE_FLOATS = 4 * 10**6  # 16 MB: 64 chunks, a second or two here (the 100M cas
 
 JOINER = """
 import asyncio, logging, sys
-from gossiptrain.exchange import Timeouts
+from gossiptrain.rounds import Timeouts
 from gossiptrain.peer import Peer
 from gossiptrain.state import download_state, state_donors
 

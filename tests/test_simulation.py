@@ -8,8 +8,8 @@ import torch
 
 from gossiptrain.allreduce import Defences, GroupPlan
 from gossiptrain.codecs import get_codec
-from gossiptrain.exchange import Timeouts
 from gossiptrain.linkswitch import LinkSpec
+from gossiptrain.rounds import Timeouts
 from gossiptrain.simulation import Scenario, SimulatedSwarm, simulate
 from gossiptrain.state import download_state
 from gossiptrain.testing import faulty_exchange

@@ -10,9 +10,9 @@ import threading
 import pytest
 import torch
 
-from gossiptrain.exchange import Timeouts
 from gossiptrain.optimizer import GossipOptimizer, model_schema
 from gossiptrain.peer import Peer
+from gossiptrain.rounds import Timeouts
 from gossiptrain.state import (
     SMALL_TENSOR_BYTES,
     InvalidState,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gossiptrain.codecs import get_codec
-from gossiptrain.exchange import RoundResult
+from gossiptrain.rounds import RoundResult
 from gossiptrain.wire import WireState
 
 NUMEL = 4096

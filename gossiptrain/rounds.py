@@ -1,0 +1,74 @@
+"""What bounds a round (``Timeouts``) and what it returns (``RoundResult``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Every network wait of a round, in seconds.
+
+    Args:
+        matchmaking: reading the round's participants from the DHT.
+        join: opening a stream to a group member / waiting for an expected member's first frame.
+        part: the next frame of a stream that has started.
+        result: an owner's averaged shard, counted from the end of our upload.
+        straggler_grace: once half the transfers a peer waits for in a round are done, the others get
+            this fraction of the time that took (at least ``straggler_min`` seconds) before they are
+            left out; None waits for every transfer until its own timeout.
+    """
+
+    matchmaking: float = 2.0
+    join: float = 3.0
+    part: float = 3.0
+    result: float = 10.0
+    straggler_grace: float | None = 0.5
+    straggler_min: float = 0.5
+
+    def __post_init__(self):
+        for name in ("matchmaking", "join", "part", "result", "straggler_min"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"Timeouts.{name} must be a positive number of seconds, not {value!r}")
+        grace = self.straggler_grace
+        if grace is not None and not (isinstance(grace, (int, float)) and 0 <= grace < float("inf")):
+            raise ValueError(
+                f"Timeouts.straggler_grace must be None (wait for every transfer) or a number >= 0, not {grace!r}"
+            )
+
+    def straggler_deadline(self, started: float, now: float) -> float | None:
+        """When the transfers still pending at ``now`` are left out (loop time), or None for never."""
+        if self.straggler_grace is None:
+            return None
+        return now + max(self.straggler_grace * (now - started), self.straggler_min)
+
+
+@dataclass
+class RoundResult:
+    """What one averaging round did at this peer."""
+
+    round_id: int
+    status: str  # "averaged" | "alone" | "failed"
+    group: list[str]
+    averaged: torch.Tensor
+    combined: list[tuple[int, int]] = field(default_factory=list)  # slices that hold a group mean
+    shards_total: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    participants: int = 0  # peers this one saw registered for the round: views that differ explain odd groups
+    answered: set[str] = field(default_factory=set)  # members whose slice or mean reached us whole
+    # of those, the slices whose mean combined every member: there the group's values now agree, and
+    # next round's means are checked (``Defences.mean_check``)
+    agreed: list[tuple[int, int]] = field(default_factory=list)
+    # the median distance of our shard's contributions from our values, relative to their size, from
+    # this round or, where none was measured, the one given (``ShardReduction.spread``)
+    spread: float = 0.0
+
+    @property
+    def group_size(self) -> int:
+        return len(self.group)
