@@ -333,7 +333,7 @@ class Admission:
         return cached is not None
 
     def count_refusal(self, rejections: Any, kind: str, peer_id: str, round_id: object, detail: str) -> None:
-        """Count one refusal of ``kind`` in ``rejections`` (``exchange.Rejections``).  The first per kind and
+        """Count one refusal of ``kind`` in ``rejections`` (``rejections.Rejections``).  The first per kind and
         peer is also its one warning line, the rest are debug lines: an outsider cannot flood the log."""
         if (kind, peer_id) in self._logged:
             rejections[kind] += 1
