@@ -41,6 +41,33 @@ from gossiptrain.virtual_time import run
 logger = logging.getLogger(__name__)
 
 IDEAL_LINK = LinkSpec(mbit=math.inf, rtt_ms=0.0)
+TASKS = ("vector", "regression")
+
+
+class Regression:
+    """Linear regression ``y = x . w* + noise`` for a simulated swarm: every peer draws its own batches (its seed),
+    all share the true weights and a test set.  Small on purpose: ``numel`` weights, batches of ``BATCH``."""
+
+    BATCH, TEST, LR, NOISE = 16, 256, 0.5, 0.1
+
+    def __init__(self, numel: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.truth = torch.randn(numel, generator=generator) / math.sqrt(numel)
+        self.test_x = torch.randn(self.TEST, numel, generator=generator)
+        self.test_y = self.test_x @ self.truth + self.NOISE * torch.randn(self.TEST, generator=generator)
+        self.numel = numel
+
+    def steps(self, w: torch.Tensor, generator: torch.Generator, count: int) -> torch.Tensor:
+        """``count`` SGD steps on fresh batches from ``generator`` (normalised: stable at any ``numel``)."""
+        rate = self.LR / (self.BATCH + self.numel)
+        for _ in range(count):
+            x = torch.randn(self.BATCH, self.numel, generator=generator)
+            y = x @ self.truth + self.NOISE * torch.randn(self.BATCH, generator=generator)
+            w = w - rate * (x.T @ (x @ w - y))
+        return w
+
+    def loss(self, w: torch.Tensor) -> float:
+        return ((self.test_x @ w - self.test_y) ** 2).mean().item()
 
 
 class SimulatedSwarm:
@@ -152,6 +179,11 @@ class Scenario:
         loss: share of packets lost one way.
         slow_peers: that many peers have a link of ``slow_mbit`` instead.
         slow_mbit: the slow peers' rate.
+        task: what the peers average: ``"vector"`` (random values, nothing else: the spread shows the mixing) or
+            ``"regression"`` (each peer trains a linear model of ``numel`` weights on its own data stream,
+            ``local_steps`` SGD steps before each round: the report adds the test loss per slot).
+        local_steps: the regression task's local steps per round (computed for real; ``compute_s`` is their
+            virtual time).
         compute_s: seconds of local work (training steps) a peer does before each round, at full speed.
         compute_spread: the slowest peer's work takes this many times ``compute_s``; the peers' slowness is
             spread evenly between 1 and it.
@@ -176,6 +208,8 @@ class Scenario:
     slow_mbit: float = 5.0
     compute_s: float = 0.0
     compute_spread: float = 1.0
+    task: str = "vector"
+    local_steps: int = 10
     churn: float = 0.0
     group_size: int = 4
     round_interval: float = 2.0
@@ -191,6 +225,8 @@ class Scenario:
             raise ValueError(f"churn must be in [0, 1] and slow_peers in [0, peers]: {self}")
         if self.compute_s < 0 or self.compute_spread < 1:
             raise ValueError(f"compute_s must be >= 0 and compute_spread >= 1: {self}")
+        if self.task not in TASKS or self.local_steps < 1:
+            raise ValueError(f"task must be one of {TASKS} and local_steps at least 1: {self}")
 
 
 @dataclass
@@ -205,11 +241,12 @@ class SimulationReport:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
-        lines = [f"{'slot':>5} {'peers':>6} {'averaged':>9} {'round p50 s':>12} {'spread':>9}"]
+        losses = any("loss" in row for row in self.rounds)
+        lines = [f"{'slot':>5} {'peers':>6} {'averaged':>9} {'round p50 s':>12} {'spread':>9}" + " test loss" * losses]
         for row in self.rounds:
             lines.append(
                 f"{row['slot']:>5} {row['peers']:>6} {row['averaged_share']:>9.1%} "
-                f"{row['round_p50_s']:>12.3f} {row['spread']:>9.2e}"
+                f"{row['round_p50_s']:>12.3f} {row['spread']:>9.2e}" + (f" {row.get('loss', math.nan):>9.4f}" * losses)
             )
         lines.append(", ".join(f"{key} {value}" for key, value in self.summary.items()))
         return "\n".join(lines)
@@ -230,8 +267,14 @@ class SimulationReport:
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
         left.plot(slots, [row["averaged_share"] for row in self.rounds], marker=".")
         left.set(xlabel="slot", ylabel="share of peers averaged", ylim=(0, 1.05))
-        right.semilogy(slots, [max(row["spread"], 1e-12) for row in self.rounds], marker=".")
-        right.set(xlabel="slot", ylabel="spread (relative to the start)")
+        right.semilogy(slots, [max(row["spread"], 1e-12) for row in self.rounds], marker=".", label="spread")
+        right.set(xlabel="slot", ylabel="relative to the start")
+        if any("loss" in row for row in self.rounds):
+            first = next(row["loss"] for row in self.rounds if "loss" in row)
+            right.semilogy(
+                slots, [row.get("loss", math.nan) / first for row in self.rounds], marker=".", label="test loss"
+            )
+        right.legend()
         figure.suptitle(
             f"{self.scenario['peers']} simulated peers, {self.scenario['mbit']} Mbit/s, "
             f"{self.scenario['rtt_ms']} ms RTT, churn {self.scenario['churn']}"
@@ -269,7 +312,10 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     async def take_part(name: str, index: int) -> None:
         peer = swarm.peers[name]
         slowness = 1 + (scenario.compute_spread - 1) * (index % scenario.peers) / max(1, scenario.peers - 1)
+        data = torch.Generator().manual_seed(scenario.seed * 100_003 + index)
         while True:
+            if regression is not None:
+                values[name] = regression.steps(values[name], data, scenario.local_steps)
             await asyncio.sleep(scenario.compute_s * slowness)
             result = await peer.average(values[name])
             values[name] = result.averaged
@@ -283,8 +329,11 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
         await peer.serve_state(lambda: {"values": values[name]})
         tasks[name] = asyncio.create_task(take_part(name, index))
 
+    regression = Regression(scenario.numel, scenario.seed) if scenario.task == "regression" else None
+    losses: dict[int, float] = {}
+    scale = 1 / math.sqrt(scenario.numel) if regression is not None else 1.0  # the true weights' scale
     for index in range(scenario.peers):
-        values[f"peer{index}"] = torch.randn(scenario.numel, generator=generator)
+        values[f"peer{index}"] = scale * torch.randn(scenario.numel, generator=generator)
     initial_spread = _spread(values.values())
     await asyncio.gather(*(start(f"peer{i}", i, False) for i in range(scenario.peers)))
     first_slot = max(peer.next_round_id() for peer in swarm.peers.values())
@@ -304,6 +353,8 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
         await asyncio.sleep(max(0.0, slot * scenario.round_interval - loop.time()))
         live = [values[name] for name in swarm.peers if name in tasks]
         spreads[slot] = _spread(live) / initial_spread if live else math.nan
+        if regression is not None and live:
+            losses[slot] = statistics.fmean(regression.loss(w) for w in live)
     for task in tasks.values():
         task.cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
@@ -317,6 +368,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
                 "averaged_share": sum(status == "averaged" for status, _ in done) / len(done) if done else 0.0,
                 "round_p50_s": statistics.median(seconds for _, seconds in done) if done else math.nan,
                 "spread": spreads[slot + 1],
+                **({"loss": losses[slot + 1]} if slot + 1 in losses else {}),
             }
         )
     taken = [r for slot in range(first_slot, first_slot + scenario.rounds) for r in results.get(slot, [])]
@@ -329,6 +381,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
         "averaged_round_p50_s": round(statistics.median(averaged), 4) if averaged else None,
         "bytes_sent_per_peer_round": round(sent / max(1, len(taken))),
         "spread_after": float(f"{spreads[first_slot + scenario.rounds]:.3g}"),
+        **({"loss_after": round(losses[first_slot + scenario.rounds], 5)} if losses else {}),
         "crashed": crashes,
         "joined": joined - scenario.peers,
     }

@@ -276,3 +276,10 @@ def test_a_member_that_registered_and_never_came_costs_the_others_virtual_time_n
     assert all(r.status == "averaged" and len(r.group) == 4 for r in results)
     assert all(len(r.combined) == 3 for r in results)  # the absent owner's shard kept, the rest averaged
     assert elapsed < 30.0  # the straggler deadline, not the join timeout, ended the wait
+
+
+def test_a_regression_task_reports_its_test_loss_per_slot_and_the_swarm_learns():
+    report = simulate(Scenario(peers=8, numel=100, rounds=6, task="regression", local_steps=20, compute_s=0.5))
+    losses = [row["loss"] for row in report.rounds]
+    assert len(losses) == 6 and losses[-1] < losses[0] / 2, report.table()
+    assert report.summary["loss_after"] == round(losses[-1], 5) and report.summary["averaged_share"] == 1.0
