@@ -273,18 +273,21 @@ class SimulatedTransport:
             raise P2PDaemonError(f"failed to dial {peer}: no route")
 
     async def shutdown(self) -> None:
-        """Close: every stream ends (its other side reads the end), and this peer leaves the network."""
-        for task in list(self.serving):
-            task.cancel()
-        await asyncio.gather(*self.serving, return_exceptions=True)
+        """Stop, as a daemon does: this peer leaves the network and its streams are reset."""
         self.network.transports.pop(self.peer_id.to_base58(), None)
+        self._reset_streams()
+        await asyncio.gather(*self.serving, return_exceptions=True)
 
     def crash(self) -> None:
         """Vanish at once: streams reset, handlers stop, nothing more is sent or received."""
         self.crashed = True
         self.network.transports.pop(self.peer_id.to_base58(), None)
+        self._reset_streams()
+
+    def _reset_streams(self) -> None:
+        """The other ends of this peer's streams read a reset one way later; its handlers are cancelled."""
         now = asyncio.get_running_loop().time()
-        for pipe in self.pipes:
+        for pipe in list(self.pipes):
             other = pipe.dst if pipe.src is self else pipe.src
             one_way = self.network.links[self.name].one_way + self.network.links[other.name].one_way
             if pipe.src is self:
