@@ -587,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="average random values, or train a linear model of --numel weights (adds the test loss per slot)",
     )
     simulate.add_argument("--local-steps", type=_COUNT, default=10, help="regression: SGD steps before each round")
+    simulate.add_argument(
+        "--leaves", type=_SHARE, default=0.0, help="share of the peers that leave cleanly over the run, each replaced"
+    )
     simulate.add_argument("--group-size", type=_COUNT, default=4)
     simulate.add_argument("--round-interval", type=_SECONDS, default=2.0, help="seconds between round slots")
     simulate.add_argument("--codec", default="none")

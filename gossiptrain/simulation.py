@@ -35,7 +35,7 @@ from gossiptrain.linkswitch import LinkSpec
 from gossiptrain.peer import Peer
 from gossiptrain.rounds import RoundResult
 from gossiptrain.simnet import SimulatedNetwork, SimulatedPort
-from gossiptrain.state import download_state
+from gossiptrain.state import StateDownloadError, download_state
 from gossiptrain.virtual_time import run
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,8 @@ class Scenario:
         compute_s: seconds of local work (training steps) a peer does before each round, at full speed.
         compute_spread: the slowest peer's work takes this many times ``compute_s``; the peers' slowness is
             spread evenly between 1 and it.
+        leaves: share of ``peers`` that leave cleanly over the run (a tombstone in the DHT), each replaced as after
+            a crash.
         churn: share of ``peers`` that crash over the run, each replaced at once by a joiner that downloads
             a live peer's values (``state.download_state``) and averages from its next slot.
         group_size: the peers' ``target_group_size``.
@@ -211,6 +213,7 @@ class Scenario:
     task: str = "vector"
     local_steps: int = 10
     churn: float = 0.0
+    leaves: float = 0.0
     group_size: int = 4
     round_interval: float = 2.0
     codec: str = "none"
@@ -221,8 +224,8 @@ class Scenario:
     def __post_init__(self):
         if self.peers < 1 or self.numel < 1 or self.rounds < 1:
             raise ValueError(f"peers, numel and rounds must be at least 1: {self}")
-        if not 0 <= self.churn <= 1 or not 0 <= self.slow_peers <= self.peers:
-            raise ValueError(f"churn must be in [0, 1] and slow_peers in [0, peers]: {self}")
+        if not 0 <= self.churn <= 1 or not 0 <= self.leaves <= 1 or not 0 <= self.slow_peers <= self.peers:
+            raise ValueError(f"churn and leaves must be in [0, 1], slow_peers in [0, peers]: {self}")
         if self.compute_s < 0 or self.compute_spread < 1:
             raise ValueError(f"compute_s must be >= 0 and compute_spread >= 1: {self}")
         if self.task not in TASKS or self.local_steps < 1:
@@ -324,40 +327,48 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     async def start(name: str, index: int, joining: bool) -> None:
         peer = await swarm.add(name, link=slow_link if index in slow else None)
         if joining:
-            state = await download_state(peer, timeout=10 * scenario.round_interval)
+            try:
+                state = await download_state(peer, timeout=10 * scenario.round_interval)
+            except StateDownloadError:  # a network result, as for a live joiner: it gives up and leaves
+                failed_joins.append(name)
+                return await swarm.leave(name)
             values[name] = state["values"].clone()
         await peer.serve_state(lambda: {"values": values[name]})
         tasks[name] = asyncio.create_task(take_part(name, index))
 
     regression = Regression(scenario.numel, scenario.seed) if scenario.task == "regression" else None
     losses: dict[int, float] = {}
+    failed_joins: list[str] = []
     scale = 1 / math.sqrt(scenario.numel) if regression is not None else 1.0  # the true weights' scale
     for index in range(scenario.peers):
         values[f"peer{index}"] = scale * torch.randn(scenario.numel, generator=generator)
     initial_spread = _spread(values.values())
     await asyncio.gather(*(start(f"peer{i}", i, False) for i in range(scenario.peers)))
     first_slot = max(peer.next_round_id() for peer in swarm.peers.values())
-    crashes = round(scenario.churn * scenario.peers)
-    churn_times = sorted(rng.uniform(first_slot + 1, first_slot + scenario.rounds - 1) for _ in range(crashes))
+    crashes, leaves = round(scenario.churn * scenario.peers), round(scenario.leaves * scenario.peers)
+    events = [(rng.uniform(first_slot + 1, first_slot + scenario.rounds - 1), "crash") for _ in range(crashes)]
+    events += [(rng.uniform(first_slot + 1, first_slot + scenario.rounds - 1), "leave") for _ in range(leaves)]
+    events.sort()
     spreads: dict[int, float] = {}
-    joined = scenario.peers
+    joined, joiners = scenario.peers, []
     for slot in range(first_slot, first_slot + scenario.rounds + 1):
-        while churn_times and churn_times[0] < slot:
-            await asyncio.sleep(max(0.0, churn_times.pop(0) * scenario.round_interval - loop.time()))
-            victim = rng.choice(sorted(swarm.peers))
+        while events and events[0][0] < slot:
+            when, kind = events.pop(0)
+            await asyncio.sleep(max(0.0, when * scenario.round_interval - loop.time()))
+            victim = rng.choice(sorted(name for name in swarm.peers if name in tasks))
             tasks.pop(victim).cancel()
-            await swarm.crash(victim)
+            await (swarm.crash(victim) if kind == "crash" else swarm.leave(victim))
             values.pop(victim)
-            asyncio.create_task(start(f"peer{joined}", joined, True))
+            joiners.append(asyncio.create_task(start(f"peer{joined}", joined, True)))
             joined += 1
         await asyncio.sleep(max(0.0, slot * scenario.round_interval - loop.time()))
         live = [values[name] for name in swarm.peers if name in tasks]
         spreads[slot] = _spread(live) / initial_spread if live else math.nan
         if regression is not None and live:
             losses[slot] = statistics.fmean(regression.loss(w) for w in live)
-    for task in tasks.values():
+    for task in [*joiners, *tasks.values()]:
         task.cancel()
-    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    await asyncio.gather(*joiners, *tasks.values(), return_exceptions=True)
     report = SimulationReport(asdict(scenario))
     for slot in range(first_slot, first_slot + scenario.rounds):
         done = results.get(slot, [])
@@ -383,7 +394,9 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
         "spread_after": float(f"{spreads[first_slot + scenario.rounds]:.3g}"),
         **({"loss_after": round(losses[first_slot + scenario.rounds], 5)} if losses else {}),
         "crashed": crashes,
-        "joined": joined - scenario.peers,
+        "left": leaves,
+        "joined": joined - scenario.peers - len(failed_joins),
+        "joins_failed": len(failed_joins),
     }
     await swarm.close()
     return report

@@ -68,13 +68,13 @@ def test_a_group_takes_the_weighted_mean():
 
 
 def test_a_scenario_is_the_same_bit_for_bit_from_its_seed_and_differs_with_another():
-    scenario = dict(peers=12, numel=2000, rounds=4, churn=0.2, rtt_ms=80, jitter_ms=10, loss=0.01, dht_miss=0.1)
+    scenario = dict(peers=12, numel=2000, rounds=4, churn=0.2, leaves=0.1, rtt_ms=80, jitter_ms=10, loss=0.01)
     first, again, other = (simulate(Scenario(**scenario, seed=seed)) for seed in (3, 3, 4))
     assert (
         first.rounds == again.rounds
         and first.summary["bytes_sent_per_peer_round"] == again.summary["bytes_sent_per_peer_round"]
     )
-    assert first.summary["crashed"] == first.summary["joined"] == 2
+    assert first.summary["crashed"] == 2 and first.summary["left"] == 1 and first.summary["joined"] == 3
     assert first.rounds != other.rounds
 
 
