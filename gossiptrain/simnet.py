@@ -7,9 +7,9 @@ swarm's DHT (as ``hivemind.dht.node.DHTNode``).  Nothing above them knows it is 
 
 Links: ``linkswitch.LinkSpec``, the model of ``gossiptrain.netns``, taken per message (one ``write``) rather
 than per packet.  A message from a to b waits for a's uplink (a FIFO at a's rate, shared by all of a's
-streams and DHT traffic), travels ``rtt_a/4``, passes b's downlink (a FIFO at b's rate), and travels
-``rtt_b/4`` plus jitter (uniform in ±j, j the mean of the two ends').  The two queues overlap as a packet
-stream does.  A message never overtakes an earlier one of its stream.  Loss ``p`` on a path (the share that
+streams and DHT traffic), travels ``rtt_a/4``, passes b's downlink (at b's rate, in the free time it finds:
+``Downlink``), and travels ``rtt_b/4`` plus jitter (uniform in ±j, j the mean of the two ends').  The two
+queues overlap as a packet stream does.  A message never overtakes an earlier one of its stream.  Loss ``p`` on a path (the share that
 gets through is the geometric mean of the two ends', as in ``linkswitch``) loses packets by a Poisson draw: a
 short message (at most ``SHORT_PACKETS`` packets, too few for fast retransmit) that loses one waits a
 retransmission timeout, a longer one ``MAX_RECOVERIES`` round trip (SACK recovers a window's losses at once).
@@ -19,8 +19,8 @@ overflow, and the CPU time of the exchange's tensor work and of the daemon (``vi
 virtual time).
 
 Streams: opening one takes a round trip (the handler at the other end starts after one way); a sender's
-``drain`` waits while more than ``SEND_BUFFER`` bytes of its stream wait in its uplink.  A peer that crashes
-resets its streams: the other ends read ``ConnectionResetError`` one way later.  Opening a stream to a peer
+``drain`` waits while more than ``SEND_BUFFER`` bytes of its stream wait in its uplink.  A peer that crashes or
+stops resets its streams: the other ends read ``ConnectionResetError`` one way later.  Opening a stream to a peer
 that is gone, is a client (not dialable), or has no handler for the protocol raises ``P2PDaemonError``
 after a round trip.
 
