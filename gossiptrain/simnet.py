@@ -9,10 +9,11 @@ Links: ``linkswitch.LinkSpec``, the model of ``gossiptrain.netns``, taken per me
 than per packet.  A message from a to b waits for a's uplink (a FIFO at a's rate, shared by all of a's
 streams and DHT traffic), travels ``rtt_a/4``, passes b's downlink (at b's rate, in the free time it finds:
 ``Downlink``), and travels ``rtt_b/4`` plus jitter (uniform in ±j, j the mean of the two ends').  The two
-queues overlap as a packet stream does.  A message never overtakes an earlier one of its stream.  Loss ``p`` on a path (the share that
-gets through is the geometric mean of the two ends', as in ``linkswitch``) loses packets by a Poisson draw: a
-short message (at most ``SHORT_PACKETS`` packets, too few for fast retransmit) that loses one waits a
-retransmission timeout, a longer one ``MAX_RECOVERIES`` round trip (SACK recovers a window's losses at once).
+queues overlap as a packet stream does.  A message never overtakes an earlier one of its stream.  Loss ``p``
+on a path (the share that gets through is the geometric mean of the two ends', as in ``linkswitch``) loses
+packets by a Poisson draw: a short message (at most ``SHORT_PACKETS`` packets, too few for fast retransmit)
+that loses one waits a retransmission timeout, a longer one ``MAX_RECOVERIES`` round trip (SACK recovers a
+window's losses at once).
 Each pair of peers has one TCP connection (``TcpWindow``): a window that shrinks while idle, grows in slow start
 and is cut by losses, so a message larger than the window waits round trips for it.  Not modelled: drop-tail
 overflow, and the CPU time of the exchange's tensor work and of the daemon (``virtual_time`` runs it in zero
