@@ -1,8 +1,9 @@
-"""Peer: the asyncio core.  Owns a libp2p daemon (hivemind P2P), a DHT node, and the rounds.
+"""Peer: the asyncio core.  Owns its transport and DHT records (``network``: a libp2p daemon and a hivemind DHT
+node, or the simulator's), its membership, and the rounds.
 
 Rounds are time slots: round ``r`` starts at ``r * round_interval`` seconds of DHT time (wall
 clock).  A peer that wants to average registers for the next slot in the DHT, reads the slot's
-participants when it starts, computes its group (``groups``) and runs the exchange
+participants when it starts, computes its group (``matchmaking``) and runs the exchange
 (``exchange``).  No peer leads; every wait is bounded by ``Timeouts``.
 """
 
@@ -32,9 +33,8 @@ from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import RoundExchange
 from gossiptrain.gate import CredentialGate
-from gossiptrain.matchmaking import plan_group
-from gossiptrain.membership import Membership
-from gossiptrain.network import LibP2PNetwork, Network, RecordStore, Transport, dialable_first
+from gossiptrain.membership import Membership, RecordStore
+from gossiptrain.network import LibP2PNetwork, Network, Transport, dialable_first
 from gossiptrain.progress import show_progress
 from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
 from gossiptrain.rounds import RoundResult, Timeouts
@@ -542,7 +542,9 @@ class Peer:
                 participants = await self.membership.round_participants(round_id)
         except TimeoutError:
             return self._failed(round_id, snapshot, "could not read the round's participants from the DHT")
-        plan, seen = plan_group(self.run_id, round_id, self.peer_id, record, participants, self.target_group_size)
+        plan, seen = matchmaking.plan_group(
+            self.run_id, round_id, self.peer_id, record, participants, self.target_group_size
+        )
         members = plan.members
         if self.client_mode and set(plan.reducers) - self._connected:
             await self._dial(await self.membership.live_peers())

@@ -117,7 +117,7 @@ class LinkUse:
     received_bytes: int = 0
 
     @property
-    def up_seconds_per_byte(self) -> float:
+    def seconds_per_byte(self) -> float:
         return 8 / (self.spec.mbit * 1e6)
 
     @property
@@ -168,7 +168,7 @@ class _Pipe:
     def __init__(self, network: SimulatedNetwork, src: SimulatedTransport, dst: SimulatedTransport):
         self.network, self.src, self.dst = network, src, dst
         self.reader = asyncio.StreamReader()
-        self.pending: collections.deque[tuple[float, bytes | None]] = collections.deque()
+        self.pending: collections.deque[bytes | None] = collections.deque()  # delivered in order, one per call
         self.last_arrival = 0.0
         self.left_uplink = 0.0  # when the last byte written leaves the sender's uplink
         self.closed = self.broken = False
@@ -181,7 +181,7 @@ class _Pipe:
         left, arrival = self.network.transfer(self.src.name, self.dst.name, size)
         self.left_uplink = max(self.left_uplink, left)
         self.last_arrival = max(arrival, self.last_arrival)
-        self.pending.append((self.last_arrival, data))
+        self.pending.append(data)
         asyncio.get_running_loop().call_at(self.last_arrival, self._deliver)
         if data is None:
             self.closed = True
@@ -191,7 +191,7 @@ class _Pipe:
         instant (whose callbacks the loop may run in any order) still arrive in the order sent."""
         if not self.pending or self.broken:
             return
-        _, data = self.pending.popleft()
+        data = self.pending.popleft()
         if data is None:
             self.reader.feed_eof()
         else:
@@ -225,7 +225,7 @@ class SimulatedWriter:
         pipe = self._pipe
         if pipe.broken:
             raise ConnectionResetError("the stream was reset")
-        spare = SEND_BUFFER * self._pipe.network.links[pipe.src.name].up_seconds_per_byte
+        spare = SEND_BUFFER * self._pipe.network.links[pipe.src.name].seconds_per_byte
         await asyncio.sleep(max(0.0, pipe.left_uplink - spare - asyncio.get_running_loop().time()))
 
     def close(self) -> None:
@@ -270,7 +270,7 @@ class SimulatedTransport:
 
     async def connect(self, peer: str, maddrs: Sequence[str]) -> None:
         await asyncio.sleep(4 * self.network.links[self.name].one_way)  # a round trip
-        if self.network.live_transport(peer) is None:
+        if peer not in self.network.transports:
             raise P2PDaemonError(f"failed to dial {peer}: no route")
 
     async def shutdown(self) -> None:
@@ -402,9 +402,6 @@ class SimulatedNetwork:
         index = self._addresses[name] + 2
         return f"/ip4/10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}/tcp/4001"
 
-    def live_transport(self, peer_id: str) -> SimulatedTransport | None:
-        return self.transports.get(peer_id)
-
     def transfer(self, src: str, dst: str | None, size: int) -> tuple[float, float]:
         """Queue ``size`` bytes from ``src`` to ``dst`` (None: a DHT node, an ideal link as far as ``src``);
         returns when they have left ``src``'s uplink and when they arrive."""
@@ -414,7 +411,7 @@ class SimulatedNetwork:
         a.sent_bytes += size
         b.received_bytes += size
         up_start = max(now, a.up_free)
-        a.up_free = up_start + size * a.up_seconds_per_byte
+        a.up_free = up_start + size * a.seconds_per_byte
         left = a.up_free
         rtt = (a.spec.rtt_ms + b.spec.rtt_ms) / 2e3
         loss = 1 - math.sqrt((1 - a.spec.loss) * (1 - b.spec.loss))
@@ -425,8 +422,8 @@ class SimulatedNetwork:
             rate = min(a.spec.mbit, b.spec.mbit) * 1e6 / 8
             window_rounds = self._connections.setdefault((src, dst), TcpWindow()).send(size, now, rtt, rate, lost)
             left = max(left, up_start + window_rounds * rtt)
-        through = b.down.take(up_start + a.one_way, size * b.up_seconds_per_byte, now) if dst is not None else 0.0
-        arrival = max(through, left + a.one_way + min(size, MSS) * b.up_seconds_per_byte) + b.one_way
+        through = b.down.take(up_start + a.one_way, size * b.seconds_per_byte, now) if dst is not None else 0.0
+        arrival = max(through, left + a.one_way + min(size, MSS) * b.seconds_per_byte) + b.one_way
         jitter = (a.spec.jitter_ms + b.spec.jitter_ms) / 2e3
         if jitter:
             arrival += self.rng.uniform(-jitter, jitter)
@@ -462,7 +459,7 @@ class SimulatedNetwork:
             a, now = self.links[name], asyncio.get_running_loop().time()
             size = reply_bytes if last else RECORD_OVERHEAD * 4
             a.received_bytes += size
-            through = a.down.take(now + a.one_way, size * a.up_seconds_per_byte, now)
+            through = a.down.take(now + a.one_way, size * a.seconds_per_byte, now)
             await asyncio.sleep(through + a.one_way - now)
 
     async def open_stream(

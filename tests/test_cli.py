@@ -361,3 +361,23 @@ def test_simulate_prints_a_table_per_slot_and_writes_the_report(tmp_path, capsys
     report = json.loads(out.read_text())
     assert len(report["rounds"]) == 3 and report["summary"]["crashed"] == report["summary"]["joined"] == 2
     assert report["summary"]["averaged_share"] > 0.5 and (tmp_path / "run.png").stat().st_size > 0
+
+
+def test_two_processes_simulate_the_same_run_from_the_same_seed(tmp_path):
+    """Repeatable across processes (where Python's string hashing differs), not only within one."""
+    reports = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.json"
+        argv = ["simulate", "--peers", "10", "--numel", "500", "--rounds", "3", "--churn", "0.2", "--loss", "0.01"]
+        subprocess.run(
+            [sys.executable, "-m", "gossiptrain", *argv, "--seed", "5", "--json", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": str(i + 1)},
+        )
+        reports.append(json.loads(out.read_text()))
+    for report in reports:
+        for key in ("wall_s", "wall_s_per_round", "peak_rss_mb"):
+            del report["summary"][key]
+    assert reports[0]["rounds"] == reports[1]["rounds"] and reports[0]["summary"] == reports[1]["summary"]

@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from hivemind.p2p import P2PDaemonError
 
 from gossiptrain.linkswitch import LinkSpec
 from gossiptrain.simnet import INITIAL_WINDOW, Downlink, SimulatedNetwork, TcpWindow
@@ -97,7 +98,7 @@ def test_a_crashed_peer_resets_its_streams_and_cannot_be_dialed():
         b.crash()
         with pytest.raises(ConnectionResetError):
             await reader.read()
-        with pytest.raises(Exception, match="no route"):
+        with pytest.raises(P2PDaemonError, match="no route"):
             await a.call_binary_stream_handler(b.peer_id, "/wait")
         return not b.serving
 

@@ -9,11 +9,13 @@ import torch
 from gossiptrain.allreduce import Defences, GroupPlan
 from gossiptrain.codecs import get_codec
 from gossiptrain.linkswitch import LinkSpec
+from gossiptrain.outer import OuterStrategy
 from gossiptrain.rounds import Timeouts
 from gossiptrain.simulation import Scenario, SimulatedSwarm, simulate
 from gossiptrain.state import download_state
 from gossiptrain.testing import faulty_exchange
 from gossiptrain.virtual_time import run
+from gossiptrain.wire import WireState
 
 WAN = LinkSpec(mbit=100, rtt_ms=50)
 
@@ -283,3 +285,43 @@ def test_a_regression_task_reports_its_test_loss_per_slot_and_the_swarm_learns()
     losses = [row["loss"] for row in report.rounds]
     assert len(losses) == 6 and losses[-1] < losses[0] / 2, report.table()
     assert report.summary["loss_after"] == round(losses[-1], 5) and report.summary["averaged_share"] == 1.0
+
+
+@pytest.mark.parametrize("strategy", ["gossip-int8", "outer"])
+def test_the_round_strategies_drive_simulated_rounds_as_attach_does(strategy):
+    """Each peer's strategy makes its contribution and combines the round's result (``Attachment``'s calls):
+    parameter gossip with ``int8`` and error feedback, and the outer mode's pseudo-gradients with an outer
+    SGD step (lr 1: the anchor moves to the mean of the peers' parameters)."""
+
+    async def main():
+        swarm = await _swarm(4, defences=Defences.off())
+        start = torch.randn(2000, generator=torch.Generator().manual_seed(9))
+        moved = {name: start + 0.1 * step for name, step in _values(swarm.peers, numel=2000, seed=4).items()}
+        if strategy == "outer":
+            made = {
+                name: OuterStrategy([start.clone()], lambda p: torch.optim.SGD(p, lr=1.0), get_codec("none"))
+                for name in swarm.peers
+            }
+        else:
+            made = {name: WireState(get_codec("int8"), sync_every=1) for name in swarm.peers}
+        round_id = max(peer.next_round_id() for peer in swarm.peers.values())
+        round_id += round_id % 5 == 0  # not an anchor-sync round of the outer mode
+        contributions = {name: made[name].contribution(moved[name], round_id) for name in swarm.peers}
+        first = next(iter(contributions.values()))
+        results = await swarm.round(
+            {name: c.values for name, c in contributions.items()},
+            round_id=round_id,
+            residuals={name: c.residual for name, c in contributions.items()},
+            mode=first.mode,
+            codec=first.codec,
+        )
+        after = {name: made[name].combine(results[name], moved[name], first.mode) for name in swarm.peers}
+        await swarm.close()
+        return moved, after, first.mode
+
+    moved, after, mode = run(main())
+    assert mode == ("outer" if strategy == "outer" else "params")
+    mean = torch.stack(list(moved.values())).mean(0)
+    tolerance = 1e-5 if strategy == "outer" else 0.05  # int8 rounds twice (slices, mean): peers differ by 0.3 before
+    for values in after.values():
+        assert (values - mean).abs().max() < tolerance
