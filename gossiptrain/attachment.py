@@ -328,12 +328,14 @@ class Attachment:
         }
 
     def live_peers(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-        """Membership records of the run's live peers (this one included), by peer id."""
+        """Membership records of the run's live peers (this one included), by peer id: all of them in a swarm small
+        enough for one key of records, else those of this peer's shard (``membership``)."""
         return self._loop.run(self.peer.live_peers(), timeout=timeout)
 
     def wait_for_peers(self, count: int, timeout: float = 60.0) -> int:
-        """Block until ``count`` live peers (this one included) are in the run; returns how many."""
-        return len(self._loop.run(self.peer.wait_for_peers(count, timeout), timeout=timeout + 5))
+        """Block until ``count`` live peers (this one included) are in the run; returns how many (``swarm_size``)."""
+        self._loop.run(self.peer.wait_for_peers(count, timeout), timeout=timeout + 5)
+        return self.peer.swarm_size
 
     def average_now(self, timeout: float = 60.0, params: bool = False, round_id: int | None = None) -> RoundRecord:
         """Block until the round in flight (if any) and one fresh round are applied; for a final sync.

@@ -294,10 +294,14 @@ async def _status(args: argparse.Namespace) -> None:
         )
         try:
             membership = Membership(dht, args.run_id, "status", admission=admission, rejections=rejections)
+            await membership.discover()
             with Dashboard(STATUS_COLUMNS) as dashboard:
                 while True:
                     peers = sorted((await membership.live_peers()).items())
                     title = f"run {args.run_id!r}: {len(peers)} live peers"
+                    if membership.level > 0:  # a sample: one shard of the members' records
+                        size = round(membership.swarm_size)
+                        title = f"run {args.run_id!r}: about {size} live peers ({len(peers)} shown)"
                     if admission is not None:
                         title += f" with a certificate ({rejections['uncredentialed_member']} refused)"
                     dashboard.show(title, _status_rows(peers, time.time()))

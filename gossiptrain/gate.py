@@ -3,8 +3,9 @@
 In a private run (``Peer``'s ``credential``) every inbound stream (averaging, state download, clock) goes
 through ``CredentialGate.guard``.  The remote peer id of a stream is the one libp2p authenticated; it is
 admitted if a certificate for it, issued by the run's authority, was seen in its DHT records
-(``auth.Admission``).  A peer not seen yet (a joiner) is looked up in the members' records: one read at a time,
-at most one per ``LOOKUP_INTERVAL`` for all, shared by the streams that wait for it (within ``join``).
+(``auth.Admission``).  A peer not seen yet (a joiner) is looked up in the members' records of its shard: one read
+at a time, at most one per ``LOOKUP_INTERVAL`` for all, shared by the streams that wait for it (within ``join``;
+a stream whose peer the read did not find is refused, and may try again).
 
 Failure semantics: a refused stream is answered with a REJECT frame (unless the protocol has none), closed,
 and counted in ``rejections`` as ``uncredentialed_<kind>``; a lookup that fails refuses the streams that
@@ -37,7 +38,7 @@ class CredentialGate:
         run_id: the run, named in refusals.
         rejections: where refusals are counted.
         timeouts: ``join`` bounds a stream's wait for a lookup, ``part`` the close of a refused stream.
-        read_members: reads the members' records (``membership.Membership.live_peers``).
+        read_members: reads the members' records of a peer's shard (``membership.Membership.shard_of``).
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class CredentialGate:
         run_id: str,
         rejections: Rejections,
         timeouts: Timeouts,
-        read_members: Callable[[], Awaitable[Any]],
+        read_members: Callable[[str], Awaitable[Any]],
     ):
         self.admission, self.run_id, self.rejections, self.timeouts = admission, run_id, rejections, timeouts
         self._read_members = read_members
@@ -82,7 +83,7 @@ class CredentialGate:
         if self._lookup is None or self._lookup.done():
             delay = max(0.0, self._lookup_at + LOOKUP_INTERVAL - loop.time())
             self._lookup_at = loop.time() + delay
-            self._lookup = asyncio.create_task(self._read_credentials(delay))
+            self._lookup = asyncio.create_task(self._read_credentials(peer, delay))
         try:
             async with asyncio.timeout(self.timeouts.join):
                 await asyncio.shield(self._lookup)
@@ -90,11 +91,11 @@ class CredentialGate:
             logger.debug("could not read the members' credentials: %r", e)
         return self.admission.admitted(peer)
 
-    async def _read_credentials(self, delay: float) -> None:
-        """Read the members' records after ``delay`` seconds: ``Admission`` caches the certificates in them."""
+    async def _read_credentials(self, peer: str, delay: float) -> None:
+        """Read the records of ``peer``'s shard after ``delay`` seconds: ``Admission`` caches the certificates."""
         await asyncio.sleep(delay)
         try:
-            await self._read_members()
+            await self._read_members(peer)
         except Exception as e:  # the peers waiting for it are refused; they may try again
             logger.debug("could not read the members' credentials: %r", e)
 

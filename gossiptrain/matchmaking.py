@@ -1,21 +1,23 @@
-"""A round's group and plan, decided from the round's records: pure, so live peers and the simulator share it.
+"""A round's groups and plans, decided from the round's records: pure, so live peers and the simulator share it.
 
-Each peer registers a record for round ``r`` (``membership.Membership.join_round``): its model schema, the
-number of values and what they are (``mode``), whether it is a client, the peers that answered it lately
-(``answered``, its vouches: ``groups.guarded_groups``) and its declared link speed (``mbit``).  At the round's
-start it reads every record of ``r`` and ``plan_group`` turns them into its group (``groups.group_of``) and
-the group's plan (``allreduce.GroupPlan``: who owns which shard).  Peers whose views agree compute the same
-plan; one whose view differs computes another, and the exchange refuses its slices (``allreduce.check_hello``).
+Each peer registers a record for round ``r`` in its cell (``membership.Membership.join_round``): its model
+schema, the number of values and what they are (``mode``), whether it is a client, where it listens
+(``maddrs``), the peers that answered it lately (``answered``, its vouches: ``groups.guarded_groups``) and its
+declared link speed (``mbit``).  At the round's start it reads its cell's records; the cell's leader
+(``leader_candidates``: the first in the round's hash order that can be dialed) partitions the peers that
+joined it into groups (``partition``, ``assembly``), and every member builds its group's plan from the
+leader's list (``plan_of``: who owns which shard).  Peers compute nothing from views that may differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from gossiptrain.allreduce import GroupPlan
-from gossiptrain.groups import group_of
+from gossiptrain.groups import established, guarded_groups
 
 MAX_VOUCHES = 64  # a record names at most this many peers that answered it (a reader reads no more of anyone's)
 
@@ -34,30 +36,39 @@ def declared_mbit(record: Mapping[str, Any] | None) -> float | None:
     return mbit if isinstance(mbit, (int, float)) and math.isfinite(mbit) and mbit > 0 else None
 
 
-def plan_group(
-    run_id: str,
-    round_id: int,
-    me: str,
-    own: Mapping[str, Any],
-    records: Mapping[str, Mapping[str, Any]],
-    group_size: int,
-) -> tuple[GroupPlan, int]:
-    """Our group's plan for ``round_id``, and how many compatible peers the view held (us included).
+def kind(record: Mapping[str, Any]) -> tuple:
+    """What a record's writer averages: peers of one kind only average together."""
+    return record.get("schema"), record.get("numel"), record.get("mode")
 
-    ``own`` is the record we registered and ``records`` the round's records as read (ours may be missing
-    from them: what we registered counts).  Peers whose schema, number of values or mode differ from ours
-    are left out: they average something else.
-    """
-    kind = (own.get("schema"), own.get("numel"), own.get("mode"))
-    compatible = [
-        peer
-        for peer, record in records.items()
-        if (record.get("schema"), record.get("numel"), record.get("mode")) == kind
-    ]
-    seen = {peer: vouches(records[peer]) for peer in compatible}
-    seen[me] = vouches(own)
-    members = group_of(me, seen, round_id, group_size, salt=run_id)
-    views = {**records, me: own}
-    clients = frozenset(peer for peer in members if views.get(peer, {}).get("client"))
-    bandwidths = {peer: mbit for peer in members if (mbit := declared_mbit(views.get(peer))) is not None}
-    return GroupPlan.build(run_id, round_id, members, own["numel"], clients, bandwidths), len(seen)
+
+def compatible(own: Mapping[str, Any], me: str, records: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping]:
+    """The records of peers that average what we do, ours included (what we registered counts, whether or not
+    our read found it)."""
+    return {peer: record for peer, record in {**records, me: own}.items() if kind(record) == kind(own)}
+
+
+def leader_candidates(run_id: str, round_id: int, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Who may lead a cell's round, best first: peers that can be dialed (not clients), established ones
+    (``groups.established``: ghosts that never answer are not) before the others, each part in the round's hash
+    order, so that every peer that read the same records names the same leader."""
+    dialable = [peer for peer, record in records.items() if not record.get("client")]
+    settled = established({peer: vouches(records[peer]) for peer in dialable})
+
+    def order(peer: str) -> tuple[bool, bytes]:
+        return peer not in settled, hashlib.sha256(f"{run_id}|{round_id}|lead|{peer}".encode()).digest()
+
+    return sorted(dialable, key=order)
+
+
+def partition(run_id: str, round_id: int, records: Mapping[str, Mapping[str, Any]], group_size: int) -> list[list[str]]:
+    """The groups of the peers of ``records`` in ``round_id`` (``groups.guarded_groups`` by their vouches)."""
+    return guarded_groups({peer: vouches(record) for peer, record in records.items()}, round_id, group_size, run_id)
+
+
+def plan_of(
+    run_id: str, round_id: int, members: list[str], numel: int, records: Mapping[str, Mapping[str, Any]]
+) -> GroupPlan:
+    """The plan of a group, from its members' records: clients reduce nothing, declared speeds size shards."""
+    clients = frozenset(peer for peer in members if records.get(peer, {}).get("client"))
+    bandwidths = {peer: mbit for peer in members if (mbit := declared_mbit(records.get(peer))) is not None}
+    return GroupPlan.build(run_id, round_id, members, numel, clients, bandwidths)

@@ -1,13 +1,22 @@
 """Membership in the DHT: heartbeat records of live peers and per-round participation.
 
-Two kinds of records, both dictionaries keyed by peer id (DHT subkeys), so that any peer reads
-the whole set with one ``get``:
+Two kinds of records, both dictionaries keyed by peer id (DHT subkeys):
 
-- ``{run_id}.members``: each live peer's info (addresses, step, loss, last round), with a short
-  expiration refreshed by a heartbeat.  A crashed peer vanishes by expiry; a peer that leaves
-  cleanly overwrites its record with a tombstone, which readers skip at once.
-- ``{run_id}.round.{r}``: the peers that take part in round ``r``; read once at the round's
-  start time to form groups.
+- members: each live peer's info (addresses, step, loss, last round), with a short expiration refreshed by a
+  heartbeat.  A crashed peer vanishes by expiry; a peer that leaves cleanly overwrites its record with a
+  tombstone, which readers skip at once.
+- round ``r``'s participants: read once at the round's start time to form groups.
+
+Both are sharded so that no key, and no reader, holds more than a few dozen records however large the swarm
+(``CELL_PEERS``): at ``level`` k, a peer's member record goes into shard ``hash(peer) mod 2**k`` (and into a
+sample of the shards below that hold it, ``census_levels``, where peers left behind find it) and its round
+record into cell ``hash(round, peer) mod 2**k`` (cells change every round, so groups keep mixing).
+Level 0 is one key of each kind, as a small swarm needs.  A peer learns the swarm's size from what it reads
+(the count of a key times ``2**k``, and the sizes the records declare, ``swarm``), and moves to the level
+that size calls for (``level_for``).  Peers at different levels do not meet in a key; the declared sizes make
+their estimates converge, so a swarm moves between levels within a few rounds.  A joiner finds the level by
+reading its shard at level 0 (or 1, ... until one holds records: ``discover``).  So what a peer reads of the
+members is a sample, the whole swarm only at level 0.
 
 Records no one can forge (``SignedRecords``, installed in every gossiptrain DHT node): a record is
 valid only if its subkey is an Ed25519 libp2p peer id and its value carries that peer's signature
@@ -33,7 +42,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
+import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -50,6 +62,60 @@ LEFT = "left"
 CERT = "cert"
 MAX_REMEMBERED_REFUSALS = 4096  # distinct refused peer ids remembered (so each is logged once), then forgotten
 MAX_VERIFIED_RECORDS = 4096  # digests of records whose signature was checked: each replica's copy is checked once
+CELL_PEERS = 16  # a key of member or round records holds about this many peers (from 0.7x to 1.4x of it)
+MAX_LEVEL = 20  # 2**20 shards: sixteen million peers
+LEVEL_MARGIN = 0.15  # a peer moves to another level once its estimate is this far (in log2) past a boundary
+
+
+def shard(text: str, level: int) -> int:
+    """Which of the ``2**level`` shards (or cells) ``text`` falls in."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << level) - 1)
+
+
+def level_for(swarm_size: float, current: int) -> int:
+    """The level a swarm of about ``swarm_size`` peers uses: keys of about ``CELL_PEERS`` peers.  A peer at
+    ``current`` stays there until its estimate is ``LEVEL_MARGIN`` past a boundary, so that estimates that
+    differ a little do not split a swarm between levels."""
+    ideal = math.log2(max(swarm_size, 1.0) / CELL_PEERS)
+    if abs(ideal - current) <= 0.5 + LEVEL_MARGIN:
+        return current
+    return min(MAX_LEVEL, max(0, round(ideal)))
+
+
+def census_levels(peer: str, level: int) -> list[int]:
+    """The levels below ``level`` where a peer at ``level`` also stores its member record: the one just below
+    always, each further one down with half the chance (fixed per peer), so that a shard at any level holds
+    about ``2 * CELL_PEERS`` records of the peers above it, however large the swarm (about two extra stores)."""
+    return [j for j in range(level) if shard(f"census|{j}|{peer}", 30) < (1 << 30) >> (level - 1 - j)]
+
+
+def _census_weight(writer_level: Any, read_level: int) -> float:
+    """How many peers of its level a record read at ``read_level`` stands for, relative to ``2**read_level``: one,
+    or for a writer two or more levels above, the inverse of the chance that it stored its record there."""
+    if not isinstance(writer_level, int) or writer_level <= read_level + 1:
+        return 1.0
+    return float(1 << min(writer_level - read_level - 1, MAX_LEVEL))
+
+
+def declared_size(record: dict[str, Any]) -> float | None:
+    """The swarm size a record declares, if it is a number >= 1."""
+    size = record.get("swarm")
+    return float(size) if isinstance(size, (int, float)) and math.isfinite(size) and size >= 1 else None
+
+
+@dataclass
+class DHTTraffic:
+    """What a peer's records cost it in the DHT, counted as it goes: calls (stores and reads) and the bytes of
+    the values it stored and read (serialized; the DHT's own routing messages come on top)."""
+
+    requests: int = 0
+    bytes_stored: int = 0
+    bytes_read: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_stored + self.bytes_read
 
 
 class RecordStore(Protocol):
@@ -136,19 +202,21 @@ class SignedRecords(RecordValidatorBase):
         return isinstance(other, SignedRecords)
 
 
-def _live_entries(found: Any) -> dict[str, dict[str, Any]]:
+def _live_entries(found: Any) -> tuple[dict[str, dict[str, Any]], int]:
+    """The live records of a dictionary read from the DHT, and the bytes of all its records."""
     if found is None or not isinstance(found.value, dict):
-        return {}
-    entries = {}
+        return {}, 0
+    entries, size = {}, 0
     for subkey, item in found.value.items():
         value = getattr(item, "value", None)
+        size += len(MSGPackSerializer.dumps(value))
         if isinstance(subkey, str) and isinstance(value, dict) and not value.get(LEFT):
             entries[subkey] = value
-    return entries
+    return entries, size
 
 
 class Membership:
-    """This peer's view of, and presence in, the run's membership records.
+    """This peer's view of, and presence in, the run's membership records (sharded: see the module docstring).
 
     Args:
         clock: the time that record expirations are in (the DHT's: hivemind's ``get_dht_time`` live, virtual
@@ -171,12 +239,30 @@ class Membership:
         rejections: Rejections | None = None,
     ):
         self.dht, self.run_id, self.peer_id, self.ttl, self.clock = dht, run_id, peer_id, ttl, clock
-        self.members_key = f"{run_id}.members"
         self.credential, self.admission, self.rejections = credential, admission, rejections
+        self.level = 0
+        self.swarm_size = 1.0  # our estimate of the number of live peers (``observe``)
+        self.traffic = DHTTraffic()
+        self._round_keys: dict[int, tuple[str, int]] = {}  # where (key, level) we registered for a round: read there
         self._refused_members: set[str] = set()
         self._refused_rounds: set[tuple[int, str]] = set()
 
+    def members_key(self, level: int | None = None, peer: str | None = None) -> str:
+        """The key of the member records of ``peer``'s shard (ours by default) at ``level`` (ours by default)."""
+        level = self.level if level is None else level
+        if level == 0:
+            return f"{self.run_id}.members"
+        return f"{self.run_id}.members.{level}.{shard(peer or self.peer_id, level)}"
+
+    def round_key(self, round_id: int, level: int | None = None) -> str:
+        """The key of our cell of round ``round_id`` at ``level`` (ours by default)."""
+        level = self.level if level is None else level
+        if level == 0:
+            return f"{self.run_id}.round.{round_id}"
+        return f"{self.run_id}.round.{round_id}.{level}.{shard(f'{round_id}|{self.peer_id}', level)}"
+
     def _signed(self, info: dict[str, Any]) -> dict[str, Any]:
+        info = {**info, "level": self.level, "swarm": round(self.swarm_size, 1)}
         return info if self.credential is None else {**info, CERT: self.credential}
 
     def _admitted(self, entries: dict[str, dict[str, Any]], round_id: int | None) -> dict[str, dict[str, Any]]:
@@ -204,29 +290,105 @@ class Membership:
             detail = f"record left out of our view: {reason}"
             self.admission.count_refusal(self.rejections, kind, peer, round_id, detail)
 
+    async def _store(self, key: str, value: dict[str, Any], expiration: float) -> bool:
+        self.traffic.requests += 1
+        self.traffic.bytes_stored += len(MSGPackSerializer.dumps(value))
+        return await self.dht.store(key, value, expiration, subkey=self.peer_id)
+
+    async def _read(self, key: str) -> dict[str, dict[str, Any]]:
+        self.traffic.requests += 1
+        entries, size = _live_entries(await self.dht.get(key, latest=True))
+        self.traffic.bytes_read += size
+        return entries
+
+    def observe(self, entries: dict[str, dict[str, Any]], level: int) -> None:
+        """Update our estimate of the swarm's size from the records of one key read at ``level``, and our level.
+
+        What the key counts: each record stands for ``2**level`` peers, or more for a record of a peer above that
+        level stored there by chance (``census_levels``: it stands for as many as that chance is rare).  At level 0
+        with every record written there, that is the swarm's exact size; otherwise the estimate is the mean of the
+        count and the median of the sizes the records declare: estimates then converge across peers (each pulls
+        towards the others') and to the count (a record that declares an absurd size moves the median by one
+        place).  A read that holds no one else halves the estimate at most: a shard that happens to be empty (or a
+        read that missed) must not send a peer down to level 0."""
+        others = {peer: record for peer, record in entries.items() if peer != self.peer_id}
+        weights = [_census_weight(record.get("level"), level) for record in others.values()]
+        counted = float((1 + sum(weights)) * (1 << level))
+        declared = [size for record in others.values() if (size := declared_size(record)) is not None]
+        if not others:
+            self.swarm_size = max(counted, self.swarm_size / 2)
+        elif level == 0 and all(record.get("level") == 0 for record in others.values()):
+            self.swarm_size = counted
+        else:
+            self.swarm_size = (counted + statistics.median(declared or [counted])) / 2
+        self.level = level_for(self.swarm_size, self.level)
+
+    async def discover(self) -> None:
+        """A joiner's first read: our shard at level 0, 1, ... until one holds records, which set our level."""
+        for level in range(MAX_LEVEL + 1):
+            entries = self._admitted(await self._read(self.members_key(level)), None)
+            if entries.keys() - {self.peer_id}:
+                self.level = level
+                self.observe(entries, level)
+                return
+
     async def publish(self, info: dict[str, Any]) -> bool:
-        return await self.dht.store(self.members_key, self._signed(info), self.clock() + self.ttl, subkey=self.peer_id)
+        """Store our record in our shard and in a sample of the shards below that hold it (``census_levels``):
+        peers left behind at a lower level, and joiners, read the swarm's size and level there (``observe``)."""
+        record, expiration = self._signed(info), self.clock() + self.ttl
+        stored = await self._store(self.members_key(), record, expiration)
+        for level in census_levels(self.peer_id, self.level):
+            await self._store(self.members_key(level), record, expiration)
+        return stored
 
     async def heartbeat(self, get_info) -> None:
-        """Refresh our record every third of its lifetime until cancelled."""
+        """Refresh our record every third of its lifetime until cancelled; once per lifetime also read our shard,
+        so that a peer that does not average still follows the swarm's size and level."""
+        beats = 0
         while True:
             try:
                 await self.publish(get_info())
+                if beats % 3 == 2:
+                    await self.live_peers()
             except Exception as e:  # a failed refresh must not kill the peer; expiry covers us
                 logger.warning("heartbeat store failed: %r", e)
+            beats += 1
             await asyncio.sleep(self.ttl / 3)
 
     async def leave(self) -> None:
-        await self.dht.store(self.members_key, {LEFT: True}, self.clock() + self.ttl, subkey=self.peer_id)
+        for level in [self.level, *census_levels(self.peer_id, self.level)]:
+            await self._store(self.members_key(level), {LEFT: True}, self.clock() + self.ttl)
 
     async def live_peers(self) -> dict[str, dict[str, Any]]:
-        return self._admitted(_live_entries(await self.dht.get(self.members_key, latest=True)), None)
+        """The live peers of our shard (the whole swarm at level 0), by peer id."""
+        level = self.level
+        entries = self._admitted(await self._read(self.members_key(level)), None)
+        self.observe(entries, level)
+        return entries
+
+    async def shard_of(self, peer: str) -> dict[str, dict[str, Any]]:
+        """The live peers of ``peer``'s shard at our level (where its record is, if it is at our level)."""
+        return self._admitted(await self._read(self.members_key(peer=peer)), None)
 
     async def join_round(self, round_id: int, info: dict[str, Any], expiration: float) -> bool:
-        key = f"{self.run_id}.round.{round_id}"
-        return await self.dht.store(key, self._signed(info), expiration, subkey=self.peer_id)
+        """Register in our cell of ``round_id``, and above level 0 in its parent (as ``publish``): a peer left a
+        level behind counts us there, and follows."""
+        key = self.round_key(round_id)
+        self._round_keys[round_id] = key, self.level
+        for stale in [r for r in self._round_keys if r < round_id - 2]:
+            del self._round_keys[stale]
+        stored = await self._store(key, self._signed(info), expiration)
+        if self.level > 0:
+            await self._store(self.round_key(round_id, self.level - 1), self._signed(info), expiration)
+        return stored
 
     async def round_participants(self, round_id: int) -> dict[str, dict[str, Any]]:
-        found = await self.dht.get(f"{self.run_id}.round.{round_id}", latest=True)
+        """The records of our cell of round ``round_id`` (where we registered for it) written at our level: those
+        of peers a level above (their parent registrations) count towards our estimate of the swarm's size only,
+        as those peers form their groups in their own cells."""
+        key, level = self._round_keys.get(round_id) or (self.round_key(round_id), self.level)
+        entries = await self._read(key)
         self._refused_rounds = {key for key in self._refused_rounds if key[0] >= round_id - 2}
-        return self._admitted(_live_entries(found), round_id)
+        entries = self._admitted(entries, round_id)
+        self.observe(entries, level)
+        return {peer: record for peer, record in entries.items() if record.get("level", level) == level}

@@ -27,6 +27,16 @@ from hivemind.utils.multiaddr import Multiaddr
 from gossiptrain import matchmaking
 from gossiptrain.addresses import malformed_initial_peer
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
+from gossiptrain.assembly import (
+    MAX_CANDIDATES,
+    CellAssembly,
+    LateJoin,
+    Redirect,
+    Role,
+    join_leader,
+    parse_plan,
+    serve_join,
+)
 from gossiptrain.auth import Admission, Certificate, CredentialError, Identity
 from gossiptrain.clock import SwarmClock, clock_protocol
 from gossiptrain.codecs import Codec, get_codec
@@ -40,7 +50,14 @@ from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
 from gossiptrain.rounds import RoundResult, Timeouts
 from gossiptrain.state import StateProvider, StateServer, state_protocol
 from gossiptrain.timing import RoundTiming
-from gossiptrain.transport import ByteCounter, FrameKind, close_after_peer, read_message, write_message
+from gossiptrain.transport import (
+    ByteCounter,
+    FrameKind,
+    ProtocolError,
+    close_after_peer,
+    read_message,
+    write_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +237,7 @@ class Peer:
         self.identity: Identity | None = None  # loaded or created by start()
         self.admission = None if self.credential is None else Admission(run_id, self.credential.authority)
         self.protocol = f"gossiptrain.{run_id}.allreduce"
+        self.assembly_protocol = f"gossiptrain.{run_id}.assemble"
         self.info: dict[str, Any] = {}
         self.p2p: Transport | None = None
         self.dht: RecordStore | None = None
@@ -227,10 +245,11 @@ class Peer:
         self._heartbeat: asyncio.Task | None = None
         self._clock_refresh: asyncio.Task | None = None
         self._exchanges: dict[int, asyncio.Future[RoundExchange | None]] = {}
+        self._roles: dict[int, Role] = {}  # what we are in the cells of current rounds (``assembly``)
         self.rejections = Rejections()
         self.gate = None
         if self.admission is not None:  # its lookups read the members' records, where the certificates are
-            read = lambda: self.membership.live_peers()  # noqa: E731
+            read = lambda peer: self.membership.shard_of(peer)  # noqa: E731
             self.gate = CredentialGate(self.admission, run_id, self.rejections, self.timeouts, read)
         self.state_server: StateServer | None = None
         self.startup_seconds: float | None = None  # from start() to ready to average
@@ -291,9 +310,13 @@ class Peer:
                 admission=self.admission,
                 rejections=self.rejections,
             )
+            if self.initial_peers:
+                await self.membership.discover()
             if not self.client_mode:  # no one can dial a client, and no one is meant to
                 handle_stream = self._admitted_only("allreduce", self._handle_stream)
                 await self.p2p.add_binary_stream_handler(self.protocol, handle_stream)
+                handle_join = self._admitted_only("assemble", self._handle_join)
+                await self.p2p.add_binary_stream_handler(self.assembly_protocol, handle_join)
                 serve_clock = self._admitted_only("clock", self.clock.serve, reject=False)
                 await self.p2p.add_binary_stream_handler(clock_protocol(self.run_id), serve_clock)
             if self.admission is not None:  # others check our certificate in it before they answer our streams
@@ -453,18 +476,27 @@ class Peer:
 
         await asyncio.gather(*(dial(peer, maddrs) for peer, maddrs in todo.items()))
 
+    @property
+    def swarm_size(self) -> int:
+        """The number of live peers: counted in a swarm small enough for one key of records, else estimated from
+        this peer's shard (``membership``)."""
+        return round(self.membership.swarm_size)
+
     async def wait_for_peers(self, count: int, timeout: float) -> dict[str, dict[str, Any]]:
-        """Wait until at least ``count`` live peers are visible (polling the DHT), then estimate the swarm's clock
-        against them: the estimate at start saw only the peers up by then (none, or one whose median with our own
-        clock is half its skew), and it would otherwise hold until the next refresh, ``CLOCK_REFRESH`` later."""
+        """Wait until the swarm holds at least ``count`` live peers (``swarm_size``, polling the DHT), then estimate
+        the swarm's clock against them: the estimate at start saw only the peers up by then (none, or one whose
+        median with our own clock is half its skew), and it would otherwise hold until the next refresh,
+        ``CLOCK_REFRESH`` later.  Returns the live peers of our shard."""
         async with asyncio.timeout(timeout):
-            if len(peers := await self.live_peers()) < count:  # progress shown only when there is a wait
+            peers = await self.live_peers()
+            if self.swarm_size < count:  # progress shown only when there is a wait
                 with show_progress(f"waiting for {count} live peers", count, unit="peers") as shown:
-                    while len(peers := await self.live_peers()) < count:
-                        shown.update(len(peers))
+                    while self.swarm_size < count:
+                        shown.update(self.swarm_size)
                         await self.membership.publish(self._record())
                         await asyncio.sleep(0.2)
-                    shown.update(len(peers))
+                        peers = await self.live_peers()
+                    shown.update(self.swarm_size)
             if count > 1:
                 await self.estimate_clock()
         return peers
@@ -520,39 +552,27 @@ class Peer:
             raise ValueError(f"weight must be positive and finite, got {weight}")
         snapshot = tensor.detach().cpu()
         round_id = self.next_round_id() if round_id is None else round_id
-        start = self.round_start(round_id)
         record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
         record["answered"] = self._recent_vouches()  # ``matchmaking.vouches``
+        record["maddrs"] = self._listen_maddrs  # clients in our group dial us there
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
+        loop = asyncio.get_running_loop()
+        role = self._take_role(round_id)
         try:
-            loop = asyncio.get_running_loop()
-            registering = loop.time()
-            async with asyncio.timeout(self.timeouts.matchmaking):
-                await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
-            registration_s = loop.time() - registering
-        except TimeoutError:
-            return self._failed(round_id, snapshot, "could not register for the round in the DHT")
-        if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
-            logger.info("registered for round %s %.3fs after it started", round_id, self.now() - start)
-        await asyncio.sleep(max(0.0, start - self.now()))
-        started = loop.time()
-        try:
-            async with asyncio.timeout(self.timeouts.matchmaking):
-                participants = await self.membership.round_participants(round_id)
-        except TimeoutError:
-            return self._failed(round_id, snapshot, "could not read the round's participants from the DHT")
-        plan, seen = matchmaking.plan_group(
-            self.run_id, round_id, self.peer_id, record, participants, self.target_group_size
-        )
-        members = plan.members
-        if self.client_mode and set(plan.reducers) - self._connected:
-            await self._dial(await self.membership.live_peers())
-        if not plan.reducers:
+            assembled = await self._register_and_assemble(round_id, record, role)
+        finally:
+            role.close()
+        if isinstance(assembled, str):
+            return self._failed(round_id, snapshot, assembled)
+        started, registration_s, seen, assembled = assembled
+        members, records = assembled
+        plan = matchmaking.plan_of(self.run_id, round_id, members, snapshot.numel(), records)
+        if not plan.reducers or len(members) == 1:
             if len(members) == 1:
-                self._answered.append(set())
-                self._agreed[mode] = []
-                return RoundResult(round_id, "alone", list(members), snapshot.clone(), participants=seen)
+                result = self._alone(round_id, snapshot, mode, seen)
+                result.seconds = loop.time() - started
+                return result
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
         exchange = self.exchange_class(
             self.p2p,
@@ -589,6 +609,96 @@ class Peer:
         self._agreed[mode], self._spread[mode] = result.agreed, result.spread
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
+
+    async def _register_and_assemble(
+        self, round_id: int, record: dict[str, Any], role: Role
+    ) -> tuple[float, float, int, tuple[list[str], dict[str, Any]]] | str:
+        """Register for ``round_id``, read our cell at its start and learn our group from its leader: when the
+        round started (loop time), how long the registration took, how many compatible peers we read, and the
+        group (``_assemble``); or why not, as a string."""
+        loop = asyncio.get_running_loop()
+        start = self.round_start(round_id)
+        registering = loop.time()
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
+        except TimeoutError:
+            return "could not register for the round in the DHT"
+        registration_s = loop.time() - registering
+        if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
+            logger.info("registered for round %s %.3fs after it started", round_id, self.now() - start)
+        await asyncio.sleep(max(0.0, start - self.now()))
+        started = loop.time()
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                participants = await self.membership.round_participants(round_id)
+        except TimeoutError:
+            return "could not read the round's participants from the DHT"
+        view = matchmaking.compatible(record, self.peer_id, participants)
+        if self.client_mode and set(view) - self._connected:
+            await self._dial(participants)
+        assembled = await self._assemble(round_id, record, view, role)
+        return assembled if isinstance(assembled, str) else (started, registration_s, len(view), assembled)
+
+    def _alone(self, round_id: int, snapshot: torch.Tensor, mode: str, seen: int) -> RoundResult:
+        self._answered.append(set())
+        self._agreed[mode] = []
+        return RoundResult(round_id, "alone", [self.peer_id], snapshot.clone(), participants=seen)
+
+    async def _assemble(
+        self, round_id: int, record: dict[str, Any], view: dict[str, Any], role: Role
+    ) -> tuple[list[str], dict[str, Any]] | str:
+        """Our group of ``round_id`` and its members' records, as our cell's leader decided it (``assembly``); we
+        lead (``role``) if we come first among the candidates of ``view`` that answer.  A string says why there is
+        none."""
+        candidates = matchmaking.leader_candidates(self.run_id, round_id, view)
+        if not candidates:
+            return f"every peer of our cell ({len(view)}) is in client mode: none can lead it or reduce a shard"
+        tried: set[str] = set()
+        redirected = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.timeouts.join  # a candidate that does not answer costs ``join`` or less
+        while candidates and len(tried) < MAX_CANDIDATES and loop.time() < deadline:
+            leader = candidates[0]
+            if leader == self.peer_id:
+                expected = {peer: r for peer, r in view.items() if peer not in tried}
+                assembly = CellAssembly(
+                    self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts
+                )
+                role.lead(assembly)
+                members = (await assembly.decide())[self.peer_id]
+                return members, {peer: assembly.records[peer] for peer in members}
+            role.follow(leader)
+            tried.add(leader)
+            try:
+                message = await join_leader(
+                    self.p2p, self.assembly_protocol, leader, round_id, record, self.timeouts, ByteCounter()
+                )
+                return parse_plan(message, self.peer_id, round_id, self.target_group_size)
+            except Redirect as e:
+                if not redirected and e.leader not in tried:
+                    redirected = True
+                    candidates = [e.leader] + [c for c in candidates if c not in tried and c != e.leader]
+                    continue
+                logger.debug("round %s: redirected by %s to %s, tried before", round_id, leader, e.leader)
+            except LateJoin as e:
+                return f"joined the cell's leader {leader} after it decided the groups: {e}"
+            except (*EXCHANGE_ERRORS, ProtocolError) as e:
+                logger.debug("round %s: leader candidate %s did not answer: %r", round_id, leader, e)
+            candidates = [c for c in candidates if c not in tried]
+        return f"no leader of our cell answered (tried {len(tried)}: {sorted(tried)})"
+
+    def _take_role(self, round_id: int) -> Role:
+        """Our role in ``round_id``'s cell, made as we register for it (a JOIN may come before we read the cell);
+        roles of rounds no longer current are dropped."""
+        current = self.next_round_id(lead=0.0)
+        for stale in [r for r in self._roles if r < min(current, round_id) - 2]:
+            del self._roles[stale]
+        return self._roles.setdefault(round_id, Role())
+
+    async def _handle_join(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer a cell member's JOIN (``assembly.serve_join``)."""
+        await serve_join(self._roles.get, info.peer_id.to_base58(), reader, writer, self.timeouts)
 
     def _recent_vouches(self) -> list[str]:
         """Who answered us in our last ``VOUCH_ROUNDS`` rounds, the latest first (at most ``MAX_VOUCHES``)."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from gossiptrain.linkswitch import LinkSpec
+from gossiptrain.membership import DHTTraffic
 from gossiptrain.peer import Peer
 from gossiptrain.rounds import RoundResult
 from gossiptrain.simnet import SimulatedNetwork, SimulatedPort
@@ -237,7 +238,8 @@ class SimulationReport:
     """What a simulated run did.  ``rounds``: per slot, the peers that took part, the share that averaged, the
     median round time, and the spread after it (RMS distance of the peers' values from their mean, relative to
     the start).  ``summary``: over the run (``round_p50_s`` over every round, ``averaged_round_p50_s`` over
-    the averaged ones; bytes at the links, DHT included)."""
+    the averaged ones, ``group3_share`` the rounds averaged in a group of 3 or more; bytes at the links, DHT
+    included; the DHT's calls and record bytes per peer-round as the peers counted them, ``membership.DHTTraffic``)."""
 
     scenario: dict[str, Any]
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -308,7 +310,8 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
     slow_link = dataclasses.replace(swarm.link, mbit=scenario.slow_mbit)
     slow = set(rng.sample(range(scenario.peers), scenario.slow_peers))
     values: dict[str, torch.Tensor] = {}
-    results: dict[int, list[tuple[str, float]]] = {}  # per slot: each peer's status and round time
+    results: dict[int, list[tuple[str, float, int]]] = {}  # per slot: each peer's status, round time, group size
+    traffic: list[DHTTraffic] = []  # every peer's DHT calls and bytes, the crashed ones' included
     tasks: dict[str, asyncio.Task] = {}
     loop = asyncio.get_running_loop()
 
@@ -322,10 +325,11 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
             await asyncio.sleep(scenario.compute_s * slowness)
             result = await peer.average(values[name])
             values[name] = result.averaged
-            results.setdefault(result.round_id, []).append((result.status, result.seconds))
+            results.setdefault(result.round_id, []).append((result.status, result.seconds, len(result.group)))
 
     async def start(name: str, index: int, joining: bool) -> None:
         peer = await swarm.add(name, link=slow_link if index in slow else None)
+        traffic.append(peer.membership.traffic)
         if joining:
             try:
                 state = await download_state(peer, timeout=10 * scenario.round_interval)
@@ -376,21 +380,25 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
             {
                 "slot": slot - first_slot,
                 "peers": len(done),
-                "averaged_share": sum(status == "averaged" for status, _ in done) / len(done) if done else 0.0,
-                "round_p50_s": statistics.median(seconds for _, seconds in done) if done else math.nan,
+                "averaged_share": sum(status == "averaged" for status, _, _ in done) / len(done) if done else 0.0,
+                "round_p50_s": statistics.median(seconds for _, seconds, _ in done) if done else math.nan,
                 "spread": spreads[slot + 1],
                 **({"loss": losses[slot + 1]} if slot + 1 in losses else {}),
             }
         )
     taken = [r for slot in range(first_slot, first_slot + scenario.rounds) for r in results.get(slot, [])]
-    averaged = [seconds for status, seconds in taken if status == "averaged"]
+    averaged = [seconds for status, seconds, _ in taken if status == "averaged"]
     sent = sum(swarm.network.bytes_of(name)[0] for name in swarm.network.links)
+    in_groups = sum(status == "averaged" and size >= 3 for status, _, size in taken)
     report.summary = {
         "peer_rounds": len(taken),
-        "averaged_share": round(sum(status == "averaged" for status, _ in taken) / max(1, len(taken)), 4),
-        "round_p50_s": round(statistics.median(seconds for _, seconds in taken), 4) if taken else None,
+        "averaged_share": round(sum(status == "averaged" for status, _, _ in taken) / max(1, len(taken)), 4),
+        "group3_share": round(in_groups / max(1, len(taken)), 4),
+        "round_p50_s": round(statistics.median(seconds for _, seconds, _ in taken), 4) if taken else None,
         "averaged_round_p50_s": round(statistics.median(averaged), 4) if averaged else None,
         "bytes_sent_per_peer_round": round(sent / max(1, len(taken))),
+        "dht_requests_per_peer_round": round(sum(t.requests for t in traffic) / max(1, len(taken)), 2),
+        "dht_bytes_per_peer_round": round(sum(t.bytes for t in traffic) / max(1, len(taken))),
         "spread_after": float(f"{spreads[first_slot + scenario.rounds]:.3g}"),
         **({"loss_after": round(losses[first_slot + scenario.rounds], 5)} if losses else {}),
         "crashed": crashes,

@@ -26,6 +26,8 @@ class FrameKind(IntEnum):
     RESULT = 3  # owner -> contributor: the averaged shard follows as PART frames
     REJECT = 4  # owner -> contributor: refused, with a reason
     STATE = 5  # state donor -> joiner: size, sha256 and chunk size of the state; PART frames follow
+    JOIN = 6  # member -> its cell's leader: its round record (``assembly``)
+    PLAN = 7  # leader -> member: the member's group for the round
 
 
 class ProtocolError(Exception):

@@ -1,6 +1,6 @@
-"""A round's group and plan from its records: pure, as every peer computes it."""
+"""A round's groups and plans from its records: pure, as every leader and member computes them."""
 
-from gossiptrain.matchmaking import MAX_VOUCHES, plan_group, vouches
+from gossiptrain.matchmaking import MAX_VOUCHES, compatible, leader_candidates, partition, plan_of, vouches
 
 
 def _record(**fields):
@@ -11,15 +11,32 @@ def test_peers_averaging_something_else_are_left_out_and_our_own_record_counts_w
     records = {f"p{i}": _record() for i in range(3)}
     records["other-model"] = _record(schema="t")
     records["deltas"] = _record(mode="delta")
-    plan, seen = plan_group("run", 5, "me", _record(), records, group_size=8)
-    assert set(plan.members) == {"me", "p0", "p1", "p2"} and seen == 4
+    assert set(compatible(_record(), "me", records)) == {"me", "p0", "p1", "p2"}
 
 
 def test_clients_reduce_no_shard_and_declared_speeds_size_the_shards():
-    records = {"fast": _record(mbit=100.0), "client": _record(client=True), "bad": _record(mbit=float("nan"))}
-    plan, _ = plan_group("run", 5, "me", _record(mbit=100.0), records, group_size=4)
-    shards = plan.shards()
+    records = {"me": _record(mbit=100.0), "fast": _record(mbit=100.0), "client": _record(client=True)}
+    records["bad"] = _record(mbit=float("nan"))
+    shards = plan_of("run", 5, sorted(records), 100, records).shards()
     assert "client" not in shards and set(shards) == {"me", "fast", "bad"}
+
+
+def test_the_leader_is_one_that_can_be_dialed_established_before_newcomers_the_same_for_every_reader():
+    records = {f"p{i}": _record() for i in range(6)}
+    records["client"] = _record(client=True)
+    records["p4"] = _record(answered=["p5"])  # p4 and p5 vouch for each other: established
+    records["p5"] = _record(answered=["p4"])
+    order = leader_candidates("run", 7, records)
+    assert "client" not in order and set(order[:2]) == {"p4", "p5"}
+    assert leader_candidates("run", 7, dict(reversed(records.items()))) == order
+    assert {tuple(leader_candidates("run", r, records)[:1]) for r in range(20)} == {("p4",), ("p5",)}
+
+
+def test_a_partition_covers_every_peer_once_in_groups_of_at_least_three():
+    records = {f"p{i}": _record() for i in range(14)}
+    groups = partition("run", 3, records, group_size=4)
+    assert sorted(peer for group in groups for peer in group) == sorted(records)
+    assert all(3 <= len(group) <= 5 for group in groups)
 
 
 def test_a_record_vouches_for_at_most_max_vouches_named_peers():

@@ -127,7 +127,13 @@ def _client_with_reducer(connected: set[str]) -> tuple[Peer, FakeP2P, str]:
     peer = Peer("unit", initial_peers=[f"/ip4/127.0.0.1/tcp/1/p2p/{reducer}"], client_mode=True, clock=lambda: NOW)
     peer.p2p = FakeP2P(me, connected)
     record = {"schema": None, "numel": 8, "mode": "params", "maddrs": ["/ip4/127.0.0.1/tcp/1"]}
-    peer.membership = FakeMembership({me: {**record, "client": True}, reducer: {**record, "client": False}})
+    records = {me: {**record, "client": True}, reducer: {**record, "client": False}}
+    peer.membership = FakeMembership(records)
+
+    async def assemble(round_id, own, view, role):  # the reducer leads the cell and puts us with it
+        return sorted(records), records
+
+    peer._assemble = assemble
     return peer, peer.p2p, reducer
 
 

@@ -23,7 +23,7 @@ from gossiptrain.tasks import TASKS
 from gossiptrain.testing import LOOPBACK, LocalSwarm, ProcessOutput
 
 FAST = Timeouts(matchmaking=2.0, join=1.5, part=1.0, result=3.0)
-REFUSED_KINDS = ("member", "round", "allreduce", "state", "clock")
+REFUSED_KINDS = ("member", "round", "assemble", "state", "clock")
 
 
 def gossiptrain(*args: str) -> str:

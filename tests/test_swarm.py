@@ -24,6 +24,18 @@ def test_four_peers_average_to_the_exact_weighted_mean():
         assert (result["values"] - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.timeout(420)
+def test_sixteen_peer_processes_in_groups_of_four_reach_the_exact_mean_in_two_rounds():
+    """Sixteen processes share one cell: the leader's groups follow Moshpit's grid, whatever each peer's read of
+    the round held (``assembly``), and one epoch of two rounds gives every peer the global mean."""
+    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16, interval=4.0)
+    expected = weighted_mean(inputs, [1.0] * 16)
+    for result in results.values():
+        assert [h["status"] for h in result["history"]] == ["averaged", "averaged"], result["history"]
+        assert all(len(h["group"]) == 4 for h in result["history"]), result["history"]
+        assert (result["values"] - expected).abs().max().item() < 1e-5
+
+
 @pytest.mark.timeout(300)
 def test_eight_peers_in_pairs_finish_with_one_model():
     """Two rounds of pairs mix at most four of eight peers: ``finish()`` goes on until every
