@@ -2,7 +2,7 @@
 
 Live: N peer processes on this machine (one libp2p daemon each), bootstrapped from one address (for 16 peers, a
 plain ``hivemind-dht`` node: a DHT node that is not a gossiptrain peer), with a user's defaults (groups of 4,
-``Peer``'s timeouts), average a vector of ``--numel`` values (values ``randn + i`` for peer i, equal weights) in
+``Peer``'s timeouts), average a vector of ``--numel`` values (seeded ``randn`` per peer, equal weights) in
 ``--rounds`` slots of ``--every`` seconds, and report: the share of (peer, round) pairs averaged in a group of 3
 or more; the relative spread after the run (the largest distance of a peer's values from the mean of all, over
 the mean's norm); the longest round against its bound (``Timeouts``: the slowest path a round may take); and the
@@ -31,7 +31,6 @@ import asyncio
 import math
 import multiprocessing
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ def live_worker(index: int, initial_peers: list[str], args: dict, ready, start, 
     async def main() -> None:
         options = dict(initial_peers=initial_peers, host_maddrs=[LOOPBACK], round_interval=args["every"])
         async with Peer(RUN_ID, **options) as peer:
-            values = torch.randn(args["numel"], generator=torch.Generator().manual_seed(index)) + index
+            values = torch.randn(args["numel"], generator=torch.Generator().manual_seed(index))
             ready.put(index)
             while start.value == 0:
                 await asyncio.sleep(0.2)
@@ -75,7 +74,7 @@ def live_worker(index: int, initial_peers: list[str], args: dict, ready, start, 
 def bootstrap(processes: list, hivemind_dht: bool) -> str:
     """A DHT node to bootstrap from: ``hivemind-dht`` (not a gossiptrain peer) or ``gossiptrain bootstrap``."""
     if hivemind_dht:
-        argv = [shutil.which("hivemind-dht") or "hivemind-dht", "--host_maddrs", LOOPBACK]
+        argv = [sys.executable, "-m", "hivemind.hivemind_cli.run_dht", "--host_maddrs", LOOPBACK]
     else:
         argv = [sys.executable, "-m", "gossiptrain", "bootstrap", "--host-maddrs", LOOPBACK]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
