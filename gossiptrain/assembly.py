@@ -4,7 +4,8 @@ Reads of an eventually consistent DHT differ (a record not yet on every replica,
 that each peer computed from its own read would differ with them. So one peer decides: each peer of a cell sends its
 leader (``matchmaking.leader_candidates``) a JOIN with its round record, and the leader answers a PLAN with the
 member's group. The leader waits for the JOINs of the peers it read (all of them, or once half of the established
-ones have come, the straggler deadline; at most ``join``), takes in any peer that joins without being in its read,
+ones have come, the straggler deadline; at most ``join``; then half as long again, up to ``straggler_min``, for peers
+its read missed), takes in any peer that joins without being in its read,
 and partitions the peers that joined (``matchmaking.partition``). A peer that registered and never joins (it
 crashed, a ghost) is in no group, so no member waits for it.
 
@@ -95,6 +96,9 @@ class CellAssembly:
                     await self._changed.wait()
             except TimeoutError:
                 break
+        # peers our read missed join at about the time the others did: give them half the time the expected took
+        grace = min(self.timeouts.straggler_min, (loop.time() - started) / 2)
+        await asyncio.sleep(max(0.0, min(deadline, loop.time() + grace) - loop.time()))
         groups = matchmaking.partition(self.run_id, self.round_id, self.records, self.group_size)
         self.groups = {peer: group for group in groups for peer in group}
         self._decided.set_result(self.groups)

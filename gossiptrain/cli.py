@@ -294,10 +294,11 @@ async def _status(args: argparse.Namespace) -> None:
         )
         try:
             membership = Membership(dht, args.run_id, "status", admission=admission, rejections=rejections)
-            await membership.discover()
+            found = await membership.discover()  # the first shard that holds records: a sample, and the size
             with Dashboard(STATUS_COLUMNS) as dashboard:
                 while True:
-                    peers = sorted((await membership.live_peers()).items())
+                    peers = sorted((found or await membership.live_peers()).items())
+                    found = {}
                     title = f"run {args.run_id!r}: {len(peers)} live peers"
                     if membership.level > 0:  # a sample: one shard of the members' records
                         size = round(membership.swarm_size)

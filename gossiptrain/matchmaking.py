@@ -19,7 +19,7 @@ from typing import Any
 from gossiptrain.allreduce import GroupPlan
 from gossiptrain.groups import established, guarded_groups
 
-MAX_VOUCHES = 64  # a record names at most this many peers that answered it (a reader reads no more of anyone's)
+MAX_VOUCHES = 16  # a record names at most this many peers that answered it, the latest first (a reader reads no more)
 
 
 def vouches(record: Mapping[str, Any] | None) -> frozenset[str]:

@@ -122,7 +122,9 @@ class RecordStore(Protocol):
     """Dictionaries of records with expirations (the subset of ``hivemind.dht.node.DHTNode`` used here):
     ``get`` returns None or an object whose ``value`` maps each subkey to an item with ``value``."""
 
-    async def store(self, key: str, value: Any, expiration_time: float, *, subkey: str) -> bool: ...
+    async def store(
+        self, key: str, value: Any, expiration_time: float, *, subkey: str, await_all_replicas: bool = True
+    ) -> bool: ...
 
     async def get(self, key: str, latest: bool = True) -> Any: ...
 
@@ -291,9 +293,16 @@ class Membership:
             self.admission.count_refusal(self.rejections, kind, peer, round_id, detail)
 
     async def _store(self, key: str, value: dict[str, Any], expiration: float) -> bool:
+        """Store our record under ``key``; returns once one replica holds it (the others get it in the background:
+        a reader finds it on any), so that a loaded or slow replica does not hold up a registration."""
         self.traffic.requests += 1
         self.traffic.bytes_stored += len(MSGPackSerializer.dumps(value))
-        return await self.dht.store(key, value, expiration, subkey=self.peer_id)
+        return await self.dht.store(key, value, expiration, subkey=self.peer_id, await_all_replicas=False)
+
+    async def _store_all(self, keys: list[str], value: dict[str, Any], expiration: float) -> bool:
+        """Store our record under each of ``keys`` at once; whether the first of them succeeded."""
+        stored = await asyncio.gather(*(self._store(key, value, expiration) for key in keys))
+        return stored[0]
 
     async def _read(self, key: str) -> dict[str, dict[str, Any]]:
         self.traffic.requests += 1
@@ -323,23 +332,22 @@ class Membership:
             self.swarm_size = (counted + statistics.median(declared or [counted])) / 2
         self.level = level_for(self.swarm_size, self.level)
 
-    async def discover(self) -> None:
-        """A joiner's first read: our shard at level 0, 1, ... until one holds records, which set our level."""
+    async def discover(self) -> dict[str, dict[str, Any]]:
+        """A joiner's first read: our shard at level 0, 1, ... until one holds records, which set our level (and
+        estimate); returns the live peers it found."""
         for level in range(MAX_LEVEL + 1):
             entries = self._admitted(await self._read(self.members_key(level)), None)
             if entries.keys() - {self.peer_id}:
                 self.level = level
                 self.observe(entries, level)
-                return
+                return entries
+        return {}
 
     async def publish(self, info: dict[str, Any]) -> bool:
         """Store our record in our shard and in a sample of the shards below that hold it (``census_levels``):
         peers left behind at a lower level, and joiners, read the swarm's size and level there (``observe``)."""
-        record, expiration = self._signed(info), self.clock() + self.ttl
-        stored = await self._store(self.members_key(), record, expiration)
-        for level in census_levels(self.peer_id, self.level):
-            await self._store(self.members_key(level), record, expiration)
-        return stored
+        keys = [self.members_key(level) for level in [self.level, *census_levels(self.peer_id, self.level)]]
+        return await self._store_all(keys, self._signed(info), self.clock() + self.ttl)
 
     async def heartbeat(self, get_info) -> None:
         """Refresh our record every third of its lifetime until cancelled; once per lifetime also read our shard,
@@ -356,8 +364,8 @@ class Membership:
             await asyncio.sleep(self.ttl / 3)
 
     async def leave(self) -> None:
-        for level in [self.level, *census_levels(self.peer_id, self.level)]:
-            await self._store(self.members_key(level), {LEFT: True}, self.clock() + self.ttl)
+        keys = [self.members_key(level) for level in [self.level, *census_levels(self.peer_id, self.level)]]
+        await self._store_all(keys, {LEFT: True}, self.clock() + self.ttl)
 
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         """The live peers of our shard (the whole swarm at level 0), by peer id."""
@@ -377,10 +385,8 @@ class Membership:
         self._round_keys[round_id] = key, self.level
         for stale in [r for r in self._round_keys if r < round_id - 2]:
             del self._round_keys[stale]
-        stored = await self._store(key, self._signed(info), expiration)
-        if self.level > 0:
-            await self._store(self.round_key(round_id, self.level - 1), self._signed(info), expiration)
-        return stored
+        keys = [key] + ([self.round_key(round_id, self.level - 1)] if self.level > 0 else [])
+        return await self._store_all(keys, self._signed(info), expiration)
 
     async def round_participants(self, round_id: int) -> dict[str, dict[str, Any]]:
         """The records of our cell of round ``round_id`` (where we registered for it) written at our level: those

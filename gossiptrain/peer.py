@@ -619,11 +619,16 @@ class Peer:
         loop = asyncio.get_running_loop()
         start = self.round_start(round_id)
         registering = loop.time()
-        try:
+        expiration = start + self.round_interval + self.timeouts.result
+        registration = asyncio.ensure_future(self.membership.join_round(round_id, record, expiration))
+        registration.add_done_callback(lambda task: task.cancelled() or task.exception())  # logged below, if at all
+        try:  # a registration still under way goes on: our leader takes us in from our JOIN all the same
             async with asyncio.timeout(self.timeouts.matchmaking):
-                await self.membership.join_round(round_id, record, start + self.round_interval + self.timeouts.result)
+                await asyncio.shield(registration)
         except TimeoutError:
-            return "could not register for the round in the DHT"
+            logger.info("round %s: our registration took over %ss; going on", round_id, self.timeouts.matchmaking)
+        except Exception as e:
+            logger.info("round %s: our registration failed (%r); going on", round_id, e)
         registration_s = loop.time() - registering
         if self.now() > start:  # others may have seen us already: take part, late, rather than let them wait
             logger.info("registered for round %s %.3fs after it started", round_id, self.now() - start)

@@ -305,7 +305,11 @@ class SimulatedRecords:
     def __init__(self, network: SimulatedNetwork, name: str):
         self.network, self.name = network, name
 
-    async def store(self, key: str, value: Any, expiration_time: float, *, subkey: str) -> bool:
+    async def store(
+        self, key: str, value: Any, expiration_time: float, *, subkey: str, await_all_replicas: bool = True
+    ) -> bool:
+        """Store a record: the time of sending it to every replica (waiting for the first or the last
+        acknowledgement takes the same round trips here)."""
         size = (len(msgpack.packb(value)) + RECORD_OVERHEAD) * DHT_REPLICAS
         await self.network.dht_round_trips(self.name, size, RECORD_OVERHEAD)
         return self.network.dht.store(key, subkey, value, expiration_time)
