@@ -487,11 +487,15 @@ class Peer:
         the swarm's clock against them: the estimate at start saw only the peers up by then (none, or one whose
         median with our own clock is half its skew), and it would otherwise hold until the next refresh,
         ``CLOCK_REFRESH`` later.  Returns the live peers of our shard."""
+
+        def enough() -> bool:  # in one key (level 0), the peers themselves; above, the estimate
+            return len(peers) >= count if self.membership.level == 0 else self.swarm_size >= count
+
         async with asyncio.timeout(timeout):
             peers = await self.live_peers()
-            if self.swarm_size < count:  # progress shown only when there is a wait
+            if not enough():  # progress shown only when there is a wait
                 with show_progress(f"waiting for {count} live peers", count, unit="peers") as shown:
-                    while self.swarm_size < count:
+                    while not enough():
                         shown.update(self.swarm_size)
                         await self.membership.publish(self._record())
                         await asyncio.sleep(0.2)
@@ -666,13 +670,9 @@ class Peer:
         while candidates and len(tried) < MAX_CANDIDATES and loop.time() < deadline:
             leader = candidates[0]
             if leader == self.peer_id:
-                expected = {peer: r for peer, r in view.items() if peer not in tried}
-                assembly = CellAssembly(
-                    self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts
+                return await self._lead(
+                    round_id, record, {peer: r for peer, r in view.items() if peer not in tried}, role
                 )
-                role.lead(assembly)
-                members = (await assembly.decide())[self.peer_id]
-                return members, {peer: assembly.records[peer] for peer in members}
             role.follow(leader)
             tried.add(leader)
             try:
@@ -691,7 +691,21 @@ class Peer:
             except (*EXCHANGE_ERRORS, ProtocolError) as e:
                 logger.debug("round %s: leader candidate %s did not answer: %r", round_id, leader, e)
             candidates = [c for c in candidates if c not in tried]
+        if not self.client_mode:  # the candidates before us left or failed: we lead whoever still joins us
+            return await self._lead(round_id, record, {self.peer_id: record}, role)
         return f"no leader of our cell answered (tried {len(tried)}: {sorted(tried)})"
+
+    async def _lead(
+        self, round_id: int, record: dict[str, Any], expected: dict[str, Any], role: Role
+    ) -> tuple[list[str], dict[str, Any]]:
+        """Lead our cell of ``round_id``: wait for the JOINs of ``expected`` (``assembly.CellAssembly``), decide the
+        groups, and return ours with its members' records."""
+        assembly = CellAssembly(
+            self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts
+        )
+        role.lead(assembly)
+        members = (await assembly.decide())[self.peer_id]
+        return members, {peer: assembly.records[peer] for peer in members}
 
     def _take_role(self, round_id: int) -> Role:
         """Our role in ``round_id``'s cell, made as we register for it (a JOIN may come before we read the cell);
