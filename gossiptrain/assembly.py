@@ -36,6 +36,7 @@ from gossiptrain.transport import ByteCounter, FrameKind, ProtocolError, close_a
 logger = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 8  # leaders a member tries in one round (within twice ``join``) before it gives up
+MIN_GRACE = 0.1  # seconds a leader waits at least for peers its read missed (they JOIN when the others do)
 PLAN_FIELDS = ("client", "mbit")  # what a PLAN says of each member: what ``matchmaking.plan_of`` reads
 
 
@@ -97,7 +98,7 @@ class CellAssembly:
             except TimeoutError:
                 break
         # peers our read missed join at about the time the others did: give them half the time the expected took
-        grace = min(self.timeouts.straggler_min, (loop.time() - started) / 2)
+        grace = min(self.timeouts.straggler_min, max(MIN_GRACE, (loop.time() - started) / 2))
         await asyncio.sleep(max(0.0, min(deadline, loop.time() + grace) - loop.time()))
         groups = matchmaking.partition(self.run_id, self.round_id, self.records, self.group_size)
         self.groups = {peer: group for group in groups for peer in group}
