@@ -166,11 +166,13 @@ class Redirect(Exception):
 @dataclass
 class Role:
     """What this peer is in one round, for the JOINs that reach it: the cell's leader (``assembly``), a member
-    of another leader's cell (``leader``), or nothing yet (``ready`` not set)."""
+    of another leader's cell (``leader``), or nothing yet (``ready`` not set).  ``counter`` holds the bytes of its
+    JOINs and PLANs, sent and served; the round's exchange goes on counting in it."""
 
     assembly: CellAssembly | None = None
     leader: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    counter: ByteCounter = field(default_factory=ByteCounter)
 
     def lead(self, assembly: CellAssembly) -> None:
         self.assembly, self.leader = assembly, None
@@ -202,6 +204,9 @@ async def serve_join(
         _, message = await read_message(reader, counter, timeout=timeouts.join, expect=(FrameKind.JOIN,))
         round_id, record = message.get("round_id"), message.get("record")
         role = role_of(round_id) if isinstance(round_id, int) else None
+        if role is not None:  # from here on, what this JOIN costs is our round's
+            role.counter.received += counter.received
+            counter = role.counter
         if role is None or not isinstance(record, dict):
             reply = FrameKind.REJECT, {"reason": f"round {round_id!r} is not current here"}
         else:

@@ -162,6 +162,7 @@ class RoundExchange:
         caught: set[str] | None = None,
         spread: float = 0.0,
         state_lock: contextlib.AbstractContextManager | None = None,
+        counter: ByteCounter | None = None,
     ):
         self.p2p, self.protocol, self.plan, self.me = p2p, protocol, plan, me
         # held while the residual is changed, once at the end of the round (see the module)
@@ -174,7 +175,7 @@ class RoundExchange:
         self.spread = spread
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
-        self.counter = ByteCounter()
+        self.counter = ByteCounter() if counter is None else counter  # the round's (its JOIN's too)
         self.errors: list[str] = []
         self._shards = plan.shards()
         self._own_shard = self._shards.get(me)

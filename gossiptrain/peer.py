@@ -595,6 +595,7 @@ class Peer:
             caught=self.caught,
             spread=self._spread.get(mode, 0.0),
             state_lock=state_lock,
+            counter=role.counter,
         )
         await exchange.prepare()  # before members' streams can reach it
         slot = self._exchanges.setdefault(round_id, asyncio.get_running_loop().create_future())
@@ -677,7 +678,7 @@ class Peer:
             tried.add(leader)
             try:
                 message = await join_leader(
-                    self.p2p, self.assembly_protocol, leader, round_id, record, self.timeouts, ByteCounter()
+                    self.p2p, self.assembly_protocol, leader, round_id, record, self.timeouts, role.counter
                 )
                 return parse_plan(message, self.peer_id, round_id, self.target_group_size)
             except Redirect as e:

@@ -1,12 +1,14 @@
 """Simulated swarms: live ``Peer`` objects on a modelled network in virtual time (seconds of CPU each)."""
 
 import asyncio
+import dataclasses
 import math
 import statistics
 
 import pytest
 import torch
 
+from gossiptrain import simnet
 from gossiptrain.allreduce import Defences, GroupPlan
 from gossiptrain.codecs import get_codec
 from gossiptrain.linkswitch import LinkSpec
@@ -57,11 +59,8 @@ def test_sixteen_peers_in_groups_of_four_reach_the_global_mean_in_one_moshpit_ep
         assert torch.allclose(averaged, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("count", [64, 256])
-def test_larger_swarms_split_their_records_into_cells_and_still_mix_to_the_global_mean(count):
-    """Past one key's worth of peers, records go into cells (``membership``): each peer reads about
-    ``CELL_PEERS`` records however large the swarm, groups are random within cells that change every round, and
-    the spread still falls geometrically while the mean stays where it was."""
+def _mix_in_cells(count: int, rounds: int = 10) -> dict:
+    """``count`` peers average for ``rounds`` rounds: what they reached and what their DHT calls cost."""
 
     async def main():
         swarm = await _swarm(count, link=WAN, defences=Defences.off(), round_interval=2.0)
@@ -69,24 +68,40 @@ def test_larger_swarms_split_their_records_into_cells_and_still_mix_to_the_globa
         expected = torch.stack(list(values.values())).mean(0)
         start = max((v - expected).abs().max().item() for v in values.values())
         first = max(peer.next_round_id() for peer in swarm.peers.values())
+        before = {name: dataclasses.replace(peer.membership.traffic) for name, peer in swarm.peers.items()}
         grouped = 0
-        for round_id in range(first, first + 10):
+        for round_id in range(first, first + rounds):
             results = await swarm.round(values, round_id=round_id)
             grouped += sum(r.status == "averaged" and len(r.group) >= 3 for r in results.values())
             values = {name: r.averaged for name, r in results.items()}
-        reads = [peer.membership.traffic for peer in swarm.peers.values()]
+        after = {name: peer.membership.traffic for name, peer in swarm.peers.items()}
+        traffic = [(t.requests - before[name].requests, t.bytes - before[name].bytes) for name, t in after.items()]
         levels = {peer.membership.level for peer in swarm.peers.values()}
         await swarm.close()
         end = max((v - expected).abs().max().item() for v in values.values())
-        return values, expected, start / end, grouped, levels, reads
+        return {
+            "fell": start / end,
+            "mean_error": (torch.stack(list(values.values())).mean(0) - expected).abs().max().item(),
+            "grouped": grouped / (rounds * count),
+            "levels": levels,
+            "calls": statistics.median(calls for calls, _ in traffic) / rounds,
+            "bytes": statistics.median(size for _, size in traffic) / rounds,
+        }
 
-    values, expected, fell, grouped, levels, reads = run(main())
-    assert levels == {round(math.log2(count / CELL_PEERS))}
-    assert grouped >= 0.95 * 10 * count
-    assert fell >= 100
-    assert torch.allclose(torch.stack(list(values.values())).mean(0), expected, atol=1e-5)
-    per_read = statistics.median(r.bytes_read / max(1, r.requests) for r in reads)
-    assert per_read < 60 * CELL_PEERS * 40  # about a cell of records (each a few hundred bytes) per call
+    return run(main())
+
+
+def test_larger_swarms_split_their_records_into_cells_and_still_mix_at_a_cost_per_peer_that_stays_flat():
+    """Past one key's worth of peers, records go into cells (``membership``): each peer reads about
+    ``CELL_PEERS`` records however large the swarm, groups are random within cells that change every round, and
+    the spread still falls geometrically while the mean stays where it was."""
+    mixed = {count: _mix_in_cells(count) for count in (64, 256)}
+    for count, m in mixed.items():
+        assert m["levels"] == {round(math.log2(count / CELL_PEERS))}
+        assert m["grouped"] >= 0.95 and m["fell"] >= 100 and m["mean_error"] < 1e-5
+    # in its rounds, four times the peers cost a peer about the same calls and bytes, not four times the records
+    assert mixed[256]["calls"] <= 1.5 * mixed[64]["calls"]
+    assert mixed[256]["bytes"] <= 2 * mixed[64]["bytes"]
 
 
 def test_a_group_takes_the_weighted_mean():
@@ -103,6 +118,29 @@ def test_a_group_takes_the_weighted_mean():
     for result in results.values():
         assert result.status == "averaged" and len(result.group) == 4
         assert torch.allclose(result.averaged, expected, atol=1e-5)
+
+
+def test_a_round_s_bytes_are_every_byte_its_peers_wrote_to_streams_joins_and_plans_included(monkeypatch):
+    """``RoundResult.bytes_sent`` counts the JOIN and PLAN of the leader's round trip as well as the exchange."""
+    written: dict[str, int] = {}
+    send = simnet._Pipe.send
+
+    def counted(pipe, data):
+        if data is not None:
+            written[pipe.src.name] = written.get(pipe.src.name, 0) + len(data)
+        send(pipe, data)
+
+    async def main():
+        swarm = await _swarm(3)
+        monkeypatch.setattr(simnet._Pipe, "send", counted)
+        results = await swarm.round(_values(swarm.peers, numel=64))
+        await swarm.close()
+        return results
+
+    results = run(main())
+    assert {r.status for r in results.values()} == {"averaged"}
+    assert {name: r.bytes_sent for name, r in results.items()} == written
+    assert sum(r.bytes_received for r in results.values()) == sum(written.values())
 
 
 def test_a_scenario_is_the_same_bit_for_bit_from_its_seed_and_differs_with_another():
