@@ -39,9 +39,30 @@ process only, by a subclass that passes ``defences`` and ``average_every_steps``
 sets the peer's ``exchange_class`` to the ``FaultyExchange`` of the attack (as ``FaultyPeer`` does);
 the peer gets ``--no-load-state`` (all peers start together from the same seeded model).
 
+False positives on non-IID data (issue 29, ``--simulate`` only): with ``--non-iid`` each peer trains on its own
+part of the data (digits: peer ``i`` draws only classes ``3i, 3i+1, 3i+2`` mod 10; charlm: the ``i``-th of
+``--peers`` contiguous parts of the training text), while every peer is evaluated on the whole validation set,
+so honest peers drift apart between rounds and the defences may take one for hostile.  ``--modes`` adds the
+outer mode (``outer``: each peer's rounds go through ``gossiptrain.outer.OuterStrategy`` as ``Attachment``
+drives it, pseudo-gradients averaged and an outer ``SGD(lr=1.0)`` step, the CLI's measured best ``--outer-lr``,
+every 5th round an anchor-sync round of the parameters) beside today's parameter averaging (``params``),
+with the same steps and ``every_steps``.  ``--non-iid`` makes this matrix the default: both modes, rules
+``off`` and ``default``, attacks ``huge`` and ``shifted_mean`` with 1 and 2 hostile peers.  Reported per run
+besides the above, over the honest peers: their rounds that were ``partial`` (the defences refused a mean or
+clipped/dropped a contribution: counted as averaged too), the distinct honest peers that ended in an honest
+peer's ``caught`` set, the refusals charged to honest senders (``honest_refused``, by kind), and the loss and
+the honest peers' mean parameters against ``off`` of the same setting (``vs_off_pct``; ``drift_vs_off``: the
+distance between the two means relative to off's; ``drift_vs_none``: the same against the no-attack ``off``).
+With no hostile peer every rejection is a false positive; with hostile peers the ``clipped`` and ``dropped``
+counts hold both kinds (they name no sender), the honest ones do not: the JSON's ``false_positives`` has the
+counts known to be false positives (None where not known).  The data split is IID without ``--non-iid``.
+
     python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
     python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
     python benchmarks/adversarial.py --simulate  # the same matrix in one process: exact, repeatable (~15 min)
+    python benchmarks/adversarial.py --simulate --non-iid --tasks digits,charlm --modes params,outer \\
+        --hostile 0,1,2 --attacks huge,shifted_mean --rules off,default   # false positives (~25 min)
+    python benchmarks/adversarial.py --simulate --non-iid --quick --tasks digits   # its smoke run (~1 min)
 
 Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per run, every per-peer
 number) and ``<out>.png`` (``--out``, default ``benchmarks/results/adversarial``).
@@ -69,6 +90,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.demo import parameter_spread, read_records, spread
+from gossiptrain.outer import ANCHOR_SYNC_EVERY
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LOOPBACK, LocalSwarm, faulty_exchange
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "adversarial"
@@ -81,6 +104,10 @@ DEFENCES = {
 }
 NO_ATTACK_DEFENCES = ("off", "clip", "trimmed", "default")  # which rule costs least when nobody attacks
 ATTACK_DEFENCES = ("off", "default")
+MODES = ("params", "outer")  # --simulate: what a round averages (parameters, or pseudo-gradients: OuterStrategy)
+OUTER_LR = 1.0  # the outer mode's SGD learning rate, no momentum: the CLI's measured best (--outer-lr 1.0)
+# --non-iid's defaults: the false-positive matrix (issue 29)
+NON_IID_DEFAULTS = {"modes": "params,outer", "rules": "off,default", "attacks": "huge,shifted_mean", "hostile": "1,2"}
 # Per task: local steps per peer (full, --quick), batch size, Adam lr, seconds per slot, local steps per round,
 # hostile counts of the full matrix (charlm: 1 and 2 did not both fit in the ~30 min of the default run).
 TASK_SETTINGS = {
@@ -135,21 +162,28 @@ def matrix(
     hostile_counts: dict[str, tuple[int, ...]],
     rules: tuple[str, ...] = NO_ATTACK_DEFENCES,
     repeats: int = 1,
+    modes: tuple[str, ...] = ("params",),
+    non_iid: bool = False,
 ) -> list[dict]:
-    """The runs: no attack with each rule for every task first, then each attack x hostile count x
-    defences; with ``repeats``, the whole list again, interleaved (repeat 0 of every row, then 1, ...)."""
-    runs = [{"task": task, "attack": "none", "hostile": 0, "defences": name} for task in tasks for name in rules]
-    for task in tasks:
+    """The runs: no attack with each rule for every task and mode first, then each attack x hostile count (0 is
+    the no-attack rows) x defences; with ``repeats``, the whole list again, interleaved (repeat 0 of every row,
+    then 1, ...).  ``off`` comes first of the rules where they have it (the others are compared with it)."""
+    rules = tuple(sorted(rules, key=lambda rule: rule != "off"))
+    settings = [{"task": task, "mode": mode, "non_iid": non_iid} for task in tasks for mode in modes]
+    runs = [{**setting, "attack": "none", "hostile": 0, "defences": name} for setting in settings for name in rules]
+    for setting in settings:
         for attack in attacks:
-            for hostile in hostile_counts[task]:
+            for hostile in (h for h in hostile_counts[setting["task"]] if h > 0):
                 runs += [
-                    {"task": task, "attack": attack, "hostile": hostile, "defences": name} for name in ATTACK_DEFENCES
+                    {**setting, "attack": attack, "hostile": hostile, "defences": name} for name in ATTACK_DEFENCES
                 ]
     return [{**run, "repeat": repeat} for repeat in range(repeats) for run in runs]
 
 
 def run_name(run: dict) -> str:
-    return f"{run['task']}/{run['attack']}/x{run['hostile']}/{run['defences']}/r{run.get('repeat', 0)}"
+    mode = "" if run.get("mode", "params") == "params" else f"/{run['mode']}"
+    data = "/non-iid" if run.get("non_iid") else ""
+    return f"{run['task']}{mode}{data}/{run['attack']}/x{run['hostile']}/{run['defences']}/r{run.get('repeat', 0)}"
 
 
 def run_swarm(swarm: LocalSwarm, work: Path, run_id: str, run: dict, steps: int, args: argparse.Namespace) -> dict:
@@ -201,7 +235,13 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     With ``--miss P`` each honest peer sits out each training round with probability P (drawn from the
     repeat, the round and the peer, so the same in every rule), as live peers miss rounds (54-93% of
     their rounds averaged in the live runs): a peer that missed one comes back apart from its group,
-    which is where the defences' rules engage when nobody attacks."""
+    which is where the defences' rules engage when nobody attacks.
+    With ``non_iid`` in ``run`` each peer draws from its own part of the data (``peer_batches``); with mode
+    ``outer`` each peer (the hostile ones too) makes its round's values and applies its result through its own
+    ``OuterStrategy`` as ``Attachment`` does (``contribution`` before the round, ``combine`` after an averaged
+    round or one alone), and ``finish()``'s rounds are its ``final`` rounds (the parameters)."""
+    from gossiptrain.codecs import get_codec
+    from gossiptrain.outer import OuterStrategy
     from gossiptrain.simulation import SimulatedSwarm
     from gossiptrain.tasks import TASKS
     from gossiptrain.virtual_time import run as run_virtual
@@ -211,26 +251,62 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     honest = range(args.peers - run["hostile"])
     models = [copy.deepcopy(task.model) for _ in range(args.peers)]
     optimizers = [torch.optim.Adam(model.parameters(), lr=settings["lr"]) for model in models]
-    batches = [task.batches(1000 * repeat + i, settings["batch_size"]) for i in range(args.peers)]
+    batches = [peer_batches(task, run, 1000 * repeat + i, i, args.peers) for i in range(args.peers)]
+    strategies = None
+    if run.get("mode", "params") == "outer":
+        outer = lambda params: torch.optim.SGD(params, lr=OUTER_LR)  # noqa: E731
+        strategies = [OuterStrategy(list(model.parameters()), outer, get_codec("none")) for model in models]
     jitter = 1e-6 if run["defences"] == NOISE_FLOOR else 0.0
     defences = DEFENCES["off" if run["defences"] == NOISE_FLOOR else run["defences"]]
     swarm = SimulatedSwarm(defences=defences)
     records: dict[int, list[dict]] = {i: [] for i in honest}  # as the live peers' metrics files have them
+    honest_ids: set[str] = set()
+    honest_refused: dict[str, int] = {}  # refusals (Rejections.record) that honest peers charged to honest ones
+    honest_caught: set[str] = set()
 
-    async def average(round_id: int, miss: float) -> None:
+    def charging(record):
+        """``Rejections.record`` that also counts the refusals of honest senders in ``honest_refused``."""
+
+        def recording(kind: str, sender: str, *rest) -> None:
+            if str(sender) in honest_ids:
+                honest_refused[kind] = honest_refused.get(kind, 0) + 1
+            record(kind, sender, *rest)
+
+        return recording
+
+    async def average(round_id: int, miss: float, final: bool = False) -> None:
         taking_part = [
             i
             for i in range(args.peers)
             if i not in honest or random.Random(10**6 * repeat + 10**3 * round_id + i).random() >= miss
         ]
-        values = {f"peer{i}": parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
+        slot = max(swarm.peers[f"peer{i}"].next_round_id() for i in taking_part)
+        snapshots = {i: parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
         weight = settings["every_steps"] * settings["batch_size"]
         weights = {f"peer{i}": weight * (1 + jitter * i) for i in taking_part}
-        results = await swarm.round(values, weights)
+        if strategies is None:
+            values = {f"peer{i}": snapshots[i] for i in taking_part}
+            results = await swarm.round(values, weights, round_id=slot, mode="params")
+        else:  # as Attachment: the strategy's contribution, then its combine of an averaged round or one alone
+            made = {i: strategies[i].contribution(snapshots[i], slot, "final" if final else None) for i in taking_part}
+            first = made[taking_part[0]]
+            results = await swarm.round(
+                {f"peer{i}": c.values for i, c in made.items()},
+                weights,
+                round_id=slot,
+                residuals={f"peer{i}": c.residual for i, c in made.items()},
+                mode=first.mode,
+                codec=first.codec,
+            )
         for i in taking_part:
-            vector_to_parameters(results[f"peer{i}"].averaged, models[i].parameters())
+            result = results[f"peer{i}"]
+            after = result.averaged
+            if strategies is not None:
+                applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
+                after = strategies[i].combine(result, snapshots[i], made[i].mode) if applied else snapshots[i]
+            vector_to_parameters(after, models[i].parameters())
             if i in honest:
-                status, rejected = results[f"peer{i}"].status, dict(swarm.peers[f"peer{i}"].rejections)
+                status, rejected = result.status, dict(swarm.peers[f"peer{i}"].rejections)
                 records[i].append({"round": round_id, "status": status, "rejected": rejected})
 
     async def train() -> None:
@@ -239,6 +315,10 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             peer = await swarm.add(f"peer{i}", client=hostile and run["attack"] != "shifted_mean")
             if hostile:
                 peer.exchange_class = faulty_exchange(run["attack"])
+        honest_ids.update(str(swarm.peers[f"peer{i}"].peer_id) for i in honest)
+        for i in honest:
+            rejections = swarm.peers[f"peer{i}"].rejections
+            rejections.record = charging(rejections.record)
         round_id = 0
         for step in range(1, steps + 1):
             for model, optimizer, batch in zip(models, optimizers, batches):
@@ -252,17 +332,32 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         for i in honest:
             records[i].append({"loss_before_finish": task.evaluate(models[i])["loss"], "rounds_done": round_id})
         for finishing in range(round_id, round_id + SIMULATED_FINISH_ROUNDS):
-            await average(finishing, 0.0)
+            await average(finishing, 0.0, final=True)
             if spread([parameters_to_vector(models[i].parameters()).double() for i in honest]) < 1e-6:
                 break
+        honest_caught.update(m for i in honest for m in swarm.peers[f"peer{i}"].caught if str(m) in honest_ids)
         await swarm.close()
 
     run_virtual(train())
     for i in honest:
         before = next(r for r in records[i] if "loss_before_finish" in r)
         records[i].append({"final": True, "step": steps, "rounds_failed": 0, **before, **task.evaluate(models[i])})
+    mean = torch.stack([parameters_to_vector(models[i].parameters()).detach().double() for i in honest]).mean(0)
     models = [model.state_dict() for model in models[: len(honest)]]
-    return summarize(run, {"records": records, "models": models, "wall": time.monotonic() - started}, args.peers)
+    swarm_numbers = {"records": records, "models": models, "wall": time.monotonic() - started}
+    swarm_numbers.update(honest_refused=honest_refused, honest_caught=len(honest_caught))
+    return {**summarize(run, swarm_numbers, args.peers), "honest_mean": mean}
+
+
+def peer_batches(task, run: dict, seed: int, i: int, peers: int):
+    """Peer ``i``'s batches from ``seed``: of all the training data, or with ``non_iid`` in ``run`` of its own
+    part (digits: classes ``3i, 3i+1, 3i+2`` mod 10; charlm: the ``i``-th of ``peers`` parts of the text)."""
+    batch_size = TASK_SETTINGS[run["task"]]["batch_size"]
+    if not run.get("non_iid"):
+        return task.batches(seed, batch_size)
+    if run["task"] == "digits":
+        return task.batches(seed, batch_size, classes=[(3 * i + k) % 10 for k in range(3)])
+    return task.batches(seed, batch_size, part=(i, peers))
 
 
 def run_live(swarm: LocalSwarm, n: int, run: dict, steps: int, args: argparse.Namespace) -> dict:
@@ -304,18 +399,39 @@ def summarize(run: dict, swarm: dict, peers: int) -> dict:
         "final_accuracy": _finite_mean([f["accuracy"] for f in finals]) if run["task"] == "digits" else None,
         "honest_spread": spread if math.isfinite(spread) else None,
         "honest_loss_range": max(losses) - min(losses) if all(math.isfinite(v) for v in losses) else None,
-        "rounds_averaged_share": sum(r["status"] == "averaged" for r in rounds) / len(rounds) if rounds else 0.0,
+        "rounds_averaged_share": sum(r["status"] in AVERAGED for r in rounds) / len(rounds) if rounds else 0.0,
+        "rounds_partial_share": sum(r["status"] == "partial" for r in rounds) / len(rounds) if rounds else 0.0,
         "loss_before_finish": _finite_mean([f["loss_before_finish"] for f in finals]),
         "diverged_peers": sum(not math.isfinite(v) for v in losses),
         "honest_peers": len(finals),
         "rounds_per_peer": len(rounds) / len(finals),
         "steps": [f["step"] for f in finals],
         "rejected": rejected,
+        "honest_refused": swarm.get("honest_refused"),
+        "honest_caught": swarm.get("honest_caught"),
+        "false_positives": false_positives(run["hostile"], rejected, swarm),
         "wall_seconds": swarm["wall"],
         "per_peer": [
             {k: f.get(k) for k in ("loss", "accuracy", "loss_before_finish", "rounds_done", "rounds_failed")}
             for f in finals
         ],
+    }
+
+
+def false_positives(hostile: int, rejected: dict[str, int], swarm: dict) -> dict[str, int | None]:
+    """What the honest peers' defences did to honest peers: contributions ``clipped`` and ``dropped`` (known only
+    with no hostile peer: the counts name no sender), ``hostile_mean`` and ``caught`` refusals of honest senders,
+    and the distinct honest peers some honest peer caught (``honest_caught_peers``); None where not known (live
+    runs with hostile peers)."""
+    charged = swarm.get("honest_refused")
+    if charged is None and hostile == 0:
+        charged = rejected
+    return {
+        "clipped": rejected.get("clipped", 0) if hostile == 0 else None,
+        "dropped": rejected.get("dropped", 0) if hostile == 0 else None,
+        "hostile_mean": None if charged is None else charged.get("hostile_mean", 0),
+        "caught": None if charged is None else charged.get("caught", 0),
+        "honest_caught_peers": swarm.get("honest_caught"),
     }
 
 
@@ -331,55 +447,94 @@ def _setting(run: dict) -> str:
     return run["defences"] + (f" r{run['repeat']}" if run.get("repeat") else "")
 
 
+def _data(run: dict) -> str:
+    return "non-iid" if run.get("non_iid") else "iid"
+
+
+def _counts(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "n/a"
+    return ",".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
+
+
 def table(summary: list[dict]) -> str:
     header = (
-        f"{'task':<7} {'attack':<13} {'hostile':>7} {'defences':<16} {'final loss':>10} {'vs none':>9} "
-        f"{'pre-fin':>8} {'accuracy':>8} {'spread':>8} {'averaged':>8} {'rejected':<28} {'wall s':>6}"
+        f"{'task':<7} {'mode':<6} {'data':<7} {'attack':<13} {'hostile':>7} {'defences':<16} {'final loss':>10} "
+        f"{'vs none':>9} {'vs off':>8} {'drift off':>9} {'drift none':>10} {'pre-fin':>8} {'accuracy':>8} "
+        f"{'spread':>8} {'averaged':>8} {'partial':>7} {'rejected':<40} {'to honest':<24} {'caught':>6} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for s in summary:
+        start = f"{s['task']:<7} {s.get('mode', 'params'):<6} {_data(s):<7} {s['attack']:<13} {s['hostile']:>7} "
         if "error" in s:
-            rows.append(f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {_setting(s):<16} failed: {s['error']}")
+            rows.append(f"{start}{_setting(s):<16} failed: {s['error']}")
             continue
-        rejected = ",".join(f"{k}={v}" for k, v in sorted(s["rejected"].items())) or "-"
         rows.append(
-            f"{s['task']:<7} {s['attack']:<13} {s['hostile']:>7} {_setting(s):<16} "
+            f"{start}{_setting(s):<16} "
             f"{_number(s['final_loss'], '.4f'):>10} {_number(s.get('vs_no_attack_off_pct'), '+.1f'):>8}% "
+            f"{_number(s.get('vs_off_pct'), '+.1f'):>7}% {_number(s.get('drift_vs_off'), '.1e'):>9} "
+            f"{_number(s.get('drift_vs_none'), '.1e'):>10} "
             f"{_number(s['loss_before_finish'], '.4f'):>8} {_number(s['final_accuracy'], '.4f'):>8} "
-            f"{_number(s['honest_spread'], '.1e'):>8} {s['rounds_averaged_share']:>8.2f} {rejected[:28]:<28} "
+            f"{_number(s['honest_spread'], '.1e'):>8} {s['rounds_averaged_share']:>8.2f} "
+            f"{s.get('rounds_partial_share', 0.0):>7.2f} {_counts(s['rejected'])[:40]:<40} "
+            f"{_counts(s.get('honest_refused'))[:24]:<24} {_number(s.get('honest_caught'), 'd'):>6} "
             f"{s['wall_seconds']:>6.0f}"
         )
     rows.append(
         "honest peers only: final loss/accuracy after finish(), mean over them; vs none: against the same task's "
-        "no-attack run with defences off; pre-fin: before finish(); spread: relative spread of their parameters; "
-        "averaged: share of their rounds that averaged; rejected: their counts summed (clipped: contributions clipped)"
+        "and mode's no-attack run with defences off; vs off: against defences off of the same setting (attack, "
+        "hostile peers); drift off/none: distance of their mean parameters from that off's/the no-attack off's, "
+        "relative to its size; pre-fin: "
+        "before finish(); spread: relative spread of their parameters; averaged: share of their rounds that "
+        "averaged (partial ones too); partial: share where the defences refused a mean or clipped/dropped a "
+        "contribution; rejected: their counts summed (clipped: contributions clipped); to honest: refusals of "
+        "honest senders; caught: distinct honest peers some honest peer caught (--simulate only)"
     )
     return "\n".join(rows)
 
 
-def add_baselines(summary: list[dict]) -> None:
-    """Each run's final loss against its task's no-attack run with defences off of the same repeat, in %."""
-    base = {
-        (s["task"], s.get("repeat", 0)): s["final_loss"]
-        for s in summary
-        if s["attack"] == "none" and s["defences"] == "off" and s.get("final_loss") is not None
-    }
+def add_baselines(summary: list[dict], means: dict[str, torch.Tensor] | None = None) -> None:
+    """Each run's final loss, in %, against its task's and mode's no-attack run with defences off of the same
+    repeat (``vs_no_attack_off_pct``) and against ``off`` of its own setting (``vs_off_pct``); with ``means``
+    (the honest peers' mean parameters by run name), ``drift_vs_off`` and ``drift_vs_none``: the distance of its
+    mean from that ``off``'s and from the no-attack ``off``'s, relative to the latter's norm (None where either is
+    not finite)."""
+    by_name = {run_name(s): s for s in summary if s.get("final_loss") is not None}
+
+    def drift(name: str, base: str) -> float | None:
+        value = float((means[name] - means[base]).norm() / means[base].norm())
+        return value if math.isfinite(value) else None
+
     for s in summary:
-        key = (s["task"], s.get("repeat", 0))
-        if s.get("final_loss") is not None and key in base:
-            s["vs_no_attack_off_pct"] = 100 * (s["final_loss"] / base[key] - 1)
+        if s.get("final_loss") is None and run_name(s) not in (means or {}):
+            continue
+        name, none_name = run_name(s), run_name({**s, "attack": "none", "hostile": 0, "defences": "off"})
+        if s.get("final_loss") is not None and none_name in by_name:
+            s["vs_no_attack_off_pct"] = 100 * (s["final_loss"] / by_name[none_name]["final_loss"] - 1)
+        if means and name != none_name and name in means and none_name in means:
+            s["drift_vs_none"] = drift(name, none_name)
+        if s["defences"] == "off":
+            continue
+        off_name = run_name({**s, "defences": "off"})
+        if s.get("final_loss") is not None and off_name in by_name:
+            s["vs_off_pct"] = 100 * (s["final_loss"] / by_name[off_name]["final_loss"] - 1)
+        if means and name in means and off_name in means:
+            s["drift_vs_off"] = drift(name, off_name)
 
 
 def no_attack_cost(summary: list[dict]) -> list[dict]:
-    """Per task and rule, what robust aggregation costs when nobody attacks: the final loss against
+    """Per task, mode, data and rule, what robust aggregation costs when nobody attacks: the final loss against
     ``off`` of the same repeat, in %, over the repeats (median, lowest, highest)."""
-    costs: dict[tuple[str, str], list[float]] = {}
+    costs: dict[tuple[str, str, bool, str], list[float]] = {}
     for s in summary:
         if s["attack"] == "none" and s["defences"] != "off" and s.get("vs_no_attack_off_pct") is not None:
-            costs.setdefault((s["task"], s["defences"]), []).append(s["vs_no_attack_off_pct"])
+            key = (s["task"], s.get("mode", "params"), bool(s.get("non_iid")), s["defences"])
+            costs.setdefault(key, []).append(s["vs_no_attack_off_pct"])
     return [
         {
             "task": task,
+            "mode": mode,
+            "non_iid": non_iid,
             "defences": rule,
             "repeats": len(pcts),
             "median_pct": statistics.median(pcts),
@@ -387,7 +542,7 @@ def no_attack_cost(summary: list[dict]) -> list[dict]:
             "max_pct": max(pcts),
             "pcts": pcts,
         }
-        for (task, rule), pcts in costs.items()
+        for (task, mode, non_iid, rule), pcts in costs.items()
     ]
 
 
@@ -395,17 +550,18 @@ def plot(report: dict, path: Path) -> None:
     tasks = list(dict.fromkeys(s["task"] for s in report["summary"]))
     fig, axes = figure(1, len(tasks), figsize=(7 * len(tasks), 4.8), squeeze=False)
     colors = {"off": "tab:red", "clip": "tab:blue", "trimmed": "tab:green", "default": "tab:purple"}
+    several_modes = len({s.get("mode", "params") for s in report["summary"]}) > 1
+
+    def label_of(s: dict) -> str:
+        return f"{s['attack']}\nx{s['hostile']}" + (f"\n{s.get('mode', 'params')}" if several_modes else "")
+
     for ax, task in zip(axes[0], tasks):
         rows = [s for s in report["summary"] if s["task"] == task and "error" not in s]
-        labels = list(dict.fromkeys(f"{s['attack']}\nx{s['hostile']}" for s in rows))
+        labels = list(dict.fromkeys(label_of(s) for s in rows))
         width, seen = 0.8 / len(colors), set()
         for k, name in enumerate(colors):
             for label in labels:  # a bar at the median over the repeats, a dot per repeat
-                finals = [
-                    s["final_loss"]
-                    for s in rows
-                    if s["defences"] == name and label == f"{s['attack']}\nx{s['hostile']}"
-                ]
+                finals = [s["final_loss"] for s in rows if s["defences"] == name and label == label_of(s)]
                 if not finals:
                     continue
                 x = labels.index(label) + (k - (len(colors) - 1) / 2) * width
@@ -420,7 +576,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set_ylabel("honest peers' final validation loss (mean, log scale)")
-        ax.set_title(f"{task}: {report['settings']['peers']} peers, attack x hostile peers")
+        data = ", non-IID data" if report["settings"].get("non_iid") else ""
+        ax.set_title(f"{task}: {report['settings']['peers']} peers{data}, attack x hostile peers")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['date']}; {report['machine']['cpu_count']} CPUs", fontsize=9)
@@ -434,14 +591,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, 2 hostile peers only (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="local steps per peer for every task")
     parser.add_argument("--hostile", default=None, help="comma-separated hostile counts for every task")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated attacks")
+    parser.add_argument(
+        "--attacks",
+        default=None,
+        help=f"comma-separated attacks (default: all; with --non-iid {NON_IID_DEFAULTS['attacks']})",
+    )
     parser.add_argument("--finish-timeout", type=float, default=10.0, help="seconds finish() waits for agreement")
     parser.add_argument("--timeout", type=float, default=400.0, help="seconds allowed for one swarm's run")
     parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR", help="keep metrics files and models here")
     parser.add_argument("--only", default=None, help="run only the matrix rows whose name contains this")
     parser.add_argument(
-        "--rules", default=",".join(NO_ATTACK_DEFENCES), help="comma-separated defence settings of the no-attack rows"
+        "--rules",
+        default=None,
+        help=f"comma-separated defence settings of the no-attack rows (default: {','.join(NO_ATTACK_DEFENCES)}; "
+        f"with --non-iid {NON_IID_DEFAULTS['rules']})",
     )
     parser.add_argument("--repeats", type=int, default=1, help="run the whole matrix this many times, interleaved")
     parser.add_argument(
@@ -452,6 +616,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--miss", type=float, default=0.25, help="--simulate: chance that an honest peer sits out a training round"
     )
+    parser.add_argument(
+        "--non-iid",
+        action="store_true",
+        help="--simulate: each peer trains on its own part of the data (see above); makes the false-positive "
+        "matrix the default (--modes, --rules, --attacks, --hostile)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"--simulate: comma-separated round modes of {MODES} (default: params; with --non-iid "
+        f"{NON_IID_DEFAULTS['modes']})",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--defences", choices=sorted(DEFENCES), default="default", help=argparse.SUPPRESS)
     parser.add_argument("--fault", choices=ATTACKS, default=None, help=argparse.SUPPRESS)
@@ -461,14 +637,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.worker:
         return peer_worker(args.defences, args.fault, args.every_steps, args.cli_args)
     if args.out is None:
-        suffix = "-simulated" * args.simulate + "-quick" * args.quick
+        suffix = "-simulated" * args.simulate + "-non-iid" * args.non_iid + "-quick" * args.quick
         args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
+    defaults = NON_IID_DEFAULTS if args.non_iid else {"modes": "params", "rules": ",".join(NO_ATTACK_DEFENCES)}
+    args.modes = args.modes or defaults["modes"]
+    args.rules = args.rules or defaults["rules"]
+    args.attacks = args.attacks or defaults.get("attacks", ",".join(ATTACKS))
     tasks = [t for t in args.tasks.split(",") if t]
     attacks = [a for a in args.attacks.split(",") if a]
+    modes = tuple(m for m in args.modes.split(",") if m)
     if unknown := [a for a in attacks if a not in ATTACKS] + [t for t in tasks if t not in TASK_SETTINGS]:
         parser.error(f"unknown attack(s) or task(s) {unknown}: choose from {ATTACKS} and {sorted(TASK_SETTINGS)}")
+    if unknown := [m for m in modes if m not in MODES]:
+        parser.error(f"unknown mode(s) {unknown}: choose from {MODES}")
+    if not args.simulate and (args.non_iid or modes != ("params",)):
+        parser.error("--non-iid and --modes outer need --simulate")
     if args.hostile:
         counts = {task: tuple(int(h) for h in args.hostile.split(",")) for task in tasks}
+    elif args.non_iid:
+        counts = {task: (2,) if args.quick else tuple(int(h) for h in defaults["hostile"].split(",")) for task in tasks}
     else:
         counts = {task: (2,) if args.quick else TASK_SETTINGS[task]["hostile"] for task in tasks}
     steps = {task: args.steps or TASK_SETTINGS[task]["quick_steps" if args.quick else "steps"] for task in tasks}
@@ -480,7 +667,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         defences={name: dataclasses.asdict(d) for name, d in DEFENCES.items()},
         reduced=(
             "charlm: 2 hostile peers only, 80 steps per peer (the whole matrix did not fit in ~30 min)"
-            if not args.hostile and "charlm" in tasks and not args.quick
+            if not args.hostile and "charlm" in tasks and not args.quick and not args.non_iid
+            else None
+        ),
+        outer={"optimizer": f"SGD(lr={OUTER_LR})", "anchor_sync_every": ANCHOR_SYNC_EVERY, "codec": "none"},
+        non_iid_parts=(
+            {"digits": "peer i: classes 3i, 3i+1, 3i+2 mod 10", "charlm": "peer i: part i of --peers of the text"}
+            if args.non_iid
             else None
         ),
     )
@@ -491,9 +684,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     known = [*DEFENCES, NOISE_FLOOR] if args.simulate else list(DEFENCES)
     if unknown := [r for r in rules if r not in known]:
         parser.error(f"unknown defence setting(s) {unknown}: choose from {sorted(known)}")
-    runs = matrix(tasks, attacks, counts, rules, args.repeats)
+    runs = matrix(tasks, attacks, counts, rules, args.repeats, modes, args.non_iid)
     if args.only:
         runs = [run for run in runs if args.only in run_name(run)]
+    means: dict[str, torch.Tensor] = {}  # the honest peers' mean parameters by run name (--simulate): drift_vs_off
     with contextlib.nullcontext() if args.simulate else LocalSwarm() as swarm:
         if swarm is not None:
             swarm.start_bootstrap()
@@ -501,15 +695,17 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"[{time.monotonic() - started:5.0f}s] run {n + 1}/{len(runs)}: {run_name(run)}", flush=True)
             if swarm is None:
                 result = simulate_swarm(run, steps[run["task"]], args)
+                means[run_name(run)] = result.pop("honest_mean")
             else:
                 result = run_live(swarm, n, run, steps[run["task"]], args)
             report["summary"].append(result)
-            add_baselines(report["summary"])
+            add_baselines(report["summary"], means)
             if "error" not in result:
                 print(
                     f"  final loss {_number(result['final_loss'], '.4f')}, accuracy "
                     f"{_number(result['final_accuracy'], '.4f')}, before finish "
                     f"{_number(result['loss_before_finish'], '.4f')}, rejected {result['rejected']}, "
+                    f"partial {result['rounds_partial_share']:.2f}, false positives {result['false_positives']}, "
                     f"{result['wall_seconds']:.0f} s",
                     flush=True,
                 )
@@ -522,7 +718,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(table(report["summary"]))
     for cost in report["no_attack_cost"]:
         print(
-            f"no attack, {cost['task']}, {cost['defences']} vs off: median {cost['median_pct']:+.1f}% "
+            f"no attack, {cost['task']} {cost['mode']}{' non-iid' * cost['non_iid']}, {cost['defences']} vs off: "
+            f"median {cost['median_pct']:+.1f}% "
             f"(range {cost['min_pct']:+.1f}% to {cost['max_pct']:+.1f}%, {cost['repeats']} repeats)"
         )
     plot(report, args.out.with_suffix(".png"))

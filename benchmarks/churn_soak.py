@@ -41,7 +41,7 @@ import torch
 from harness import fmt, median, report_header, write_report
 
 from gossiptrain.demo import read_records
-from gossiptrain.rounds import Timeouts
+from gossiptrain.rounds import AVERAGED, Timeouts
 from gossiptrain.state import serialize_state
 from gossiptrain.tasks import TASKS
 from gossiptrain.testing import LocalSwarm
@@ -134,7 +134,7 @@ def summarize(swarm: dict, state_size: int) -> dict:
         if event is None and index in swarm["killed"]:
             killed_while_starting.append(index)  # churn hit it before it had joined: nothing to time
             continue
-        first = next((r for r in recs if r.get("status") == "averaged"), None)
+        first = next((r for r in recs if r.get("status") in AVERAGED), None)
         download = event.get("state_download_seconds") if event else None
         bandwidth = state_size / download if download else None
         joiners.append(
@@ -152,7 +152,7 @@ def summarize(swarm: dict, state_size: int) -> dict:
         "peers_started": len(records),
         "killed": len(swarm["killed"]),
         "unfinished": swarm["unfinished"],
-        "rounds_averaged": statuses.count("averaged"),
+        "rounds_averaged": sum(status in AVERAGED for status in statuses),
         "rounds_alone": statuses.count("alone"),
         "rounds_failed": statuses.count("failed"),
         "max_round_seconds": max((r["round_seconds"] for r in rounds), default=None),

@@ -53,6 +53,7 @@ import torch
 from harness import figure, median, run_info, save_figure, write_report
 
 from gossiptrain.demo import parameter_spread, read_records
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LocalSwarm
 from gossiptrain.wire import SPARSE_SYNC_EVERY
 
@@ -150,7 +151,7 @@ def summarize(
     """The numbers of one run (see the module docstring)."""
     num_params = sum(t.numel() for t in models[0].values() if t.is_floating_point())
     rounds = [r for recs in records.values() for r in recs if "round" in r]
-    averaged = [r for r in rounds if r["status"] == "averaged"]
+    averaged = [r for r in rounds if r["status"] in AVERAGED]
     finals = [next((r for r in recs if r.get("final")), None) for recs in records.values()]
     if any(f is None for f in finals):
         raise RuntimeError("a peer wrote no final record; see its output above")
@@ -169,6 +170,7 @@ def summarize(
         "bytes_per_param_per_round_long_run": (long_run_bytes(training, averaged, sync_every) or math.nan) / num_params,
         "total_bytes_sent": sum(r["bytes_sent"] for r in rounds),
         "rounds_averaged_per_peer": len(averaged) / len(records),
+        "rounds_partial_per_peer": sum(r["status"] == "partial" for r in rounds) / len(records),
         "rounds_alone_per_peer": sum(r["status"] == "alone" for r in rounds) / len(records),
         "rounds_failed_per_peer": sum(r["status"] == "failed" for r in rounds) / len(records),
         "median_group_size": median([r["group_size"] for r in averaged]),

@@ -91,6 +91,7 @@ from time_to_loss import hivemind_worker, start_in, time_to
 from gossiptrain.demo import read_records
 from gossiptrain.metrics import PeriodicEvaluation
 from gossiptrain.netns import EmulatedLinks, EmulationUnavailable
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "low_communication"
@@ -354,7 +355,7 @@ def system_result(raw: dict) -> dict:
     }
     rounds = [[r for r in recs if "round" in r] for recs in raw["records"].values()]
     if any(rounds):  # gossiptrain
-        averaged = [sum(r["status"] == "averaged" for r in peer_rounds) for peer_rounds in rounds]
+        averaged = [sum(r["status"] in AVERAGED for r in peer_rounds) for peer_rounds in rounds]
         result["rounds_averaged_per_peer"] = statistics.fmean(averaged)
         result["steps_per_averaged_round"] = statistics.fmean(f["step"] / max(n, 1) for f, n in zip(finals, averaged))
         result["round_bytes_per_peer"] = statistics.fmean(

@@ -44,6 +44,7 @@ from harness import figure, report_header, save_figure, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.memory_workers
 
+from gossiptrain.rounds import AVERAGED  # noqa: E402
 from tests.memory_workers import measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +78,7 @@ def row(result: dict, size: str) -> dict:
         "extra_peak_x": round(result["extra_x"], 2),
         "end_mib": round(result["end_bytes"] / mib, 1),
         "steady_extra_x": round((result["end_bytes"] - result["baseline_bytes"]) / result["model_bytes"], 2),
-        "rounds_averaged": result["statuses"].count("averaged"),
+        "rounds_averaged": sum(status in AVERAGED for status in result["statuses"]),
         "statuses": result["statuses"],
         "served": result["served"],
         "serve_extra_peak_x": None
@@ -144,7 +145,7 @@ def soak(args: argparse.Namespace) -> dict:
         "rss_at_end_mib": round(last / 2**20, 1),
         "growth": round(growth, 4),
         "flat_within_5_percent": abs(growth) <= 0.05,
-        "rounds_averaged": result["statuses"].count("averaged"),
+        "rounds_averaged": sum(status in AVERAGED for status in result["statuses"]),
         "rounds": len(result["statuses"]),
         "extra_peak_x": round(result["extra_x"], 2),
     }

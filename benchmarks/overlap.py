@@ -46,6 +46,7 @@ from pathlib import Path
 from harness import report_header, write_report
 
 from gossiptrain.demo import read_records
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overlap.json"
@@ -120,7 +121,7 @@ def steady_rate(records: list[dict], samples: list[list[float]], warmup: float, 
         "cpu_ms_per_step": 1000 * (own1 - own0) / steps,
         "daemon_cpu_ms_per_step": 1000 * (kids1 - kids0) / steps,
         "cpu_utilisation": (own1 - own0) / (t1 - t0) if t1 > t0 else None,
-        "rounds_averaged": sum(r["status"] == "averaged" for r in rounds),
+        "rounds_averaged": sum(r["status"] in AVERAGED for r in rounds),
         "rounds_alone": sum(r["status"] == "alone" for r in rounds),
         "rounds_failed": sum(r["status"] == "failed" for r in rounds),
         "bytes_sent": sum(r["bytes_sent"] for r in rounds),

@@ -118,6 +118,8 @@ def round_bound() -> float:
 def run_live(peers: int, args: argparse.Namespace) -> dict:
     import numpy as np
 
+    from gossiptrain.rounds import AVERAGED
+
     context = multiprocessing.get_context("spawn")
     ready, results, start = context.Queue(), context.Queue(), context.Value("q", 0)
     processes: list = []
@@ -156,8 +158,8 @@ def run_live(peers: int, args: argparse.Namespace) -> dict:
         "peers": peers,
         "bootstrap": "hivemind-dht" if peers == min(args.live) else "gossiptrain bootstrap",
         "startup_s": round(startup_s, 1),
-        "group3_share": round(sum(s == "averaged" and g >= 3 for s, g, *_ in pairs) / len(pairs), 4),
-        "averaged_share": round(sum(s == "averaged" for s, *_ in pairs) / len(pairs), 4),
+        "group3_share": round(sum(s in AVERAGED and g >= 3 for s, g, *_ in pairs) / len(pairs), 4),
+        "averaged_share": round(sum(s in AVERAGED for s, *_ in pairs) / len(pairs), 4),
         "relative_spread": float(f"{np.abs(final - mean).max() / np.linalg.norm(mean):.3g}"),
         "round_max_s": round(max(seconds for _, _, seconds, *_ in pairs), 3),
         "round_bound_s": round_bound(),

@@ -58,6 +58,7 @@ from harness import figure, report_header, save_figure, write_report
 from gossiptrain.demo import read_records
 from gossiptrain.metrics import PeriodicEvaluation
 from gossiptrain.netns import EmulatedLinks, EmulationUnavailable
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LocalSwarm
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "time_to_loss"
@@ -212,7 +213,7 @@ def summarize(system: str, run: dict, target: float) -> dict:
         "unfinished_peers": run["unfinished_peers"],
     }
     if system == "gossiptrain":
-        averaged = [sum(r["status"] == "averaged" for r in peer_rounds) for peer_rounds in rounds]
+        averaged = [sum(r["status"] in AVERAGED for r in peer_rounds) for peer_rounds in rounds]
         summary["rounds_averaged_per_peer"] = statistics.fmean(averaged)
         summary["steps_per_averaged_round"] = statistics.fmean(f["step"] / max(n, 1) for f, n in zip(finals, averaged))
         summary["metrics_mb_per_peer"] = statistics.fmean(

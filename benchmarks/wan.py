@@ -8,7 +8,7 @@ nothing else set: the timing adapts itself) with ``--codec``, taking the result 
 until a common end time; then it writes its values.  Nothing else runs, so what the table shows is
 the rounds alone:
 
-- ``averaged_share``: rounds that came back ``averaged`` with more than one member, over every
+- ``averaged_share``: rounds that came back ``averaged`` (or ``partial``) with more than one member, over every
   round a peer tried (a round alone or failed counts against it);
 - ``round_p50_s``/``round_p95_s``: ``RoundResult.seconds`` (the slot's start to the result) over
   the averaged rounds of every peer;
@@ -46,6 +46,7 @@ from harness import figure, fmt, median, report_header, save_figure, write_repor
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES  # noqa: E402
 from gossiptrain.netns import EmulatedLinks, EmulationUnavailable  # noqa: E402
+from gossiptrain.rounds import AVERAGED  # noqa: E402
 from gossiptrain.testing import LocalSwarm  # noqa: E402
 
 LINGER = 8.0  # seconds a worker stays up after the end, so that the others' last rounds can finish
@@ -83,7 +84,7 @@ async def _worker(args: argparse.Namespace) -> None:
                     "errors": result.errors[:3],
                 }
             )
-            if result.status == "averaged":
+            if result.status in AVERAGED:
                 values = result.averaged
         await asyncio.sleep(max(0.0, args.end_time + LINGER - peer.now()))
     torch.save(values, args.out.with_suffix(".pt"))
@@ -150,7 +151,7 @@ def summarize(result: dict, indices: range | None = None) -> dict:
     """The summary entry of one setting; ``indices`` (1-based peers) restricts it to some peers."""
     chosen = [r for r in result["records"] if indices is None or r["index"] in indices]
     rounds = [round_ for record in chosen for round_ in record["rounds"]]
-    averaged = [r for r in rounds if r["status"] == "averaged" and r["group_size"] > 1]
+    averaged = [r for r in rounds if r["status"] in AVERAGED and r["group_size"] > 1]
     seconds = [r["seconds"] for r in averaged]
     return {
         "peers": result["peers"],

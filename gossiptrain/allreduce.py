@@ -36,6 +36,7 @@ def shard_bounds(
 
 
 PARAMETERS = "params"  # the mode of rounds whose values are the model's parameters themselves
+VECTOR = "vector"  # ``Peer.average``'s default: values of any kind, judged against each other only
 
 
 def averages_parameters(mode: str) -> bool:
@@ -141,7 +142,10 @@ class Defences:
     Args:
         clip: CenteredClip (Karimireddy et al., 2021; BTARD, Gorbunov et al., 2022) around the owner's
             own values: a contribution farther from them than ``clip`` times the median distance of the
-            contributions counts only up to that radius.  Unclipped, the result is the weighted mean.
+            contributions counts only up to that radius.  Unclipped, the result is the weighted mean.  The
+            distance is at least how far apart the cell's values lie (``sketches``: a few values of every peer
+            in its round record), so that honest peers far apart (other data, a vector that is not parameters)
+            are not clipped in a small group whose other members happen to be close.
             Where the values are parameters and most contributions equal the owner's (a group that
             agreed last round), the median is the spread the owner measured in an earlier round
             (``ShardReduction.spread``), not 0.
@@ -318,8 +322,12 @@ class ShardReduction:
         defences: Defences = DEFAULT_DEFENCES,
         same_scale: bool = False,
         spread: float = 0.0,
+        reference: float = 0.0,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
+        # how far apart the cell's values lie on this shard (``sketches``): the radius's floor, so that an honest
+        # peer far from a small group's other members is not clipped as if hostile
+        self.reference = reference
         self._own_norm: float | None = None  # |own values|, once needed
         self._same_scale = same_scale  # honest values have about one size (parameters, not pseudo-gradients)
         # the contributions' median distance from our values, relative to their size: the one given
@@ -364,7 +372,8 @@ class ShardReduction:
         if self.defences.clip is not None and contributions:
             norms = [l2_norm(values, self._own) for values in contributions]
             median = self._median_distance(norms)
-            radius = self.defences.clip * median
+            typical = max(median, self.reference)
+            radius = self.defences.clip * typical
             scales = [min(1.0, radius / norm) if norm > 0 else 1.0 for norm in norms]
             if self.defences.drop is not None or self.defences.catch is not None:
                 drop = math.inf if self.defences.drop is None else self.defences.drop
@@ -375,7 +384,7 @@ class ShardReduction:
                 size = sizes[0] if sizes[0] > 0 else statistics.median_low(sizes)
                 # caught: larger than any honest parameters, or farther from ours than ``drop`` times their size
                 caught = [big > catch * size or norm > drop * size for big, norm in zip(sizes[1:], norms)]
-                scales = [0.0 if c or norm > drop * median else scale for scale, c, norm in zip(scales, caught, norms)]
+                scales = [0.0 if c or norm > drop * typical else scale for scale, c, norm in zip(scales, caught, norms)]
                 self.oversized = [s for s, c in zip(self._senders, caught) if c and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
                 contributions = [v for v, scale in zip(contributions, scales) if scale > 0]

@@ -28,7 +28,7 @@ from gossiptrain.params import AGREEMENT, agrees, apply_delta, host_copy, model_
 from gossiptrain.peer import Peer
 from gossiptrain.progress import show_progress
 from gossiptrain.rejections import EXCHANGE_ERRORS
-from gossiptrain.rounds import RoundResult
+from gossiptrain.rounds import AVERAGED, RoundResult
 from gossiptrain.state import NoStateDonors, download_state
 from gossiptrain.strategy import Contribution, RoundStrategy
 from gossiptrain.trackers import LogTo, open_trackers
@@ -498,9 +498,9 @@ class Attachment:
                 result = RoundResult(-1, "failed", [], self._snapshot, errors=[repr(e)])
             else:
                 self._crashes = 0
-            if result.status == "averaged" or (result.status == "alone" and self.strategy.steps_alone):
+            if result.status in AVERAGED or (result.status == "alone" and self.strategy.steps_alone):
                 self._apply_round(result)
-                self.rounds_done += result.status == "averaged"
+                self.rounds_done += result.status in AVERAGED
             elif result.status == "failed":
                 self.rounds_failed += 1
         finally:
@@ -522,6 +522,9 @@ class Attachment:
             param_norm=param_norm(self.params),
             errors=result.errors,
             rejected=dict(self.peer.rejections),
+            refused=len(result.refused),
+            clipped=result.clipped,
+            dropped=result.dropped,
         )
         self.last_round = record
         self.report()

@@ -11,6 +11,7 @@ import torch
 
 from gossiptrain.dashboard import Column, Dashboard
 from gossiptrain.progress import ENV as PROGRESS_ENV
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LocalSwarm
 
 
@@ -53,7 +54,7 @@ def _rows(records: dict[int, list[dict]]) -> list[list[str]]:
             rows.append([str(index), "starting"])
             continue
         last = rounds[-1]
-        averaged = sum(r["status"] == "averaged" for r in rounds)
+        averaged = sum(r["status"] in AVERAGED for r in rounds)
         loss = "n/a" if last["loss"] is None else f"{last['loss']:.4f}"
         sent = sum(r["bytes_sent"] for r in rounds) / 2**20
         row = [index, last["step"], len(rounds), averaged, last["status"], last["group_size"], loss, f"{sent:.2f}"]

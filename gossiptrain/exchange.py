@@ -10,7 +10,8 @@ late slices (their senders still receive the mean, marked late: their data is le
 round, their values stay in step with the group), and a member gives up on the late means (keeping
 its own values there).  One slow link so costs its group a bounded share of its round time, not its
 pace.  A round in which no shard was combined with another peer's
-data reports ``status="alone"`` or ``"failed"``, never ``"averaged"``.
+data reports ``status="alone"`` or ``"failed"``, never ``"averaged"``; one that took means while the
+defences acted (a mean refused, a contribution to our shard clipped or left out) reports ``"partial"``.
 
 Compression: contributors encode their slices with the round's codec and error feedback (what
 the codec dropped stays in a residual and is added to the next round's values; a slice whose
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -161,6 +163,7 @@ class RoundExchange:
         agreed: list[tuple[int, int]] | None = None,
         caught: set[str] | None = None,
         spread: float = 0.0,
+        reference: float = 0.0,
         state_lock: contextlib.AbstractContextManager | None = None,
         counter: ByteCounter | None = None,
     ):
@@ -173,6 +176,7 @@ class RoundExchange:
         # earlier one: their slices count nothing and their means are refused (the caller's set, kept)
         self.caught = set() if caught is None else caught
         self.spread = spread
+        self.reference = reference  # per value: how far apart the cell's values lie (``sketches.typical_distance``)
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter() if counter is None else counter  # the round's (its JOIN's too)
@@ -192,6 +196,8 @@ class RoundExchange:
         self._joined: set[str] = set()
         self._whole: set[tuple[int, int]] = set()  # shards whose mean, by its owner's count, combined every member
         self._contributors = 0  # how many members our own shard's mean combined (ours included)
+        # contributions to our shard the defences clipped, and left out (beyond ``Defences.drop``, caught senders')
+        self._clipped = self._dropped = 0
         self._mean_values: torch.Tensor | None = None  # a lossless mean: a view of the round's result
         self._served: set[str] = set()  # members whose stream to our shard has ended (replied, refused or failed)
         self._replies: list[asyncio.Future[None]] = []
@@ -208,8 +214,14 @@ class RoundExchange:
     async def _start_reduction(self) -> None:
         if self._own_shard is not None:
             own = await asyncio.to_thread(self._own_contribution)
+            start, end = self._own_shard
             self._reduction = ShardReduction(
-                own, self.weight, self.defences, same_scale=self.parameters, spread=self.spread
+                own,
+                self.weight,
+                self.defences,
+                same_scale=self.parameters,
+                spread=self.spread,
+                reference=self.reference * math.sqrt(end - start),
             )
 
     async def run(self) -> RoundResult:
@@ -252,7 +264,12 @@ class RoundExchange:
             # a member not served yet (a straggler whose slice is still on its way) is sent the mean after we
             # return, and the caller may change the result in place: it reads a copy of this round's mean
             self._mean_values = self._mean_values.clone()
-        status = "alone" if len(self.plan.members) == 1 else "averaged" if combined else "failed"
+        if len(self.plan.members) == 1:
+            status = "alone"
+        elif not combined:
+            status = "failed"
+        else:  # "partial" where the defences acted: a mean refused, a contribution to ours clipped or left out
+            status = "partial" if refused or self._clipped or self._dropped else "averaged"
         return RoundResult(
             self.plan.round_id,
             status,
@@ -267,6 +284,9 @@ class RoundExchange:
             answered=answered,
             agreed=sorted([bounds for bounds in combined if bounds in self._whole] + refused),
             spread=self.spread,
+            refused=sorted(refused),
+            clipped=self._clipped,
+            dropped=self._dropped,
         )
 
     def _assemble(self, averaged: torch.Tensor, means: dict[tuple[int, int], torch.Tensor]) -> None:
@@ -298,6 +318,7 @@ class RoundExchange:
             self._whole.add(self._own_shard)
         # the contributions are not needed any more (later ones are late): their memory goes now
         self._reduction, total_weight, self.spread = None, reduction.total_weight, reduction.spread
+        self._clipped, self._dropped = reduction.clipped, self._dropped + reduction.dropped
         if reduction.clipped:
             self.rejections["clipped"] += reduction.clipped
             self.errors.append(f"clipped {reduction.clipped} contribution(s) to our shard (CenteredClip)")
@@ -334,9 +355,12 @@ class RoundExchange:
     def _measure_means(self, means: dict[tuple[int, int], torch.Tensor]) -> dict[str, dict]:
         """The norms and distances that ``_refuse_outlying_means`` judges the means by (a worker thread)."""
         sizes = {bounds: l2_norm(self.values[bounds[0] : bounds[1]]) for bounds in means}  # our values' there
+        # an empty shard (a vector shorter than a codec block per reducer) has no mean to judge: its distance of 0
+        # would be the median, and every other mean an outlier
         distances = {
             bounds: relative_distance(mean, self.values[bounds[0] : bounds[1]], sizes[bounds])
             for bounds, mean in means.items()
+            if bounds[1] > bounds[0]
         }
         rounding = {}
         if self.defences.mean_check is not None:
@@ -475,6 +499,7 @@ class RoundExchange:
             return
         if sender in self.caught and not future.done():  # it still gets the mean, marked late
             self.rejections.record("caught", sender, self.plan.round_id, "caught before: its slice counts nothing")
+            self._dropped += 1
             future.set_result(False)
         late = future.done() or self._reduction is None  # left out at the straggler (or join) deadline
         replied = asyncio.get_running_loop().create_future()

@@ -27,6 +27,11 @@ class RoundRecord:
     param_norm: float
     errors: list[str] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # refused network inputs so far, by kind
+    # this round's defences (``RoundResult``; any makes it "partial"): means refused, contributions to our
+    # shard clipped or left out
+    refused: int = 0
+    clipped: int = 0
+    dropped: int = 0
     time: float = field(default_factory=time.time)
     # finish()'s rounds only: random projections of the parameters (``params.param_digest``)
     param_digest: list[float] | None = None

@@ -24,9 +24,9 @@ import torch
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
-from gossiptrain import matchmaking
+from gossiptrain import matchmaking, sketches
 from gossiptrain.addresses import malformed_initial_peer
-from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
+from gossiptrain.allreduce import DEFAULT_DEFENCES, VECTOR, Defences
 from gossiptrain.assembly import (
     MAX_CANDIDATES,
     CellAssembly,
@@ -536,7 +536,7 @@ class Peer:
         round_id: int | None = None,
         *,
         residual: torch.Tensor | None = None,
-        mode: str = "params",
+        mode: str = VECTOR,
         codec: Codec | None = None,
         state_lock: contextlib.AbstractContextManager | None = None,
     ) -> RoundResult:
@@ -544,8 +544,10 @@ class Peer:
 
         The input is not modified.  If ``round_id`` is None, the next round slot is used.
         ``residual`` is the error-feedback state of what is averaged (updated in place), and
-        ``mode`` names what the tensor is ("params" or "delta") and ``codec`` overrides the peer's
-        codec for this round: all members of a round must agree on both.  Peers group only with
+        ``mode`` names what the tensor is: ``"params"`` for a model's parameters (the defences then also judge
+        a contribution by its size: ``allreduce.averages_parameters``), ``"vector"`` (the default) or any other
+        label for anything else (gradients, deltas, statistics), judged against the others only; ``codec``
+        overrides the peer's codec for this round: all members of a round must agree on both.  Peers group only with
         peers of the same mode, so a round's peers that average different things (training peers
         sending deltas, finishing peers their parameters) form separate groups.  ``state_lock`` is held
         while ``residual`` changes, once, at the end of the round (``exchange``).
@@ -561,6 +563,7 @@ class Peer:
         record["maddrs"] = self._listen_maddrs  # clients in our group dial us there
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
+        record["sketch"] = sketches.sketch(snapshot, self.run_id, round_id)
         loop = asyncio.get_running_loop()
         role = self._take_role(round_id)
         try:
@@ -569,8 +572,10 @@ class Peer:
             role.close()
         if isinstance(assembled, str):
             return self._failed(round_id, snapshot, assembled)
-        started, registration_s, seen, assembled = assembled
-        members, records = assembled
+        started, registration_s, view, (members, records) = assembled
+        seen = len(view)
+        others = (r.get("sketch") for peer, r in view.items() if peer != self.peer_id)
+        reference = sketches.typical_distance(record["sketch"], others)
         plan = matchmaking.plan_of(self.run_id, round_id, members, snapshot.numel(), records)
         if not plan.reducers or len(members) == 1:
             if len(members) == 1:
@@ -594,6 +599,7 @@ class Peer:
             agreed=self._agreed.get(mode),
             caught=self.caught,
             spread=self._spread.get(mode, 0.0),
+            reference=reference,
             state_lock=state_lock,
             counter=role.counter,
         )
@@ -617,10 +623,10 @@ class Peer:
 
     async def _register_and_assemble(
         self, round_id: int, record: dict[str, Any], role: Role
-    ) -> tuple[float, float, int, tuple[list[str], dict[str, Any]]] | str:
+    ) -> tuple[float, float, dict[str, Any], tuple[list[str], dict[str, Any]]] | str:
         """Register for ``round_id``, read our cell at its start and learn our group from its leader: when the
-        round started (loop time), how long the registration took, how many compatible peers we read, and the
-        group (``_assemble``); or why not, as a string."""
+        round started (loop time), how long the registration took, the records of the compatible peers we read
+        (ours included), and the group (``_assemble``); or why not, as a string."""
         loop = asyncio.get_running_loop()
         start = self.round_start(round_id)
         registering = loop.time()
@@ -648,7 +654,7 @@ class Peer:
         if self.client_mode and set(view) - self._connected:
             await self._dial(participants)
         assembled = await self._assemble(round_id, record, view, role)
-        return assembled if isinstance(assembled, str) else (started, registration_s, len(view), assembled)
+        return assembled if isinstance(assembled, str) else (started, registration_s, view, assembled)
 
     def _alone(self, round_id: int, snapshot: torch.Tensor, mode: str, seen: int) -> RoundResult:
         self._answered.append(set())

@@ -46,12 +46,30 @@ class Timeouts:
         return now + max(self.straggler_grace * (now - started), self.straggler_min)
 
 
+AVERAGED = ("averaged", "partial")  # the statuses of a round that took at least one of its group's means
+
+
 @dataclass
 class RoundResult:
-    """What one averaging round did at this peer."""
+    """What one averaging round did at this peer.
+
+    ``status`` is one of:
+
+    - ``"averaged"``: at least one shard holds its group's mean (``combined``) and the defences did
+      nothing at this peer;
+    - ``"partial"``: likewise, but the defences acted: a mean was refused (``refused``; our own values
+      stay there, as though its owner had failed), or contributions to our own shard were clipped or
+      dropped (``clipped``, ``dropped``).  Apply it as an averaged round: ``averaged`` holds the means
+      that were taken and our own values elsewhere;
+    - ``"alone"``: a group of one, nothing exchanged (``averaged`` is our own values);
+    - ``"failed"``: no shard was combined with another member's data (``averaged`` is our own values).
+
+    ``AVERAGED`` holds the statuses of a round that took means.  Shards that failed or were left out
+    at the straggler deadline keep our own values as well, in any status.
+    """
 
     round_id: int
-    status: str  # "averaged" | "alone" | "failed"
+    status: str  # "averaged" | "partial" | "alone" | "failed"
     group: list[str]
     averaged: torch.Tensor
     combined: list[tuple[int, int]] = field(default_factory=list)  # slices that hold a group mean
@@ -68,6 +86,13 @@ class RoundResult:
     # the median distance of our shard's contributions from our values, relative to their size, from
     # this round or, where none was measured, the one given (``ShardReduction.spread``)
     spread: float = 0.0
+    # what the defences did in this round at this peer (any of it makes a round that took means "partial"):
+    # the shards whose owner's mean we refused (``Defences.mean_check``, ``Defences.catch``), and how many
+    # contributions to our own shard were clipped (CenteredClip) or left out (beyond ``Defences.drop``, or
+    # from a peer caught before)
+    refused: list[tuple[int, int]] = field(default_factory=list)
+    clipped: int = 0
+    dropped: int = 0
 
     @property
     def group_size(self) -> int:

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
+from gossiptrain.allreduce import PARAMETERS, VECTOR
 from gossiptrain.linkswitch import LinkSpec
 from gossiptrain.membership import DHTTraffic
 from gossiptrain.peer import Peer
-from gossiptrain.rounds import RoundResult
+from gossiptrain.rounds import AVERAGED, RoundResult
 from gossiptrain.simnet import SimulatedNetwork, SimulatedPort
 from gossiptrain.state import StateDownloadError, download_state
 from gossiptrain.virtual_time import run
@@ -238,7 +239,8 @@ class SimulationReport:
     """What a simulated run did.  ``rounds``: per slot, the peers that took part, the share that averaged, the
     median round time, and the spread after it (RMS distance of the peers' values from their mean, relative to
     the start).  ``summary``: over the run (``round_p50_s`` over every round, ``averaged_round_p50_s`` over
-    the averaged ones, ``group3_share`` the rounds averaged in a group of 3 or more; bytes at the links, DHT
+    the averaged ones, ``group3_share`` the rounds averaged in a group of 3 or more; "averaged" counts
+    ``"partial"`` rounds too, ``partial_share`` counts only them (the defences acted); bytes at the links, DHT
     included; the DHT's calls and record bytes per peer-round as the peers counted them, ``membership.DHTTraffic``)."""
 
     scenario: dict[str, Any]
@@ -323,7 +325,7 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
             if regression is not None:
                 values[name] = regression.steps(values[name], data, scenario.local_steps)
             await asyncio.sleep(scenario.compute_s * slowness)
-            result = await peer.average(values[name])
+            result = await peer.average(values[name], mode=PARAMETERS if regression is not None else VECTOR)
             values[name] = result.averaged
             results.setdefault(result.round_id, []).append((result.status, result.seconds, len(result.group)))
 
@@ -380,19 +382,20 @@ async def _run_scenario(scenario: Scenario) -> SimulationReport:
             {
                 "slot": slot - first_slot,
                 "peers": len(done),
-                "averaged_share": sum(status == "averaged" for status, _, _ in done) / len(done) if done else 0.0,
+                "averaged_share": sum(status in AVERAGED for status, _, _ in done) / len(done) if done else 0.0,
                 "round_p50_s": statistics.median(seconds for _, seconds, _ in done) if done else math.nan,
                 "spread": spreads[slot + 1],
                 **({"loss": losses[slot + 1]} if slot + 1 in losses else {}),
             }
         )
     taken = [r for slot in range(first_slot, first_slot + scenario.rounds) for r in results.get(slot, [])]
-    averaged = [seconds for status, seconds, _ in taken if status == "averaged"]
+    averaged = [seconds for status, seconds, _ in taken if status in AVERAGED]
     sent = sum(swarm.network.bytes_of(name)[0] for name in swarm.network.links)
-    in_groups = sum(status == "averaged" and size >= 3 for status, _, size in taken)
+    in_groups = sum(status in AVERAGED and size >= 3 for status, _, size in taken)
     report.summary = {
         "peer_rounds": len(taken),
-        "averaged_share": round(sum(status == "averaged" for status, _, _ in taken) / max(1, len(taken)), 4),
+        "averaged_share": round(sum(status in AVERAGED for status, _, _ in taken) / max(1, len(taken)), 4),
+        "partial_share": round(sum(status == "partial" for status, _, _ in taken) / max(1, len(taken)), 4),
         "group3_share": round(in_groups / max(1, len(taken)), 4),
         "round_p50_s": round(statistics.median(seconds for _, seconds, _ in taken), 4) if taken else None,
         "averaged_round_p50_s": round(statistics.median(averaged), 4) if averaged else None,

@@ -97,6 +97,9 @@ def round_scalars(record: RoundRecord, counters: Mapping[str, float]) -> dict[st
             "round/bytes_sent": record.bytes_sent,
             "round/bytes_received": record.bytes_received,
             "round/param_norm": record.param_norm,
+            "round/refused": record.refused,
+            "round/clipped": record.clipped,
+            "round/dropped": record.dropped,
             "rejected/total": sum(record.rejected.values()),
         }
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gossiptrain.attachment import attach
+from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LOOPBACK
 
 WIDTH = 2048  # one Linear(WIDTH, WIDTH) layer holds 4.2M parameters (16.8 MB in fp32)
@@ -237,7 +238,7 @@ def measured_peer(
                 if seconds is not None:
                     if time.monotonic() - started >= seconds:
                         break
-                elif statuses.count("averaged") >= rounds:
+                elif sum(status in AVERAGED for status in statuses) >= rounds:
                     break
         high_water = high_water_bytes() if hwm_reset else 0
         served = (swarm.peer.state_server.served if swarm.peer.state_server else 0) - served_before

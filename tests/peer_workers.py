@@ -14,7 +14,7 @@ from gossiptrain.demo import run_demo
 from gossiptrain.optimizer import GossipOptimizer
 from gossiptrain.outer import OuterStrategy
 from gossiptrain.peer import Peer
-from gossiptrain.rounds import Timeouts
+from gossiptrain.rounds import AVERAGED, Timeouts
 from gossiptrain.testing import LOOPBACK, FaultyPeer, LocalSwarm
 
 DIGITS_STEPS = 2000
@@ -78,7 +78,7 @@ def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, sta
                     wire = outer.contribution(values, round_id)
                     wire_options = dict(residual=wire.residual, mode=wire.mode, codec=wire.codec)
                     result = await peer.average(wire.values, weight, round_id, **wire_options)
-                    values = outer.combine(result, values, wire.mode) if result.status == "averaged" else values
+                    values = outer.combine(result, values, wire.mode) if result.status in AVERAGED else values
                 else:
                     result = await peer.average(values, weight, round_id)
                     values = result.averaged

@@ -177,8 +177,9 @@ def test_the_demo_table_counts_rounds_since_the_peer_started_not_slot_ids():
     def record(round_id: int, status: str) -> dict:
         return {"round": round_id, "status": status, "step": 10, "group_size": 2, "loss": 0.5, "bytes_sent": 2**20}
 
-    rows = _rows({0: [record(3592323882, "averaged"), record(3592323883, "failed")], 1: []})
-    assert rows == [["0", "10", "2", "1", "failed", "2", "0.5000", "2.00"], ["1", "starting"]]
+    rounds = [record(3592323882, "averaged"), record(3592323883, "partial"), record(3592323884, "failed")]
+    rows = _rows({0: rounds, 1: []})  # a partial round took means: it counts as averaged
+    assert rows == [["0", "10", "3", "2", "failed", "2", "0.5000", "3.00"], ["1", "starting"]]
 
 
 @pytest.mark.timeout(60)

@@ -77,7 +77,7 @@ async def test_int8_rounds_keep_the_groups_weighted_sum_of_parameters_and_residu
     expected = sum(w * x for w, x in zip(weights, params))
     async with three_peers("owner-ef") as peers:
         for _ in range(4):
-            results = await average_together(peers, params, weights, residuals, codec=codec)
+            results = await average_together(peers, params, weights, residuals, codec=codec, mode="params")
             assert [r.status for r in results] == ["averaged"] * 3, results
             held = sum(w * (r.averaged + residual) for w, r, residual in zip(weights, results, residuals))
             assert (held - expected).abs().max() < 1e-4, (held - expected).abs().max()

@@ -67,11 +67,12 @@ def record(step: int, when: float, **fields) -> RoundRecord:
 
 def test_round_scalars_hold_the_record_the_counters_and_rejections_by_kind():
     scalars = round_scalars(
-        record(7, 1.0, loss=None, rejected={"nan": 2, "view_mismatch": 1}),
+        record(7, 1.0, loss=None, rejected={"nan": 2, "view_mismatch": 1}, status="partial", refused=1, dropped=2),
         {"rounds/averaged": 4, "outer/step_norm": None},
     )
     assert "train/loss" not in scalars and "outer/step_norm" not in scalars  # unknown values are left out
     assert scalars["rounds/averaged"] == 4 and scalars["round/bytes_received"] == 90
+    assert (scalars["round/refused"], scalars["round/clipped"], scalars["round/dropped"]) == (1, 0, 2)
     assert scalars["rejected/total"] == 3 and scalars["rejected/nan"] == 2 and scalars["rejected/view_mismatch"] == 1
 
 

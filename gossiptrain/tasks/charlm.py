@@ -105,6 +105,8 @@ def charlm_task(
     With the defaults: about 1.0M parameters and a context of 64 bytes, small enough to train on a CPU.
     ``evaluate`` returns the mean next-byte cross-entropy (``loss``, nats), ``bits_per_byte`` and next-byte
     ``accuracy`` over ``validation_windows`` evenly spaced windows of the held-out tail.
+    ``batches(seed, batch_size, part=None)``: given ``part=(i, n)``, windows of the ``i``-th of ``n`` equal
+    contiguous parts of the training text only (a peer's non-IID share of the data).
     """
     data = torch.frombuffer(bytearray(stdlib_corpus(corpus_bytes)), dtype=torch.uint8).long()
     split = int(len(data) * (1 - validation_fraction))
@@ -117,11 +119,20 @@ def charlm_task(
         torch.manual_seed(model_seed)
         model = ByteTransformer(context, d_model, n_heads, n_layers, d_ff)
 
-    def batches(seed: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        seed: int, batch_size: int, part: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(seed)
         offsets = torch.arange(span)
+        low, high = 0, len(train)
+        if part is not None:  # the i-th of n contiguous parts of the training text
+            i, n = part
+            if not 0 <= i < n or len(train) // n <= span:
+                raise ValueError(f"part {part}: need 0 <= i < n and parts longer than {span} bytes")
+            low, high = len(train) * i // n, len(train) * (i + 1) // n
         while True:
-            windows = train[torch.randint(0, len(train) - span, (batch_size, 1), generator=generator) + offsets]
+            starts = low + torch.randint(0, high - low - span, (batch_size, 1), generator=generator)
+            windows = train[starts + offsets]
             yield windows[:, :-1], windows[:, 1:]
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

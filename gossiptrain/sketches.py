@@ -1,0 +1,66 @@
+"""How far apart the cell's values lie: a few of each peer's values, published with its round record.
+
+An owner judges a contribution by its distance from its own values, relative to the other contributions' (the
+CenteredClip radius, ``allreduce.Defences``).  In a group of three or four that cannot tell an honest peer far away
+(other data, a different point of training, a vector that is not parameters) from a hostile one.  The cell can: every
+peer of a round samples the same ``SKETCH_VALUES`` positions of its vector (drawn from the run and the round) and
+publishes their values with its round registration, and an owner's radius is at least ``clip`` times the distance
+from its own values to the cell's at the ``QUANTILE`` quantile, scaled to its shard (``typical_distance``).
+
+Failure semantics: a record without a sketch, or with one that does not decode, is left out.  A hostile record moves
+the quantile by one place, so while fewer than a tenth of the cell's records are hostile (one in a cell of up to
+eleven), the floor stays within the distances between honest peers: the bound on a hostile
+contribution becomes the honest cell's spread rather than the group's.  An honest peer farther than ``clip`` times
+that floor (one alone for rounds, far from all the others) is still clipped, and its round reports ``partial``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+SKETCH_VALUES = 64  # positions sampled per round (float16: 128 bytes in each round record)
+QUANTILE = 0.9  # of the distances from ours to the cell's sketches (of n - 1 of them: the farthest never counts)
+FLOAT16_MAX = 65504.0
+
+
+def positions(run_id: str, round_id: int, numel: int) -> torch.Tensor:
+    """The positions every peer of ``round_id`` samples: the same for all, new every round."""
+    seed = int.from_bytes(hashlib.sha256(f"{run_id}|{round_id}|sketch".encode()).digest()[:8], "little")
+    return torch.randint(numel, (min(SKETCH_VALUES, numel),), generator=torch.Generator().manual_seed(seed))
+
+
+def sketch(values: torch.Tensor, run_id: str, round_id: int) -> bytes:
+    """Our values at the round's ``positions``, as float16 (clamped to its range; NaN as 0)."""
+    sampled = values[positions(run_id, round_id, values.numel())].float()
+    sampled = torch.nan_to_num(sampled, nan=0.0).clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    return sampled.to(torch.float16).numpy().tobytes()
+
+
+def _decode(data: Any, count: int) -> np.ndarray | None:
+    if not isinstance(data, bytes) or len(data) != 2 * count:
+        return None
+    return np.frombuffer(data, dtype=np.float16).astype(np.float64)
+
+
+def typical_distance(own: bytes, sketches: Iterable[Any]) -> float:
+    """The root-mean-square distance per value from our sketch ``own`` to the others' (``sketches``, one per other
+    peer of our cell), at the ``QUANTILE`` quantile and never the farthest (one liar among three sets nothing);
+    0 where fewer than two decode.  Times ``sqrt(n)``, it is the distance expected between our values and a peer's
+    on ``n`` values."""
+    mine = _decode(own, len(own) // 2)
+    if mine is None or not len(mine):
+        return 0.0
+    distances = sorted(
+        math.sqrt(float(np.mean((theirs - mine) ** 2)))
+        for theirs in (_decode(data, len(mine)) for data in sketches)
+        if theirs is not None
+    )
+    if len(distances) < 2:
+        return 0.0
+    return distances[math.floor(QUANTILE * (len(distances) - 1))]

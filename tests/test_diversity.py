@@ -1,0 +1,108 @@
+"""Honest but far apart is not hostile: the defences bound attackers without clipping honest peers that differ."""
+
+import math
+
+import torch
+
+from gossiptrain import sketches
+from gossiptrain.allreduce import Defences
+from gossiptrain.linkswitch import LinkSpec
+from gossiptrain.simulation import SimulatedSwarm
+from gossiptrain.testing import faulty_exchange
+from gossiptrain.virtual_time import run
+
+WAN = LinkSpec(mbit=100, rtt_ms=50)
+
+
+def _far_apart(names, numel: int = 512) -> dict[str, torch.Tensor]:
+    """``randn + i`` for peer i: honest values as far apart as peers that trained on different data."""
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(numel, generator=generator) + i for i, name in enumerate(names)}
+
+
+async def _epoch(defences: Defences, hostile: str | None = None) -> dict[str, torch.Tensor]:
+    """Sixteen peers (one cell) average far-apart vectors for one Moshpit epoch (two rounds of groups of four)."""
+    swarm = SimulatedSwarm(link=WAN, defences=defences, round_interval=2.0)
+    for i in range(16):
+        await swarm.add(f"peer{i}", client=hostile is not None and i == 15)
+    if hostile is not None:
+        swarm.peers["peer15"].exchange_class = faulty_exchange(hostile)
+    values = _far_apart(swarm.peers)
+    first = 2 * math.ceil(max(peer.next_round_id() for peer in swarm.peers.values()) / 2)
+    for round_id in range(first, first + 2):
+        results = await swarm.round(values, round_id=round_id)
+        assert {r.status for r in results.values()} == {"averaged"} if hostile is None else True
+        values = {name: r.averaged for name, r in results.items()}
+    await swarm.close()
+    return values
+
+
+def test_far_apart_honest_vectors_reach_the_exact_mean_with_the_default_defences():
+    """``Peer.average``'s default mode judges vectors against the cell's spread (``sketches``): honest peers 15
+    apart are not clipped, no mean is refused, and one epoch gives every peer the global mean."""
+    expected = torch.stack(list(_far_apart([f"peer{i}" for i in range(16)]).values())).mean(0)
+    values = run(_epoch(Defences()))
+    for averaged in values.values():
+        assert torch.allclose(averaged, expected, atol=1e-4)
+
+
+def test_a_huge_member_among_far_apart_honest_peers_moves_them_by_no_more_than_their_own_spread():
+    honest = [f"peer{i}" for i in range(15)]
+    inputs = _far_apart([*honest, "peer15"])
+    expected = torch.stack([inputs[name] for name in honest]).mean(0)
+    spread = max(torch.linalg.vector_norm(inputs[a] - inputs[b]).item() for a in honest for b in honest)
+    defended = run(_epoch(Defences(), hostile="huge"))
+    undefended = run(_epoch(Defences.off(), hostile="huge"))
+    for name in honest:
+        assert torch.linalg.vector_norm(defended[name] - expected).item() <= spread
+        assert torch.linalg.vector_norm(undefended[name] - expected).item() > 100 * spread
+
+
+def _sketch(values: torch.Tensor) -> bytes:
+    return sketches.sketch(values, "run", 7)
+
+
+def test_the_cell_s_typical_distance_ignores_a_liar_and_what_does_not_decode():
+    generator = torch.Generator().manual_seed(1)
+    own = torch.randn(10_000, generator=generator)
+    honest = [_sketch(own + 0.1 * k * torch.randn(10_000, generator=generator)) for k in range(1, 11)]
+    typical = sketches.typical_distance(_sketch(own), honest)
+    assert 0.5 < typical < 1.0  # near the 90th percentile of 0.1 ... 1.0
+    liar = _sketch(own * 1e4)
+    assert sketches.typical_distance(_sketch(own), [*honest, liar]) <= 1.0
+    assert sketches.typical_distance(_sketch(own), [*honest, b"short", None, 3]) == typical
+    assert sketches.typical_distance(_sketch(own), honest[:1]) == 0.0  # one other: no floor a liar could set
+    assert sketches.sketch(own, "run", 7) == sketches.sketch(own, "run", 7) != sketches.sketch(own, "run", 8)
+
+
+def test_two_halves_that_trained_apart_while_the_dht_was_split_merge_into_one_model_with_no_peer_caught():
+    """Two groups of three averaged only among themselves (a DHT split): each agrees inside, the two lie apart
+    by half the parameters' size.  Healed, their parameter rounds (``mode="params"``, every defence on) bring
+    all six to one model, and no peer is caught or refused."""
+
+    async def main():
+        swarm = SimulatedSwarm(link=WAN, round_interval=2.0, target_group_size=3)
+        for i in range(6):
+            await swarm.add(f"peer{i}")
+        generator = torch.Generator().manual_seed(2)
+        model = 0.05 * torch.randn(4096, generator=generator)
+        halves = [model + 0.025 * torch.randn(4096, generator=generator) for _ in range(2)]
+        values = {name: halves[i // 3].clone() for i, name in enumerate(swarm.peers)}
+        expected = (halves[0] + halves[1]) / 2
+        first = max(peer.next_round_id() for peer in swarm.peers.values())
+        statuses = []
+        for round_id in range(first, first + 8):
+            results = await swarm.round(values, round_id=round_id, mode="params")
+            statuses += [r.status for r in results.values()]
+            values = {name: r.averaged for name, r in results.items()}
+        caught = [peer.caught for peer in swarm.peers.values()]
+        refused = sum(peer.rejections["hostile_mean"] for peer in swarm.peers.values())
+        await swarm.close()
+        return values, expected, statuses, caught, refused
+
+    values, expected, statuses, caught, refused = run(main())
+    assert set(statuses) == {"averaged"} and refused == 0
+    assert not any(caught)
+    assert torch.allclose(torch.stack(list(values.values())).mean(0), expected, atol=1e-6)  # nothing clipped
+    for averaged in values.values():  # the halves began ~1.1 apart from their mean
+        assert torch.linalg.vector_norm(averaged - expected).item() < 1e-3
