@@ -146,8 +146,8 @@ class Defences:
             distance is at least how far apart the cell's values lie (``sketches``: a few values of every peer
             in its round record), so that honest peers far apart (other data, a vector that is not parameters)
             are not clipped in a small group whose other members happen to be close.
-            Where the values are parameters and most contributions equal the owner's (a group that
-            agreed last round), the median is the spread the owner measured in an earlier round
+            Where most contributions equal the owner's (a group that agreed last round), the median
+            is the spread the owner measured in an earlier round
             (``ShardReduction.spread``), not 0.
         drop: with ``clip``, a contribution farther than ``drop`` times that median distance is left
             out of the mean altogether (counted as ``dropped``): values far beyond any honest spread
@@ -183,13 +183,16 @@ class Defences:
             with their (capped) weights; ``clip`` is then not used.  With fewer than ``2 * trim + 1``
             contributions it trims as many as leave one (a group of two: the plain mean).
         trim: values dropped at each end, per coordinate, by the ``"trimmed"`` rule.
+        cell_spread: the floor of ``clip``'s and ``drop``'s distance: this quantile of the distances from the
+            owner's values to its cell's (``sketches.typical_distance``), never the farthest; None: no floor
+            (the contributions' median distance alone, as in a group that is the whole swarm).
 
     None for any of clip, weight_cap and mean_check turns that defence off; ``Defences.off()``
     turns all off (a plain mean).
 
     What they guarantee: while fewer than half of the *other* contributions to a shard are hostile, a
     hostile contribution moves that shard's mean by at most ``weight_cap * clip`` times the median
-    distance (for parameters that mostly agree with the owner's, the spread of its last round where
+    distance (for values that mostly agree with the owner's, the spread of its last round where
     they did not and nothing was dropped), over the group's total weight, and not at all from beyond
     ``drop`` times it; with
     ``mean_check``, while fewer than half of a member's shards have hostile owners, a shifted mean
@@ -214,16 +217,19 @@ class Defences:
     mean_check: float | None = 10.0
     rule: str = "clip"
     trim: int = 1
+    cell_spread: float | None = 0.9
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; choose one of {RULES}")
         if self.trim < 0:
             raise ValueError(f"trim must be 0 or more values, got {self.trim!r}")
+        if self.cell_spread is not None and not 0 <= self.cell_spread < 1:
+            raise ValueError(f"cell_spread must be a quantile in [0, 1) or None, got {self.cell_spread!r}")
 
     @classmethod
     def off(cls) -> Defences:
-        return cls(clip=None, drop=None, catch=None, weight_cap=None, mean_check=None)
+        return cls(clip=None, drop=None, catch=None, weight_cap=None, mean_check=None, cell_spread=None)
 
 
 DEFAULT_DEFENCES = Defences()
@@ -402,14 +408,14 @@ class ShardReduction:
         return out
 
     def _median_distance(self, norms: list[float]) -> float:
-        """The contributions' median distance from our values.  Where the values are parameters and most
-        contributions equal ours (their members averaged with us last round: distance exactly 0), it
+        """The contributions' median distance from our values.  Where most contributions equal ours (their
+        members averaged with us last round: distance exactly 0), it
         is the ``spread`` of an earlier round instead (``_remember_spread``): with a median of 0, one
         member that trained elsewhere, honest, was dropped by every owner, and refused every mean that
         held it (``Defences.mean_check``), so the group that agreed first decided the final model
         alone (``benchmarks/adversarial.py``, digits, with no attacker)."""
         median = statistics.median_low(norms)
-        if not self._same_scale or median > 0:
+        if median > 0:
             return median
         return self.spread * self.own_norm
 
@@ -418,7 +424,7 @@ class ShardReduction:
         rounds, only where nothing was dropped or caught: a median that hostile contributions set
         (two of three in a group, dropped as oversized) kept as the spread let the next rounds pass
         what they should have dropped (``huge``, 2 of 8: 3 honest peers diverged)."""
-        if clean and self._same_scale and median > 0 and self.own_norm > 0:
+        if clean and median > 0 and self.own_norm > 0:
             self.spread = median / self.own_norm
 
     @property

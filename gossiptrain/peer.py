@@ -574,8 +574,10 @@ class Peer:
             return self._failed(round_id, snapshot, assembled)
         started, registration_s, view, (members, records) = assembled
         seen = len(view)
-        others = (r.get("sketch") for peer, r in view.items() if peer != self.peer_id)
-        reference = sketches.typical_distance(record["sketch"], others)
+        reference = 0.0
+        if self.defences.cell_spread is not None:
+            others = (r.get("sketch") for peer, r in view.items() if peer != self.peer_id)
+            reference = sketches.typical_distance(record["sketch"], others, self.defences.cell_spread)
         plan = matchmaking.plan_of(self.run_id, round_id, members, snapshot.numel(), records)
         if not plan.reducers or len(members) == 1:
             if len(members) == 1:

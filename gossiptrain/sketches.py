@@ -5,11 +5,11 @@ CenteredClip radius, ``allreduce.Defences``).  In a group of three or four that 
 (other data, a different point of training, a vector that is not parameters) from a hostile one.  The cell can: every
 peer of a round samples the same ``SKETCH_VALUES`` positions of its vector (drawn from the run and the round) and
 publishes their values with its round registration, and an owner's radius is at least ``clip`` times the distance
-from its own values to the cell's at the ``QUANTILE`` quantile, scaled to its shard (``typical_distance``).
+from its own values to the cell's at a quantile (``Defences.cell_spread``), scaled to its shard (``typical_distance``).
 
 Failure semantics: a record without a sketch, or with one that does not decode, is left out.  A hostile record moves
-the quantile by one place, so while fewer than a tenth of the cell's records are hostile (one in a cell of up to
-eleven), the floor stays within the distances between honest peers: the bound on a hostile
+the quantile by one place, so while fewer than a tenth of the cell's records are hostile (by default's 0.9: one in a
+cell of up to eleven), the floor stays within the distances between honest peers: the bound on a hostile
 contribution becomes the honest cell's spread rather than the group's.  An honest peer farther than ``clip`` times
 that floor (one alone for rounds, far from all the others) is still clipped, and its round reports ``partial``.
 """
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 SKETCH_VALUES = 64  # positions sampled per round (float16: 128 bytes in each round record)
-QUANTILE = 0.9  # of the distances from ours to the cell's sketches (of n - 1 of them: the farthest never counts)
 FLOAT16_MAX = 65504.0
 
 
@@ -48,9 +47,9 @@ def _decode(data: Any, count: int) -> np.ndarray | None:
     return np.frombuffer(data, dtype=np.float16).astype(np.float64)
 
 
-def typical_distance(own: bytes, sketches: Iterable[Any]) -> float:
+def typical_distance(own: bytes, sketches: Iterable[Any], quantile: float) -> float:
     """The root-mean-square distance per value from our sketch ``own`` to the others' (``sketches``, one per other
-    peer of our cell), at the ``QUANTILE`` quantile and never the farthest (one liar among three sets nothing);
+    peer of our cell), at ``quantile`` (in [0, 1)) and never the farthest (one liar among three sets nothing);
     0 where fewer than two decode.  Times ``sqrt(n)``, it is the distance expected between our values and a peer's
     on ``n`` values."""
     mine = _decode(own, len(own) // 2)
@@ -63,4 +62,4 @@ def typical_distance(own: bytes, sketches: Iterable[Any]) -> float:
     )
     if len(distances) < 2:
         return 0.0
-    return distances[math.floor(QUANTILE * (len(distances) - 1))]
+    return distances[math.floor(quantile * (len(distances) - 1))]
