@@ -1,0 +1,568 @@
+"""At scale (issue 32): does the outer mode reach data parallel's loss per token with far fewer bytes, 8-64 peers?
+
+``low_communication.py`` compares the systems with 4 live peers for 90 seconds: about three outer rounds.  Here
+the same comparisons run over thousands of inner steps per peer and tens of peers, in one process: the round
+code runs live in the simulator (``gossiptrain.simulation.SimulatedSwarm``: real ``Peer`` objects on a modelled
+network, ``gossiptrain.virtual_time``), each peer's inner steps are computed for real, and they take
+``--step-seconds`` of virtual time each (an ``asyncio.sleep``, as ``simulation.py`` does with ``compute_s``).
+
+Every system trains the same task (``--task``; charlm by default, in this file's small configuration, below),
+from the same initial parameters, peer ``i`` drawing its batches from seed ``1000 --seed + i`` in every system,
+each peer 4 windows a step (digits: 32 samples), with Adam (``fused``; lr 2e-3, digits 1e-3) as the inner optimizer:
+
+1. ``dp``: data parallel, the loss-per-token and bytes reference.  Run through the simulated protocol every step
+   it would be far too slow, so it is computed exactly in-process: one model, each step the mean loss of the
+   peers' batches (one batch of all of them: equal batches, so the mean of the peers' gradients).  Its bytes are
+   counted analytically as a ring all-reduce of float32 gradients, ``2 (N-1)/N x 4 x params`` sent per peer per
+   step, and a step takes ``--step-seconds`` (the slowest peer's, with ``--compute-spread``) plus those bytes /
+   the link rate plus ``2 (N-1) x rtt/2`` of latency.  Its loss does not depend on the link: trained once per
+   peer count.
+2. ``diloco``: synchronous DiLoCo, exact in-process (a group of 64 through the round code would be the
+   simulator's slowest path and not what DiLoCo does): every H inner steps the peers' pseudo-gradients
+   ``anchor - params`` are averaged over all N, one ``OuterStrategy.outer_step`` moves the shared anchor and every
+   peer continues from it (the inner Adam keeps its state).  Bytes and time: one ring all-reduce, as ``dp``,
+   per outer round; the round waits for the slowest peer.
+3. ``outer``: the outer mode on dynamic groups (``target_group_size=4``) through the simulator: each peer's
+   ``OuterStrategy`` makes its round's values (``contribution``) and applies an averaged round or one alone
+   (``combine``), as ``gossiptrain.attachment`` does; every ``ANCHOR_SYNC_EVERY``-th slot averages the
+   parameters (``--anchor-sync-every``).
+4. ``noloco``: the same in pairs (``target_group_size=2``), NoLoCo-style.
+5. ``gossip``: parameter gossip, ``mode="params"`` rounds in groups of 4 every ``--gossip-every`` steps
+   (default H // 4: four times as many rounds as the outer mode).
+6. ``solo``: one peer (peer 0) training alone, no communication (its loss is the "alone" target).
+
+Outer optimizer (diloco, outer, noloco): ``SGD(--outer-lr, --outer-momentum, nesterov=momentum > 0)``, by
+default lr 1.0 without momentum, the CLI's measured best (``gossiptrain peer --outer-lr 1.0``; DiLoCo's paper
+uses 0.7 with Nesterov momentum 0.9: ``--outer-lr 0.7 --outer-momentum 0.9``).  Codec ``--codec`` (none).
+
+In the simulated systems every peer is its own task: H inner steps (instant in virtual time), a sleep of
+``H x --step-seconds`` (times its slowness with ``--compute-spread S``: peer ``i``'s steps are
+``1 + (S-1) i/(N-1)`` times slower), then ``Peer.average`` in the next slot (``--round-interval``); the round
+blocks its inner steps (no overlap, unlike ``GossipOptimizer``: a conservative time for the gossip systems).
+A round "averaged" if its status is in ``gossiptrain.rounds.AVERAGED`` (``"partial"`` too).  With ``--churn P``
+``round(P N)`` peers crash at evenly spaced steps of the run (each at a different slot of the peer list), and
+each is replaced at once by a joiner that downloads a live peer's parameters and outer state
+(``gossiptrain.state.download_state``), starts a fresh Adam and a new data seed, and takes the rest of the
+crashed peer's steps (the ``dp``/``diloco``/``solo`` rows ignore churn).  Peer defaults otherwise (defences,
+timeouts); no ``finish()``: each peer's own model is evaluated.
+
+Reported per system and setting (peers x link), one ``summary`` row each: the final validation loss (mean over
+every peer's own model; solo: peer 0) and its ratio to dp's of the same peer count (``vs_dp``: equal tokens, as
+every peer takes ``--steps`` steps); bytes sent per peer (the rounds' ``RoundResult.bytes_sent`` summed; dp and
+diloco analytic) and ``link_bytes_per_peer`` (everything through the simulated links, DHT and state downloads
+included); bytes and virtual seconds per peer to reach dp's final loss and solo's (the first evaluation where
+the mean loss is at or below it; None if never); the run's virtual seconds and compute utilization (compute
+seconds over virtual seconds, mean over peers); the share of rounds averaged and the group sizes; the real and
+CPU seconds the row took.
+Evaluations every ``--eval-every`` steps (default H) on the first ``--eval-peers`` peers (each point: their mean
+loss, the mean bytes of all peers, the virtual time when the last peer reached that step), and on every peer at
+the end.
+
+Task size.  The full matrix (~1.7M peer-steps at 8 and 64 peers: dp and diloco train once per peer count, solo
+once, the 3 simulated systems once per link) should fit in about two hours on one core of this 2-core machine, so
+at most a few ms per peer-step, rounds included: the default char-LM (1.0M parameters) is several times that, so
+this benchmark uses a 135k-parameter char-LM (``d_model`` 64, 4 heads, 2 layers, ``d_ff`` 256, a context of 32
+bytes: ``charlm_task``'s options) with batches of 4 windows and fused Adam.  The JSON's ``estimate`` extrapolates
+a run's measured CPU time to the whole matrix; the results page has the measured costs.
+
+    python benchmarks/at_scale.py             # the matrix: 8 and 64 peers, 100 and 10 Mbit/s, 100 ms, 3000 steps
+    python benchmarks/at_scale.py --churn 0.1 --systems dp,outer --out benchmarks/results/at_scale-churn
+    python benchmarks/at_scale.py --compute-spread 4 --systems dp,outer --out benchmarks/results/at_scale-spread
+    python benchmarks/at_scale.py --peers 256 --steps 1000 --systems dp,diloco,outer \\
+        --out benchmarks/results/at_scale-256
+    python benchmarks/at_scale.py --quick     # a smoke run (~1 min): 8 peers, 200 steps, every system
+
+(the churn and spread runs' outer rows compare with the matrix's outer rows of the same setting).
+
+Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per system x setting, the curves) and
+``<out>.png`` (loss vs tokens, vs bytes (log), vs virtual time; ``--out``, default
+``benchmarks/results/at_scale``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import math
+import random
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from harness import figure, fmt, report_header, save_figure, write_report
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from gossiptrain.codecs import get_codec
+from gossiptrain.linkswitch import LinkSpec
+from gossiptrain.outer import ANCHOR_SYNC_EVERY, OuterStrategy
+from gossiptrain.rounds import AVERAGED
+from gossiptrain.simulation import SimulatedSwarm
+from gossiptrain.state import StateDownloadError, download_state
+from gossiptrain.tasks import TASKS
+from gossiptrain.virtual_time import run as run_virtual
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "at_scale"
+SYSTEMS = ("dp", "diloco", "outer", "noloco", "gossip", "solo")
+IN_PROCESS = ("dp", "diloco", "solo")  # exact in this process; bytes and time analytic
+GROUP_SIZES = {"outer": 4, "noloco": 2, "gossip": 4}  # the simulated systems' target_group_size
+FULL = {"peers": "8,64", "steps": 3000, "systems": ",".join(SYSTEMS)}
+QUICK = {"peers": "8", "steps": 200, "systems": ",".join(SYSTEMS)}
+# Per task: the model's configuration (the task factory's options), batch size, Adam lr, tokens per sample.
+TASK_SETTINGS = {
+    "charlm": {
+        "config": {"context": 32, "d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 256},
+        "batch_size": 4,
+        "lr": 2e-3,
+        "tokens_per_sample": 32,
+    },
+    "digits": {"config": {}, "batch_size": 32, "lr": 1e-3, "tokens_per_sample": 1},
+}
+
+
+def numel_of(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def inner_steps(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, count: int) -> None:
+    """``count`` steps of ``optimizer`` on ``model``'s loss of the next batches."""
+    for _ in range(count):
+        loss = task.loss(model, next(batches))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def outer_factory(args: argparse.Namespace):
+    """The outer optimizer: SGD with ``--outer-lr``, ``--outer-momentum`` (Nesterov's where above 0)."""
+    lr, momentum = args.outer_lr, args.outer_momentum
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def allreduce_bytes(peers: int, numel: int) -> float:
+    """Bytes a peer sends in a ring all-reduce of ``numel`` float32 values among ``peers``."""
+    return 2 * (peers - 1) / peers * 4 * numel
+
+
+def allreduce_seconds(peers: int, numel: int, link: LinkSpec) -> float:
+    """A ring all-reduce's time: its bytes over the link, plus ``2 (N-1)`` one-way hops of ``rtt/2``."""
+    return allreduce_bytes(peers, numel) * 8 / (link.mbit * 1e6) + 2 * (peers - 1) * link.rtt_ms / 2000
+
+
+class Setup:
+    """What every system of a run shares: the task, its settings, the peers' seeds and the evaluation."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.settings = args, TASK_SETTINGS[args.task]
+        self.task = TASKS[args.task](model_seed=args.seed, **self.settings["config"])
+        self.numel = numel_of(self.task.model)
+        self.tokens_per_step = self.settings["batch_size"] * self.settings["tokens_per_sample"]
+
+    def peer(self, i: int, seed: int | None = None):
+        """Peer ``i``'s model (the shared initialisation), Adam and batches (seed ``1000 --seed + i``)."""
+        model = copy.deepcopy(self.task.model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.settings["lr"], fused=True)
+        batches = self.task.batches(1000 * self.args.seed + i if seed is None else seed, self.settings["batch_size"])
+        return model, optimizer, batches
+
+    def loss(self, model: torch.nn.Module) -> float:
+        return self.task.evaluate(model)["loss"]
+
+    def evaluates(self, step: int) -> bool:
+        return step % self.args.eval_every == 0 or step == self.args.steps
+
+
+def train_dp(setup: Setup, peers: int) -> dict:
+    """Data parallel, exact: one model, each step one batch of every peer's next batch (the mean gradient)."""
+    model, optimizer, _ = setup.peer(0)
+    batches = [setup.peer(i)[2] for i in range(peers)]
+    curve = [(0, setup.loss(model))]
+    for step in range(1, setup.args.steps + 1):
+        batch = tuple(torch.cat(parts) for parts in zip(*(next(b) for b in batches)))
+        inner_steps(setup.task, model, optimizer, iter([batch]), 1)
+        if setup.evaluates(step):
+            curve.append((step, setup.loss(model)))
+    return {"curve": curve, "final_loss": curve[-1][1]}
+
+
+def train_solo(setup: Setup) -> dict:
+    """Peer 0 alone."""
+    model, optimizer, batches = setup.peer(0)
+    curve = [(0, setup.loss(model))]
+    for step in range(1, setup.args.steps + 1):
+        inner_steps(setup.task, model, optimizer, batches, 1)
+        if setup.evaluates(step):
+            curve.append((step, setup.loss(model)))
+    return {"curve": curve, "final_loss": curve[-1][1]}
+
+
+def train_diloco(setup: Setup, peers: int) -> dict:
+    """Synchronous DiLoCo, exact: every H steps the mean pseudo-gradient of all peers, one outer step."""
+    args = setup.args
+    trainers = [setup.peer(i) for i in range(peers)]
+    strategy = OuterStrategy(list(trainers[0][0].parameters()), outer_factory(args), get_codec("none"))
+    everything = [(0, setup.numel)]
+    curve = [(0, setup.loss(trainers[0][0]))]
+    for step in range(1, args.steps + 1):
+        for model, optimizer, batches in trainers:
+            inner_steps(setup.task, model, optimizer, batches, 1)
+        synced = step % args.inner_steps == 0 or step == args.steps
+        if synced:
+            params = torch.stack([parameters_to_vector(m.parameters()).detach() for m, _, _ in trainers]).mean(0)
+            strategy.outer_step(strategy.anchor - params, everything)
+            for model, _, _ in trainers:
+                vector_to_parameters(strategy.anchor, model.parameters())
+        if setup.evaluates(step):
+            models = [m for m, _, _ in trainers[: 1 if synced else args.eval_peers]]
+            curve.append((step, statistics.fmean(setup.loss(m) for m in models)))
+    return {"curve": curve, "final_loss": curve[-1][1]}
+
+
+def analytic_points(system: str, trained: dict, setup: Setup, peers: int, link: LinkSpec) -> list[dict]:
+    """An in-process system's curve with bytes and virtual seconds per peer (see the module docstring)."""
+    args, numel = setup.args, setup.numel
+    slowest = args.step_seconds * (args.compute_spread if system != "solo" else 1.0)
+    points = []
+    for step, loss in trained["curve"]:
+        if system == "dp":
+            count = step
+        elif system == "diloco":
+            count = step // args.inner_steps + (step == args.steps and step % args.inner_steps != 0)
+        else:
+            count = 0
+        bytes_sent = count * allreduce_bytes(peers, numel) if peers > 1 else 0.0
+        seconds = step * slowest + (count * allreduce_seconds(peers, numel, link) if peers > 1 else 0.0)
+        points.append({"step": step, "loss": loss, "bytes": bytes_sent, "seconds": seconds})
+    return points
+
+
+def simulate_system(setup: Setup, system: str, peers: int, link: LinkSpec) -> dict:
+    """The outer mode, NoLoCo pairs or parameter gossip through the simulator (see the module docstring)."""
+    return run_virtual(_simulate(setup, system, peers, link))
+
+
+async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> dict:
+    args, task = setup.args, setup.task
+    outer = system != "gossip"
+    every = args.inner_steps if outer else args.gossip_every
+    swarm = SimulatedSwarm(
+        f"at-scale-{system}",
+        seed=args.seed,
+        link=link,
+        target_group_size=GROUP_SIZES[system],
+        round_interval=args.round_interval,
+    )
+    loop = asyncio.get_running_loop()
+    trainers = [list(setup.peer(i)) for i in range(peers)]
+    make_strategy = lambda model: OuterStrategy(  # noqa: E731
+        list(model.parameters()), outer_factory(args), get_codec(args.codec), args.anchor_sync_every
+    )
+    strategies = [make_strategy(model) for model, _, _ in trainers] if outer else None
+    names = [f"peer{i}" for i in range(peers)]
+    slowness = [1 + (args.compute_spread - 1) * i / max(1, peers - 1) for i in range(peers)]
+    rng = random.Random(args.seed)
+    crashes = round(args.churn * peers)
+    replace_at = {
+        slot: (k + 1) * args.steps // (crashes + 1) for k, slot in enumerate(rng.sample(range(peers), crashes))
+    }
+    sent, statuses, sizes, failed_joins = [0] * peers, Counter(), Counter(), [0]
+    records: dict[int, list[tuple[int, float | None, int, float]]] = {}  # step: (peer, loss, bytes, seconds)
+    ends = [0.0] * peers
+
+    def state_of(i: int):
+        def provide() -> dict:
+            state = {"params": parameters_to_vector(trainers[i][0].parameters()).detach().clone()}
+            return {**state, "outer": strategies[i].state_dict()} if outer else state
+
+        return provide
+
+    async def replace(i: int, joins: int) -> None:
+        """Peer ``i`` crashes; a joiner takes its place, its parameters (and outer state) downloaded."""
+        await swarm.crash(names[i])
+        names[i] = f"peer{i}.{joins}"
+        peer = await swarm.add(names[i])
+        model, optimizer, batches = setup.peer(i, seed=10**6 * (joins + 1) + 1000 * args.seed + i)
+        try:
+            state = await download_state(peer, timeout=30.0)
+            if outer:
+                strategy = make_strategy(model)
+                strategy.load_state_dict(state["outer"])
+                vector_to_parameters(strategy.start_params(), model.parameters())
+                strategies[i] = strategy
+            else:
+                vector_to_parameters(state["params"], model.parameters())
+        except StateDownloadError:  # it starts from the initial model, as a joiner with no donor would
+            failed_joins[0] += 1
+            if outer:
+                strategies[i] = make_strategy(model)
+        trainers[i] = [model, optimizer, batches]
+        await peer.serve_state(state_of(i))
+
+    async def take_part(i: int) -> None:
+        done, joins = 0, 0
+        while done < args.steps:
+            count = min(every, args.steps - done)
+            model, optimizer, batches = trainers[i]
+            inner_steps(task, model, optimizer, batches, count)
+            await asyncio.sleep(count * args.step_seconds * slowness[i])
+            done += count
+            peer = swarm.peers[names[i]]
+            snapshot = parameters_to_vector(model.parameters()).detach()
+            round_id = peer.next_round_id()
+            if outer:  # as Attachment: the strategy's contribution, then its combine of an averaged round or one alone
+                made = strategies[i].contribution(snapshot, round_id)
+                values, residual, mode, codec = made.values, made.residual, made.mode, made.codec
+            else:
+                values, residual, mode, codec = snapshot, None, "params", None
+            result = await peer.average(values, 1.0, round_id, residual=residual, mode=mode, codec=codec)
+            sent[i] += result.bytes_sent
+            statuses[result.status] += 1
+            sizes[len(result.group) if result.status in AVERAGED else 1] += 1
+            after = result.averaged
+            if outer:
+                applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
+                after = strategies[i].combine(result, snapshot, mode) if applied else snapshot
+            vector_to_parameters(after, model.parameters())
+            if done == args.steps or done // args.eval_every > (done - count) // args.eval_every:
+                evaluated = i < args.eval_peers or done == args.steps
+                loss = setup.loss(model) if evaluated else None
+                records.setdefault(done, []).append((i, loss, sent[i], loop.time() - start))
+            if i in replace_at and done >= replace_at[i] and done < args.steps:
+                del replace_at[i]
+                joins += 1
+                await replace(i, joins)
+        ends[i] = loop.time() - start
+
+    for name in names:
+        await swarm.add(name)
+    if crashes:
+        for i in range(peers):
+            await swarm.peers[names[i]].serve_state(state_of(i))
+    initial = setup.loss(setup.task.model)
+    start = loop.time()
+    await asyncio.gather(*(take_part(i) for i in range(peers)))
+    link_bytes = sum(swarm.network.bytes_of(name)[0] for name in swarm.network.links)
+    await swarm.close()
+    points = [{"step": 0, "loss": initial, "bytes": 0.0, "seconds": 0.0}]
+    for step in sorted(records):
+        rows = records[step]
+        losses = [loss for _, loss, _, _ in rows if loss is not None]
+        points.append(
+            {
+                "step": step,
+                "loss": statistics.fmean(losses) if losses else math.nan,
+                "bytes": statistics.fmean(b for _, _, b, _ in rows),
+                "seconds": max(s for _, _, _, s in rows),
+            }
+        )
+    finals = [loss for _, loss, _, _ in records[args.steps]]
+    rounds = sum(statuses.values())
+    compute = [args.steps * args.step_seconds * s for s in slowness]
+    return {
+        "points": points,
+        "final_loss": statistics.fmean(finals),
+        "bytes_per_peer": statistics.fmean(sent),
+        "link_bytes_per_peer": link_bytes / peers,
+        "virtual_seconds": max(ends),
+        "utilization": statistics.fmean(c / e for c, e in zip(compute, ends)),
+        "averaged_share": sum(n for s, n in statuses.items() if s in AVERAGED) / max(1, rounds),
+        "statuses": dict(statuses),
+        "group_sizes": dict(sorted(sizes.items())),
+        "rounds_per_peer": rounds / peers,
+        "crashed": crashes,
+        "joins_failed": failed_joins[0],
+    }
+
+
+def reach(points: list[dict], target: float | None) -> tuple[float | None, float | None]:
+    """Bytes and virtual seconds at the first point whose loss is at or below ``target``; None if never."""
+    if target is None:
+        return None, None
+    for point in points:
+        if point["loss"] <= target:
+            return point["bytes"], point["seconds"]
+    return None, None
+
+
+def summarize(rows: list[dict], setup: Setup) -> None:
+    """Fill each row's comparisons with dp and solo of the same setting (peers, link)."""
+    for row in rows:
+        same = {r["system"]: r for r in rows if (r["peers"], r["mbit"]) == (row["peers"], row["mbit"])}
+        dp, solo = same.get("dp"), same.get("solo")
+        row["vs_dp"] = row["final_loss"] / dp["final_loss"] if dp else None
+        row["bytes_fewer_than_dp"] = (
+            dp["bytes_per_peer"] / row["bytes_per_peer"] if dp and row["bytes_per_peer"] else None
+        )
+        for name, base in (("dp", dp), ("solo", solo)):
+            row[f"bytes_to_{name}_loss"], row[f"seconds_to_{name}_loss"] = reach(
+                row["points"], base["final_loss"] if base else None
+            )
+        row["tokens_per_peer"] = setup.args.steps * setup.tokens_per_step
+
+
+def estimate(rows: list[dict], args: argparse.Namespace) -> dict:
+    """CPU seconds per peer-step measured here, per kind of system, and what the full matrix would take (one
+    process on one core: CPU seconds are its real seconds on an idle machine)."""
+    per = {}
+    for kind, systems in (("simulated", tuple(GROUP_SIZES)), ("diloco", ("diloco",)), ("dp", ("dp",))):
+        measured = [r["cpu_seconds"] / (r["peers"] * args.steps) for r in rows if r["system"] in systems]
+        per[kind] = statistics.fmean(measured) if measured else None
+    full_steps = 3000
+    peer_steps = {"simulated": 3 * 2 * (8 + 64) * full_steps, "diloco": (8 + 64) * full_steps}
+    peer_steps["dp"] = (8 + 64) * full_steps
+    known = {k: per[k] * peer_steps[k] for k in peer_steps if per[k] is not None}
+    return {
+        "seconds_per_peer_step": per,
+        "full_matrix_peer_steps": peer_steps,
+        "full_matrix_seconds": sum(known.values()) if len(known) == len(peer_steps) else None,
+        "note": "simulated: outer, noloco, gossip x 2 links; dp, diloco once per peer count; 8 and 64 peers, 3000 "
+        "steps; dp batches all peers in one step (cheaper per peer-step than measured where it ran alone)",
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"{'system':<8} {'peers':>5} {'Mbit':>5} {'loss':>7} {'vs dp':>6} {'MB/peer':>9} {'x fewer':>8} "
+        f"{'MB to dp':>9} {'s to dp':>8} {'MB to solo':>10} {'s to solo':>9} {'virt s':>8} {'util':>5} "
+        f"{'avg':>5} {'real s':>6}"
+    ]
+    for r in rows:
+        mb = lambda v: None if v is None else v / 1e6  # noqa: E731
+        lines.append(
+            f"{r['system']:<8} {r['peers']:>5} {r['mbit']:>5g} {r['final_loss']:>7.4f} {fmt(r['vs_dp'], '.3f'):>6} "
+            f"{mb(r['bytes_per_peer']):>9.2f} {fmt(r['bytes_fewer_than_dp'], '.0f'):>8} "
+            f"{fmt(mb(r['bytes_to_dp_loss']), '.2f'):>9} {fmt(r['seconds_to_dp_loss'], '.0f'):>8} "
+            f"{fmt(mb(r['bytes_to_solo_loss']), '.2f'):>10} {fmt(r['seconds_to_solo_loss'], '.0f'):>9} "
+            f"{r['virtual_seconds']:>8.0f} {fmt(r['utilization'], '.2f'):>5} {fmt(r['averaged_share'], '.2f'):>5} "
+            f"{r['wall_seconds']:>6.0f}"
+        )
+    lines.append(
+        "loss: final validation loss, mean over peers (equal tokens); vs dp: its ratio to dp's; MB/peer: bytes sent "
+        "per peer; x fewer: dp's bytes over the row's; MB/s to dp, solo: bytes and virtual seconds per peer to reach "
+        "their final loss (- never); virt s: virtual wall time; util: compute/virtual time; avg: rounds averaged"
+    )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    rows = report["summary"]
+    settings = list(dict.fromkeys((r["peers"], r["mbit"]) for r in rows))
+    fig, axes = figure(len(settings), 3, figsize=(16, 4 * len(settings)), squeeze=False)
+    tokens = report["settings"]["tokens_per_step"]
+    for ax_row, (peers, mbit) in zip(axes, settings):
+        for r in (r for r in rows if (r["peers"], r["mbit"]) == (peers, mbit)):
+            losses = [p["loss"] for p in r["points"]]
+            ax_row[0].plot([p["step"] * tokens for p in r["points"]], losses, marker=".", label=r["system"])
+            with_bytes = [(p["bytes"], p["loss"]) for p in r["points"] if p["bytes"] > 0]
+            if with_bytes:
+                ax_row[1].plot(*zip(*with_bytes), marker=".", label=r["system"])
+            ax_row[2].plot([p["seconds"] for p in r["points"]], losses, marker=".", label=r["system"])
+        for ax, xlabel in zip(ax_row, ("tokens per peer", "bytes sent per peer", "virtual seconds")):
+            ax.set(xlabel=xlabel, ylabel="validation loss", title=f"{peers} peers, {mbit:g} Mbit/s")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_row[1].set_xscale("log")
+    fig.suptitle(
+        f"{report['date']}; {report['settings']['task']}, {report['settings']['numel']} parameters", fontsize=9
+    )
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASK_SETTINGS), default="charlm")
+    parser.add_argument("--systems", default=None, help=f"comma-separated, of {SYSTEMS} (default: all)")
+    parser.add_argument("--peers", default=None, help="comma-separated peer counts (default: 8,64)")
+    parser.add_argument("--mbit", default="100,10", help="comma-separated link rates, Mbit/s each way")
+    parser.add_argument("--rtt-ms", type=float, default=100.0)
+    parser.add_argument("--steps", type=int, default=None, help="inner steps per peer (default: 3000)")
+    parser.add_argument("--inner-steps", type=int, default=50, metavar="H", help="inner steps per outer round")
+    parser.add_argument("--gossip-every", type=int, default=None, help="steps per gossip round (default H // 4)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default H)")
+    parser.add_argument("--eval-peers", type=int, default=8, help="peers evaluated for the curves (all at the end)")
+    parser.add_argument("--step-seconds", type=float, default=0.05, help="virtual seconds of one inner step")
+    parser.add_argument("--round-interval", type=float, default=2.0, help="seconds between round slots")
+    parser.add_argument("--outer-lr", type=float, default=1.0)
+    parser.add_argument("--outer-momentum", type=float, default=0.0, help="Nesterov's where above 0")
+    parser.add_argument("--anchor-sync-every", type=int, default=ANCHOR_SYNC_EVERY)
+    parser.add_argument("--codec", default="none", help="the outer mode's codec for pseudo-gradients")
+    parser.add_argument("--churn", type=float, default=0.0, help="share of peers replaced over the run")
+    parser.add_argument("--compute-spread", type=float, default=1.0, help="the slowest peer's steps take S times")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
+    parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.gossip_every = args.gossip_every or max(1, args.inner_steps // 4)
+    args.eval_every = args.eval_every or args.inner_steps
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick" * args.quick)
+    systems = [s for s in args.systems.split(",") if s]
+    if unknown := [s for s in systems if s not in SYSTEMS]:
+        parser.error(f"unknown system(s) {unknown}: choose from {SYSTEMS}")
+    if not 0 <= args.churn < 1 or args.compute_spread < 1 or args.steps < 1 or args.inner_steps < 1:
+        parser.error("--churn must be in [0, 1), --compute-spread at least 1, --steps and --inner-steps at least 1")
+    torch.set_num_threads(args.threads)
+    setup = Setup(args)
+    report = report_header("at_scale", args)
+    report["settings"].update(
+        numel=setup.numel,
+        tokens_per_step=setup.tokens_per_step,
+        task_settings=setup.settings,
+        group_sizes=GROUP_SIZES,
+        outer_optimizer=f"SGD(lr={args.outer_lr}, momentum={args.outer_momentum}, nesterov={args.outer_momentum > 0})",
+    )
+    report["summary"] = []
+    started = time.monotonic()
+    trained: dict[tuple[str, int], dict] = {}  # the in-process systems, by system and peers
+    for peers in (int(p) for p in args.peers.split(",")):
+        for mbit in (float(m) for m in args.mbit.split(",")):
+            link = LinkSpec(mbit=mbit, rtt_ms=args.rtt_ms)
+            for system in systems:
+                print(f"[{time.monotonic() - started:6.0f}s] {system}, {peers} peers, {mbit:g} Mbit/s", flush=True)
+                began, cpu = time.monotonic(), time.process_time()
+                row = {"system": system, "peers": peers, "mbit": mbit, "rtt_ms": args.rtt_ms}
+                if system in IN_PROCESS:
+                    key = (system, 1 if system == "solo" else peers)
+                    fresh = key not in trained
+                    if fresh:
+                        trainer = {"dp": train_dp, "diloco": train_diloco}.get(system)
+                        trained[key] = trainer(setup, peers) if trainer else train_solo(setup)
+                    points = analytic_points(system, trained[key], setup, peers, link)
+                    compute = args.steps * args.step_seconds * (args.compute_spread if system != "solo" else 1.0)
+                    row.update(
+                        points=points,
+                        final_loss=trained[key]["final_loss"],
+                        bytes_per_peer=points[-1]["bytes"],
+                        link_bytes_per_peer=None,
+                        virtual_seconds=points[-1]["seconds"],
+                        utilization=compute / points[-1]["seconds"],
+                        averaged_share=None,
+                        trained_here=fresh,
+                    )
+                else:
+                    row.update(simulate_system(setup, system, peers, link))
+                row["wall_seconds"], row["cpu_seconds"] = time.monotonic() - began, time.process_time() - cpu
+                report["summary"].append(row)
+                summarize(report["summary"], setup)
+                print(f"  final loss {row['final_loss']:.4f}, {row['wall_seconds']:.0f} s", flush=True)
+                write_report(report, args.out.with_suffix(".json"))  # so far
+    report["estimate"] = estimate([r for r in report["summary"] if r.get("trained_here", True)], args)
+    report["total_seconds"] = time.monotonic() - started
+    write_report(report, args.out.with_suffix(".json"))
+    print()
+    print(table(report["summary"]))
+    full, per_step = report["estimate"]["full_matrix_seconds"], report["estimate"]["seconds_per_peer_step"]
+    print(f"\nCPU seconds per peer-step: {per_step}; full matrix ~{fmt(full, '.0f')} s")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
