@@ -166,7 +166,9 @@ class Defences:
             clipped or not, is never larger than the largest: an honest contribution 4x the others'
             size does not arise (peers from independent random starts: within 1.1x,
             ``tests/test_allreduce.py``), while values plus 1 everywhere (``heavy``) are 17x the size
-            of the digits model's parameters, within ``drop``'s 20x.
+            of the digits model's parameters, within ``drop``'s 20x.  Where the values are not parameters
+            (pseudo-gradients, any vector), the size is the cell's (``sketches.typical_size``): a contribution or
+            a mean over ``catch`` times it is left out or refused, on every shard, and its sender not caught.
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
@@ -329,11 +331,15 @@ class ShardReduction:
         same_scale: bool = False,
         spread: float = 0.0,
         reference: float = 0.0,
+        cell_size: float = 0.0,
     ):
         self._own, self._own_weight, self.defences = own_values.float(), own_weight, defences
         # how far apart the cell's values lie on this shard (``sketches``): the radius's floor, so that an honest
         # peer far from a small group's other members is not clipped as if hostile
         self.reference = reference
+        # how large the cell's values are on this shard (``sketches.typical_size``): where the values are not
+        # parameters, a contribution over ``catch`` times it is left out (not caught: values of other kinds differ)
+        self.cell_size = cell_size
         self._own_norm: float | None = None  # |own values|, once needed
         self._same_scale = same_scale  # honest values have about one size (parameters, not pseudo-gradients)
         # the contributions' median distance from our values, relative to their size: the one given
@@ -390,7 +396,13 @@ class ShardReduction:
                 size = sizes[0] if sizes[0] > 0 else statistics.median_low(sizes)
                 # caught: larger than any honest parameters, or farther from ours than ``drop`` times their size
                 caught = [big > catch * size or norm > drop * size for big, norm in zip(sizes[1:], norms)]
-                scales = [0.0 if c or norm > drop * typical else scale for scale, c, norm in zip(scales, caught, norms)]
+                larger = [False] * len(norms)
+                if not self._same_scale and self.cell_size > 0:
+                    larger = [l2_norm(values) > catch * self.cell_size for values in contributions]
+                scales = [
+                    0.0 if c or big or norm > drop * typical else scale
+                    for scale, c, big, norm in zip(scales, caught, larger, norms)
+                ]
                 self.oversized = [s for s, c in zip(self._senders, caught) if c and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
                 contributions = [v for v, scale in zip(contributions, scales) if scale > 0]

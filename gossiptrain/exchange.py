@@ -164,6 +164,7 @@ class RoundExchange:
         caught: set[str] | None = None,
         spread: float = 0.0,
         reference: float = 0.0,
+        cell_size: float = 0.0,
         state_lock: contextlib.AbstractContextManager | None = None,
         counter: ByteCounter | None = None,
     ):
@@ -177,6 +178,7 @@ class RoundExchange:
         self.caught = set() if caught is None else caught
         self.spread = spread
         self.reference = reference  # per value: how far apart the cell's values lie (``sketches.typical_distance``)
+        self.cell_size = cell_size  # per value: how large the cell's values are (``sketches.typical_size``)
         self.residual = None if codec.lossless else residual
         self.values, self.weight, self.codec, self.timeouts = values, weight, codec, timeouts
         self.counter = ByteCounter() if counter is None else counter  # the round's (its JOIN's too)
@@ -222,6 +224,7 @@ class RoundExchange:
                 same_scale=self.parameters,
                 spread=self.spread,
                 reference=self.reference * math.sqrt(end - start),
+                cell_size=self.cell_size * math.sqrt(end - start),
             )
 
     async def run(self) -> RoundResult:
@@ -368,7 +371,7 @@ class RoundExchange:
                 bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
             }
         norms = {}
-        if self.parameters and self.defences.catch is not None:
+        if (self.parameters or self.cell_size > 0) and self.defences.catch is not None:
             norms = {bounds: l2_norm(mean) for bounds, mean in means.items()}
         return {"sizes": sizes, "distances": distances, "rounding": rounding, "norms": norms}
 
@@ -390,11 +393,14 @@ class RoundExchange:
         refused = []
         outlying = outlying_means(distances, self.defences, self.agreed, rounding)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
-        oversized = set()
+        oversized, larger = set(), set()  # caught by our own values' size; over the cell's values' size
         if self.parameters and self.defences.catch is not None:
             catch = self.defences.catch  # a mean over ``catch`` times our values' norm (never where ours are 0)
             oversized = {bounds for bounds in means if 0 < sizes[bounds] * catch < measured["norms"][bounds]}
-        outlying |= oversized
+        elif self.cell_size > 0 and self.defences.catch is not None:  # other values: the cell's size, not ours
+            limit = self.defences.catch * self.cell_size
+            larger = {b for b in means if measured["norms"][b] > limit * math.sqrt(b[1] - b[0])}
+        outlying |= oversized | larger
         for bounds in outlying - {self._own_shard}:
             detail = f"its mean of [{bounds[0]}, {bounds[1]}) is {distances[bounds]:.3g} of our values away, an outlier"
             if owners[bounds] in self.caught:
@@ -402,6 +408,8 @@ class RoundExchange:
             elif bounds in oversized:
                 detail = f"{detail} and over {self.defences.catch:g}x their size"
                 self.caught.add(owners[bounds])
+            elif bounds in larger:
+                detail = f"{detail} and over {self.defences.catch:g}x the size of our cell's values"
             elif self.parameters and distances[bounds] > CAUGHT_MEAN_DISTANCE:
                 self.caught.add(owners[bounds])
             self.rejections.record("hostile_mean", owners[bounds], self.plan.round_id, detail)

@@ -574,10 +574,11 @@ class Peer:
             return self._failed(round_id, snapshot, assembled)
         started, registration_s, view, (members, records) = assembled
         seen = len(view)
-        reference = 0.0
+        reference = cell_size = 0.0  # per value: how far apart the cell's values lie, and how large they are
         if self.defences.cell_spread is not None:
-            others = (r.get("sketch") for peer, r in view.items() if peer != self.peer_id)
+            others = [r.get("sketch") for peer, r in view.items() if peer != self.peer_id]
             reference = sketches.typical_distance(record["sketch"], others, self.defences.cell_spread)
+            cell_size = sketches.typical_size([record["sketch"], *others], self.defences.cell_spread)
         plan = matchmaking.plan_of(self.run_id, round_id, members, snapshot.numel(), records)
         if not plan.reducers or len(members) == 1:
             if len(members) == 1:
@@ -602,6 +603,7 @@ class Peer:
             caught=self.caught,
             spread=self._spread.get(mode, 0.0),
             reference=reference,
+            cell_size=cell_size,
             state_lock=state_lock,
             counter=role.counter,
         )

@@ -63,3 +63,17 @@ def typical_distance(own: bytes, sketches: Iterable[Any], quantile: float) -> fl
     if len(distances) < 2:
         return 0.0
     return distances[math.floor(quantile * (len(distances) - 1))]
+
+
+def typical_size(sketches: Iterable[Any], quantile: float) -> float:
+    """The root-mean-square value of the cell's sketches (ours among them) at ``quantile`` and never the largest:
+    how large this round's honest values are, per value, whatever they are (parameters, pseudo-gradients, any
+    vector).  A mean of honest values is no larger than the largest of them.  0 where fewer than two decode."""
+    sizes = sorted(
+        math.sqrt(float(np.mean(values**2)))
+        for values in (_decode(data, len(data) // 2) for data in sketches if isinstance(data, bytes))
+        if values is not None and len(values)
+    )
+    if len(sizes) < 2:
+        return 0.0
+    return sizes[math.floor(quantile * (len(sizes) - 1))]

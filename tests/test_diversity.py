@@ -111,3 +111,33 @@ def test_two_halves_that_trained_apart_while_the_dht_was_split_merge_into_one_mo
     assert torch.allclose(torch.stack(list(values.values())).mean(0), expected, atol=1e-6)  # nothing clipped
     for averaged in values.values():  # the halves began ~1.1 apart from their mean
         assert torch.linalg.vector_norm(averaged - expected).item() < 1e-3
+
+
+def test_a_shifted_pseudo_gradient_mean_is_refused_by_the_cell_s_size_where_the_mean_check_does_not_look():
+    """Pseudo-gradients (``mode="outer"``) are checked by their mean's distance only where the last round left a
+    whole-group mean; elsewhere a hostile owner's mean + 1, 100x the cell's pseudo-gradients, is refused all the
+    same (``Defences.catch`` against ``sketches.typical_size``), and nobody is caught for it."""
+
+    async def main():
+        swarm = SimulatedSwarm(link=WAN, round_interval=2.0)
+        for i in range(4):
+            await swarm.add(f"peer{i}")
+        swarm.peers["peer3"].exchange_class = faulty_exchange("shifted_mean")
+        generator = torch.Generator().manual_seed(3)
+        values = {name: 0.01 * torch.randn(5000, generator=generator) for name in swarm.peers}
+        for peer in swarm.peers.values():
+            peer._agreed["outer"] = []  # as after a round whose shards were not whole: no mean is distance-checked
+        results = await swarm.round(values, mode="outer")
+        owner = swarm.peers["peer3"].peer_id
+        caught = [peer.caught for peer in swarm.peers.values()]
+        await swarm.close()
+        return values, results, owner, caught
+
+    values, results, owner, caught = run(main())
+    for name in ("peer0", "peer1", "peer2"):
+        result = results[name]
+        assert result.status == "partial" and len(result.refused) == 1, result.errors
+        (start, end) = result.refused[0]
+        assert torch.equal(result.averaged[start:end], values[name][start:end])
+        assert (result.averaged - values[name]).abs().max() < 0.1  # the honest means: near
+    assert not any(caught)
