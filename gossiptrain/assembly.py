@@ -4,8 +4,9 @@ Reads of an eventually consistent DHT differ (a record not yet on every replica,
 that each peer computed from its own read would differ with them. So one peer decides: each peer of a cell sends its
 leader (``matchmaking.leader_candidates``) a JOIN with its round record, and the leader answers a PLAN with the
 member's group. The leader waits for the JOINs of the peers it read (all of them, or once half of the established
-ones have come, the straggler deadline; at most ``join``; then half as long again, up to ``straggler_min``, for peers
-its read missed), takes in any peer that joins without being in its read,
+ones have come, the straggler deadline; at most ``join``), reads the cell again and waits likewise for the peers that
+read missed, then half as long again, up to ``straggler_min``, for peers no read found; it takes in any peer that
+joins without being in its reads,
 and partitions the peers that joined (``matchmaking.partition``). A peer that registered and never joins (it
 crashed, a ghost) is in no group, so no member waits for it.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,10 +84,37 @@ class CellAssembly:
         self.records[peer] = record
         self._changed.set()
 
-    async def decide(self) -> dict[str, list[str]]:
-        """Wait for the JOINs (see the module docstring), then partition the peers that joined."""
+    async def decide(
+        self, reread: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None
+    ) -> dict[str, list[str]]:
+        """Wait for the JOINs (see the module docstring), then partition the peers that joined.  ``reread`` reads
+        the cell's compatible records again once the expected peers are in: registrations our first read missed
+        (one replica had them, or they came late) are then waited for too."""
         loop = asyncio.get_running_loop()
         started, deadline = loop.time(), loop.time() + self.timeouts.join
+        deadline = await self._await_joins(started, deadline)
+        if reread is not None and loop.time() < deadline:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    missed = set(await reread()) - self.expected
+            except Exception as e:  # a read that fails or times out finds no one: the round goes on without it
+                logger.debug("round %s: re-reading the cell failed: %r", self.round_id, e)
+                missed = set()
+            if missed:
+                self.expected |= missed
+                deadline = await self._await_joins(started, deadline)
+        # peers no read of ours found join at about the time the others did: give them half the time the others took
+        grace = min(self.timeouts.straggler_min, max(MIN_GRACE, (loop.time() - started) / 2))
+        await asyncio.sleep(max(0.0, min(deadline, loop.time() + grace) - loop.time()))
+        groups = matchmaking.partition(self.run_id, self.round_id, self.records, self.group_size)
+        self.groups = {peer: group for group in groups for peer in group}
+        self._decided.set_result(self.groups)
+        return self.groups
+
+    async def _await_joins(self, started: float, deadline: float) -> float:
+        """Wait until every expected peer joined, or the deadline (the straggler deadline once a quorum of the
+        established ones is in); returns the deadline."""
+        loop = asyncio.get_running_loop()
         quorum = straggler_quorum(len(self.settled))
         while not self.expected <= self.records.keys():
             if len(self.settled & self.records.keys()) >= quorum:
@@ -97,13 +125,7 @@ class CellAssembly:
                     await self._changed.wait()
             except TimeoutError:
                 break
-        # peers our read missed join at about the time the others did: give them half the time the expected took
-        grace = min(self.timeouts.straggler_min, max(MIN_GRACE, (loop.time() - started) / 2))
-        await asyncio.sleep(max(0.0, min(deadline, loop.time() + grace) - loop.time()))
-        groups = matchmaking.partition(self.run_id, self.round_id, self.records, self.group_size)
-        self.groups = {peer: group for group in groups for peer in group}
-        self._decided.set_result(self.groups)
-        return self.groups
+        return deadline
 
     async def group_of(self, peer: str) -> list[str]:
         return (await asyncio.shield(self._decided))[peer]

@@ -715,7 +715,11 @@ class Peer:
             self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts
         )
         role.lead(assembly)
-        members = (await assembly.decide())[self.peer_id]
+
+        async def reread() -> dict[str, Any]:
+            return matchmaking.compatible(record, self.peer_id, await self.membership.round_participants(round_id))
+
+        members = (await assembly.decide(reread))[self.peer_id]
         return members, {peer: assembly.records[peer] for peer in members}
 
     def _take_role(self, round_id: int) -> Role:

@@ -1,6 +1,11 @@
-"""A round's groups and plans from its records: pure, as every leader and member computes them."""
+"""A round's groups and plans from its records: as every leader and member computes them, and as a leader decides."""
 
+import asyncio
+
+from gossiptrain.assembly import MIN_GRACE, CellAssembly
 from gossiptrain.matchmaking import MAX_VOUCHES, compatible, leader_candidates, partition, plan_of, vouches
+from gossiptrain.rounds import Timeouts
+from gossiptrain.virtual_time import run
 
 
 def _record(**fields):
@@ -43,3 +48,24 @@ def test_a_record_vouches_for_at_most_max_vouches_named_peers():
     record = _record(answered=[f"p{i}" for i in range(MAX_VOUCHES + 10)] + [3])
     assert vouches(record) == {f"p{i}" for i in range(MAX_VOUCHES)}
     assert vouches(None) == vouches({"answered": "p1"}) == frozenset()
+
+
+def test_a_leader_waits_for_a_registration_its_first_read_missed_once_a_second_read_finds_it():
+    """A registration stored on one replica is missing from the leader's first read; the member JOINs when its own
+    slower read is done, after the others.  The leader's second read, once the expected peers are in, finds it, and
+    it is waited for rather than told it came late."""
+
+    async def main(reread):
+        records = {"me": _record(), "early": _record()}
+        assembly = CellAssembly("run", 7, "me", records["me"], records, 4, Timeouts(join=3.0))
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, assembly.join, "early", _record())
+        loop.call_later(0.05 + 3 * MIN_GRACE, assembly.join, "late", _record())  # before the straggler deadline
+
+        async def second_read():
+            return {**records, "late": _record()}
+
+        return await assembly.decide(second_read if reread else None)
+
+    assert set(run(main(reread=True))) == {"me", "early", "late"}
+    assert set(run(main(reread=False))) == {"me", "early"}  # without it the late member is refused

@@ -96,7 +96,7 @@ async def test_an_outsider_that_knows_the_run_id_is_refused_everywhere_and_count
             status = ("status", "--initial-peers", *swarm.initial_peers, "--run-id", "private")
             listed = await asyncio.to_thread(gossiptrain, *status, "--credential", str(tmp_path / "a.cert"))
             assert "2 live peers with a certificate (1 refused)" in listed and outsider.peer_id not in listed, listed
-            statuses = [(await outsider.average(torch.zeros(numel), 1.0)).status for _ in range(3)]
+            statuses = [(await outsider.average(torch.zeros(numel), 1.0, mode="params")).status for _ in range(3)]
             assert not set(statuses) & set(AVERAGED), statuses  # ...but no honest peer takes it into a group
             with pytest.raises(StateDownloadError):
                 await download_state(outsider, timeout=5.0)
