@@ -141,3 +141,34 @@ def test_a_shifted_pseudo_gradient_mean_is_refused_by_the_cell_s_size_where_the_
         assert torch.equal(result.averaged[start:end], values[name][start:end])
         assert (result.averaged - values[name]).abs().max() < 0.1  # the honest means: near
     assert not any(caught)
+
+
+def test_a_non_iid_swarm_whose_peers_sit_in_two_clusters_is_neither_clipped_nor_refused():
+    """Eight peers, six trained on one part of the data and two on another: parameters in two clusters a cluster's
+    own spread x10 apart.  A group of four holds three of one cluster and one of the other, whose distance is 10x the
+    group's median; the cell's spread covers both, so nothing is clipped, dropped or refused, round after round."""
+
+    async def main(defences: Defences) -> list:
+        swarm = SimulatedSwarm(link=WAN, round_interval=2.0, seed=4, defences=defences)  # seed 4: groups of 3 + 1
+        for i in range(8):
+            await swarm.add(f"peer{i}")
+        generator = torch.Generator().manual_seed(4)
+        centres = [0.05 * torch.randn(4096, generator=generator) for _ in range(2)]
+        values = {
+            name: centres[i < 2] + 0.005 * torch.randn(4096, generator=generator) for i, name in enumerate(swarm.peers)
+        }
+        first = max(peer.next_round_id() for peer in swarm.peers.values())
+        results = []
+        for round_id in range(first, first + 4):
+            values = {name: v + 0.001 * torch.randn(4096, generator=generator) for name, v in values.items()}  # steps
+            round_results = await swarm.round(values, round_id=round_id, mode="params")
+            results += round_results.values()
+            values = {name: r.averaged for name, r in round_results.items()}
+        await swarm.close()
+        return results
+
+    results = run(main(Defences()))
+    assert [r.status for r in results] == ["averaged"] * len(results)
+    assert sum(r.clipped + r.dropped + len(r.refused) for r in results) == 0
+    without_floor = run(main(Defences(cell_spread=None)))  # the group's own median: the lone far peer is clipped
+    assert sum(r.clipped + r.dropped for r in without_floor) > 0
