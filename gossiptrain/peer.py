@@ -574,11 +574,6 @@ class Peer:
             return self._failed(round_id, snapshot, assembled)
         started, registration_s, view, (members, records) = assembled
         seen = len(view)
-        reference = cell_size = 0.0  # per value: how far apart the cell's values lie, and how large they are
-        if self.defences.cell_spread is not None:
-            others = [r.get("sketch") for peer, r in view.items() if peer != self.peer_id]
-            reference = sketches.typical_distance(record["sketch"], others, self.defences.cell_spread)
-            cell_size = sketches.typical_size([record["sketch"], *others], self.defences.cell_spread)
         plan = matchmaking.plan_of(self.run_id, round_id, members, snapshot.numel(), records)
         if not plan.reducers or len(members) == 1:
             if len(members) == 1:
@@ -586,6 +581,11 @@ class Peer:
                 result.seconds = loop.time() - started
                 return result
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
+        reference = cell_size = 0.0  # per value: how far apart the cell's values lie, and how large they are
+        if self.defences.cell_spread is not None:
+            others = [r.get("sketch") for peer, r in view.items() if peer != self.peer_id]
+            reference = sketches.typical_distance(record["sketch"], others, self.defences.cell_spread)
+            cell_size = sketches.typical_size([record["sketch"], *others], self.defences.cell_spread)
         exchange = self.exchange_class(
             self.p2p,
             protocol=self.protocol,

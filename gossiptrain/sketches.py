@@ -60,9 +60,7 @@ def typical_distance(own: bytes, sketches: Iterable[Any], quantile: float) -> fl
         for theirs in (_decode(data, len(mine)) for data in sketches)
         if theirs is not None
     )
-    if len(distances) < 2:
-        return 0.0
-    return distances[math.floor(quantile * (len(distances) - 1))]
+    return _below_the_largest(distances, quantile)
 
 
 def typical_size(sketches: Iterable[Any], quantile: float) -> float:
@@ -74,6 +72,9 @@ def typical_size(sketches: Iterable[Any], quantile: float) -> float:
         for values in (_decode(data, len(data) // 2) for data in sketches if isinstance(data, bytes))
         if values is not None and len(values)
     )
-    if len(sizes) < 2:
-        return 0.0
-    return sizes[math.floor(quantile * (len(sizes) - 1))]
+    return _below_the_largest(sizes, quantile)
+
+
+def _below_the_largest(ordered: list[float], quantile: float) -> float:
+    """``ordered``'s value at ``quantile`` (in [0, 1)) of all but the largest; 0 for fewer than two values."""
+    return ordered[math.floor(quantile * (len(ordered) - 1))] if len(ordered) >= 2 else 0.0
