@@ -235,6 +235,10 @@ class Attachment:
         self._state_lock = threading.RLock()
         self._stepping = False
         self._checkpoint_due = False  # checkpoint_every: written when the next step begins, or on close
+        # compute utilization: seconds the training thread spent in this attachment's hooks, the hook in progress
+        # since when, and (time, seconds in hooks) at the last tracked record
+        self._hook_seconds, self._hook_since = 0.0, None
+        self._utilization_mark: tuple[float, float] | None = None
         self.state_download_seconds: float | None = None
         self.startup_seconds: float | None = None
         own = self._restore_checkpoint() if checkpoint is not None and os.path.exists(checkpoint) else None
@@ -293,13 +297,29 @@ class Attachment:
     # -- the optimizer's hooks (the training thread) --
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._hook_since = time.perf_counter()
+        try:
+            self._prepare_step()
+        finally:
+            self._hook_seconds += time.perf_counter() - self._hook_since
+            self._hook_since = None
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._hook_since = time.perf_counter()
+        try:
+            self._count_step()
+        finally:
+            self._hook_seconds += time.perf_counter() - self._hook_since
+            self._hook_since = None
+
+    def _prepare_step(self) -> None:
         if self._checkpoint_due:  # the previous iteration's scheduler step is taken by now
             self.save_checkpoint()
         if not self._stepping:  # a step that raised left the lock held: its next step releases it
             self._state_lock.acquire()
             self._stepping = True
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _count_step(self) -> None:
         self.local_step += 1
         self._steps_since_round += 1
         self._samples_since_round += self.samples_per_step
@@ -552,6 +572,14 @@ class Attachment:
             "bytes/sent_total": self.bytes_sent,
             "bytes/received_total": self.bytes_received,
         }
+        now = time.perf_counter()
+        spent = self._hook_seconds + (now - self._hook_since if self._hook_since is not None else 0.0)
+        mark = self._utilization_mark
+        if self._hook_since is not None and mark is not None and now > mark[0]:
+            # the share of the training thread's time since the last record not spent in this attachment's
+            # hooks (a record made in finish() has none: the training thread is not stepping then)
+            counters["train/utilization"] = 1.0 - (spent - mark[1]) / (now - mark[0])
+        self._utilization_mark = (now, spent)
         step_norm = getattr(self.strategy, "step_norm", None)
         if record.mode == "outer" and record.status != "failed" and step_norm is not None:  # this round's step
             counters["outer/step_norm"] = step_norm

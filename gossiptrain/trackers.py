@@ -112,7 +112,9 @@ class Trackers:
     """The trackers of one attachment: each round's scalars go to every one of them.
 
     Adds ``train/steps_per_second`` (local steps over wall time since the previous round's record), a
-    measure of how fast this peer computes while it averages, to what ``round_scalars`` gives.
+    measure of how fast this peer computes while it averages, to what ``round_scalars`` gives.  The
+    attachment's counters add ``train/utilization``: the share of the training thread's time since the
+    previous record not spent in the attachment's step hooks (1.0: averaging never held a step up).
     """
 
     def __init__(self, trackers: Sequence[Tracker] = ()):

@@ -142,6 +142,8 @@ def test_two_cli_peers_write_their_rounds_to_tensorboard(tmp_path):
         assert all(value >= 0 and value == value for _, value in scalars["train/loss"])  # not NaN
         rates = [value for _, value in scalars["train/steps_per_second"]]
         assert min(rates) >= 0 and max(rates) > 0, "0 only in finish()'s rounds, which take no local steps"
+        shares = [value for _, value in scalars["train/utilization"]]
+        assert all(0 <= share <= 1 for share in shares) and max(shares) > 0.5, shares  # the hooks cost little
 
 
 @pytest.mark.timeout(60)
