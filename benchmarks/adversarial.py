@@ -85,8 +85,8 @@ import time
 from pathlib import Path
 
 import torch
-from harness import figure, report_header, save_figure, write_report
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from harness import figure, load_vector, report_header, save_figure, write_report
+from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.demo import parameter_spread, read_records, spread
@@ -304,7 +304,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             if strategies is not None:
                 applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
                 after = strategies[i].combine(result, snapshots[i], made[i].mode) if applied else snapshots[i]
-            vector_to_parameters(after, models[i].parameters())
+            load_vector(models[i], after)
             if i in honest:
                 status, rejected = result.status, dict(swarm.peers[f"peer{i}"].rejections)
                 records[i].append({"round": round_id, "status": status, "rejected": rejected})

@@ -92,8 +92,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from harness import figure, fmt, report_header, save_figure, write_report
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from harness import figure, fmt, load_vector, report_header, save_figure, write_report
+from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.codecs import get_codec
 from gossiptrain.linkswitch import LinkSpec
@@ -213,7 +213,7 @@ def train_diloco(setup: Setup, peers: int) -> dict:
             params = torch.stack([parameters_to_vector(m.parameters()).detach() for m, _, _ in trainers]).mean(0)
             strategy.outer_step(strategy.anchor - params, everything)
             for model, _, _ in trainers:
-                vector_to_parameters(strategy.anchor, model.parameters())
+                load_vector(model, strategy.anchor)
         if setup.evaluates(step):
             models = [m for m, _, _ in trainers[: 1 if synced else args.eval_peers]]
             curve.append((step, statistics.fmean(setup.loss(m) for m in models)))
@@ -251,7 +251,7 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
         f"at-scale-{system}",
         seed=args.seed,
         link=link,
-        target_group_size=GROUP_SIZES[system],
+        target_group_size=args.group_size.get(system, GROUP_SIZES[system]),
         round_interval=args.round_interval,
     )
     loop = asyncio.get_running_loop()
@@ -289,10 +289,10 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
             if outer:
                 strategy = make_strategy(model)
                 strategy.load_state_dict(state["outer"])
-                vector_to_parameters(strategy.start_params(), model.parameters())
+                load_vector(model, strategy.start_params())
                 strategies[i] = strategy
             else:
-                vector_to_parameters(state["params"], model.parameters())
+                load_vector(model, state["params"])
         except StateDownloadError:  # it starts from the initial model, as a joiner with no donor would
             failed_joins[0] += 1
             if outer:
@@ -324,7 +324,7 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
             if outer:
                 applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
                 after = strategies[i].combine(result, snapshot, mode) if applied else snapshot
-            vector_to_parameters(after, model.parameters())
+            load_vector(model, after)
             if done == args.steps or done // args.eval_every > (done - count) // args.eval_every:
                 evaluated = i < args.eval_peers or done == args.steps
                 loss = setup.loss(model) if evaluated else None
@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--outer-lr", type=float, default=1.0)
     parser.add_argument("--outer-momentum", type=float, default=0.0, help="Nesterov's where above 0")
     parser.add_argument("--anchor-sync-every", type=int, default=ANCHOR_SYNC_EVERY)
+    parser.add_argument(
+        "--group-size", default="", help="target group sizes of simulated systems, e.g. outer=8,gossip=8"
+    )
     parser.add_argument("--codec", default="none", help="the outer mode's codec for pseudo-gradients")
     parser.add_argument("--churn", type=float, default=0.0, help="share of peers replaced over the run")
     parser.add_argument("--compute-spread", type=float, default=1.0, help="the slowest peer's steps take S times")
@@ -499,6 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.gossip_every = args.gossip_every or max(1, args.inner_steps // 4)
+    args.group_size = {k: int(v) for k, v in (item.split("=") for item in args.group_size.split(",") if item)}
     args.eval_every = args.eval_every or args.inner_steps
     if args.out is None:
         args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick" * args.quick)
@@ -514,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         numel=setup.numel,
         tokens_per_step=setup.tokens_per_step,
         task_settings=setup.settings,
-        group_sizes=GROUP_SIZES,
+        group_sizes={**GROUP_SIZES, **args.group_size},
         outer_optimizer=f"SGD(lr={args.outer_lr}, momentum={args.outer_momentum}, nesterov={args.outer_momentum > 0})",
     )
     report["summary"] = []

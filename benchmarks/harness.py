@@ -8,6 +8,7 @@ same way, and a new benchmark starts from its own logic.
   settings; ``run_info()`` is the date, command line and machine alone, ``machine_info()`` the machine alone.
 - ``write_report(report, path)``: the JSON file (indent 1, a newline at the end), its folder made where missing.
 - ``fmt(value, spec)`` and ``median(values)``: a table cell and a median where a number may be missing (None).
+- ``load_vector(model, vector)``: a flat vector copied into a model's parameters (never aliased to it).
 - ``figure(...)`` and ``save_figure(fig, path)``: a matplotlib figure on the Agg backend (benchmarks run without a
   display), then laid out, saved and closed.  matplotlib is imported only there: a script's ``--help`` and its
   runs without a plot do not need it.
@@ -100,6 +101,18 @@ def median(values: Iterable[float | None]) -> float | None:
     ``[1, None, None]`` is "not reached", not 1 (``low_communication`` keeps its own)."""
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
+
+
+@torch.no_grad()
+def load_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
+    """Copy the flat ``vector`` into ``model``'s parameters, in their order.
+
+    Not ``torch.nn.utils.vector_to_parameters``: that makes every parameter a view of ``vector``, so models loaded
+    from one vector share one storage and each one's optimizer steps move all of them."""
+    offset = 0
+    for param in model.parameters():
+        param.copy_(vector[offset : offset + param.numel()].view_as(param))
+        offset += param.numel()
 
 
 def figure(*args, **kwargs):

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from harness import figure, report_header, save_figure, write_report
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from harness import figure, load_vector, report_header, save_figure, write_report
+from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.codecs import Codec, get_codec
 from gossiptrain.exchange import PART_NUMEL
@@ -152,11 +152,6 @@ def _vector(model: torch.nn.Module) -> torch.Tensor:
     return parameters_to_vector(model.parameters()).detach().clone()
 
 
-@torch.no_grad()
-def _load(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    vector_to_parameters(vector, model.parameters())
-
-
 def simulate(task: Task, config: Config, args: argparse.Namespace) -> dict:
     """Train one config from the task's initial model; returns its curve and final numbers."""
     started = time.monotonic()
@@ -198,17 +193,17 @@ def simulate(task: Task, config: Config, args: argparse.Namespace) -> dict:
             if config.delay == 0:
                 new = outer_step(mean)
                 for model in models:
-                    _load(model, new)
+                    load_vector(model, new)
             else:
                 pending = (step + config.delay, mean, thetas)
         if pending is not None and (step == pending[0] or step == args.steps):
             _, mean, thetas = pending
             new = outer_step(mean)
             for model, theta in zip(models, thetas):
-                _load(model, new + (_vector(model) - theta))
+                load_vector(model, new + (_vector(model) - theta))
             pending = None
         if step % args.eval_every == 0 or step == args.steps:
-            _load(probe, torch.stack([_vector(m) for m in models]).mean(0))
+            load_vector(probe, torch.stack([_vector(m) for m in models]).mean(0))
             recent = train_losses[-args.eval_every * config.workers :]
             curve.append({"step": step, **task.evaluate(probe), "train_loss": sum(recent) / len(recent)})
             logger.info(
