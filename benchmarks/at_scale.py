@@ -71,8 +71,17 @@ a run's measured CPU time to the whole matrix; the results page has the measured
     python benchmarks/at_scale.py --peers 256 --steps 1000 --systems dp,diloco,outer \\
         --out benchmarks/results/at_scale-256
     python benchmarks/at_scale.py --quick     # a smoke run (~1 min): 8 peers, 200 steps, every system
+    python benchmarks/at_scale.py --validate  # live low_communication.py outer runs, then the same simulated
 
 (the churn and spread runs' outer rows compare with the matrix's outer rows of the same setting).
+
+Validated against live peers (``--validate``): ``low_communication.py --systems outer`` runs 4 live peers (the
+CLI's 1.0M-parameter char-LM, batches of 16, ``int8``, 10 Mbit/s, 50 ms, 90 s, ``--validate-repeats`` repeats;
+written to ``<out>-live.json``), then the same 4 peers run here (peer ``i`` draws from seed ``i + 1`` as live peer
+``i + 1`` does) for the live runs' median steps per peer, H their median steps per averaged round; it reports
+whether the simulated loss lies within the live repeats' min-max at each evaluation (``<out>.json``, default
+``benchmarks/results/at_scale-validate``).  The simulated rounds block the inner steps and come every H steps;
+live ones overlap them and come every slot, so the check is of the round code's effect on loss, not of timing.
 
 Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per system x setting, the curves) and
 ``<out>.png`` (loss vs tokens, vs bytes (log), vs virtual time; ``--out``, default
@@ -84,9 +93,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import math
 import random
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -119,7 +132,11 @@ TASK_SETTINGS = {
         "tokens_per_sample": 32,
     },
     "digits": {"config": {}, "batch_size": 32, "lr": 1e-3, "tokens_per_sample": 1},
+    # low_communication.py's task: the CLI's default char-LM (1.0M parameters), batches of 16 (--validate)
+    "charlm-live": {"config": {}, "batch_size": 16, "lr": 2e-3, "tokens_per_sample": 64},
 }
+# --validate: low_communication.py's outer mode, live, beside the same peers simulated
+VALIDATE = {"peers": 4, "mbit": 10.0, "rtt_ms": 50.0, "codec": "int8", "outer_lr": 1.0, "outer_momentum": 0.0}
 
 
 def numel_of(model: torch.nn.Module) -> int:
@@ -156,15 +173,17 @@ class Setup:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.settings = args, TASK_SETTINGS[args.task]
-        self.task = TASKS[args.task](model_seed=args.seed, **self.settings["config"])
+        self.task = TASKS[args.task.removesuffix("-live")](model_seed=args.seed, **self.settings["config"])
         self.numel = numel_of(self.task.model)
         self.tokens_per_step = self.settings["batch_size"] * self.settings["tokens_per_sample"]
 
     def peer(self, i: int, seed: int | None = None):
-        """Peer ``i``'s model (the shared initialisation), Adam and batches (seed ``1000 --seed + i``)."""
+        """Peer ``i``'s model (the shared initialisation), Adam and batches (seed ``1000 --seed + i``; with
+        ``--validate`` ``i + 1``, as low_communication.py's peer ``i + 1``)."""
         model = copy.deepcopy(self.task.model)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.settings["lr"], fused=True)
-        batches = self.task.batches(1000 * self.args.seed + i if seed is None else seed, self.settings["batch_size"])
+        seed = self.args.first_data_seed + i if seed is None else seed
+        batches = self.task.batches(seed, self.settings["batch_size"])
         return model, optimizer, batches
 
     def loss(self, model: torch.nn.Module) -> float:
@@ -470,6 +489,86 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def interpolate(curve: list[tuple[float, float]], step: float) -> float | None:
+    """The loss of a (steps, loss) curve at ``step``, linear between its points; None beyond its ends."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return l0 if s1 == s0 else l0 + (l1 - l0) * (step - s0) / (s1 - s0)
+    return None
+
+
+def validate(args: argparse.Namespace) -> dict:
+    """``--validate``: ``low_communication.py``'s outer mode, live (``--validate-repeats`` repeats), then the same
+    peers simulated for the live runs' median steps per peer, H their median steps per averaged round: is the
+    simulated loss curve within the live repeats' spread at each evaluation?"""
+    live_out = args.out.with_name(args.out.name + "-live")
+    command = [sys.executable, str(Path(__file__).with_name("low_communication.py")), "--systems", "outer"]
+    command += ["--peers", str(VALIDATE["peers"]), "--mbit", f"{VALIDATE['mbit']:g}"]
+    command += ["--rtt-ms", f"{VALIDATE['rtt_ms']:g}"]
+    command += ["--repeats", str(args.validate_repeats), "--outer-codec", VALIDATE["codec"], "--target-loss", "0"]
+    command += ["--outer-lr", f"{VALIDATE['outer_lr']:g}", "--outer-momentum", f"{VALIDATE['outer_momentum']:g}"]
+    print("live:", shlex.join(command), flush=True)
+    subprocess.run([*command, "--out", str(live_out)], check=True)
+    live = json.loads(live_out.with_suffix(".json").read_text())
+    runs = [r for r in live["results"] if r.get("system") == "outer" and r.get("curve")]
+    if not runs:
+        raise SystemExit(f"no live outer run finished: {live.get('errors')}")
+    args.steps = round(statistics.median(r["steps_per_peer"] for r in runs))
+    args.inner_steps = round(
+        statistics.median(r["steps_per_peer"] / max(1, r["rounds_averaged_per_peer"]) for r in runs)
+    )
+    args.eval_every = max(1, args.inner_steps // 2)
+    args.codec, args.outer_lr, args.outer_momentum = VALIDATE["codec"], VALIDATE["outer_lr"], VALIDATE["outer_momentum"]
+    setup = Setup(args)
+    link = LinkSpec(mbit=VALIDATE["mbit"], rtt_ms=VALIDATE["rtt_ms"])
+    print(f"simulated: {VALIDATE['peers']} peers, {args.steps} steps, H = {args.inner_steps}", flush=True)
+    simulated = simulate_system(setup, "outer", VALIDATE["peers"], link)
+    curves = [[(point[1], point[2]) for point in r["curve"]] for r in runs]  # (steps, loss) of each repeat
+    rows = []
+    for point in simulated["points"][1:]:
+        losses = [loss for loss in (interpolate(curve, point["step"]) for curve in curves) if loss is not None]
+        if len(losses) == len(curves):
+            low, high = min(losses), max(losses)
+            rows.append({"step": point["step"], "simulated": point["loss"], "live_min": low, "live_max": high})
+    within = sum(row["live_min"] <= row["simulated"] <= row["live_max"] for row in rows)
+    report = report_header("at_scale", args)
+    report["settings"].update(validate=VALIDATE, live_command=command, live_result=str(live_out.with_suffix(".json")))
+    report["summary"] = {
+        "steps": args.steps,
+        "inner_steps": args.inner_steps,
+        "points": len(rows),
+        "within_live_spread": within,
+        "simulated_final_loss": simulated["final_loss"],
+        "live_final_losses": [curve[-1][1] for curve in curves],
+        "live_steps_per_peer": [r["steps_per_peer"] for r in runs],
+        "simulated_averaged_share": simulated["averaged_share"],
+    }
+    report["comparison"], report["simulated"] = rows, simulated
+    write_report(report, args.out.with_suffix(".json"))
+    print(f"{'step':>5} {'live min':>9} {'live max':>9} {'simulated':>9}  within")
+    for row in rows:
+        inside = row["live_min"] <= row["simulated"] <= row["live_max"]
+        print(f"{row['step']:>5} {row['live_min']:>9.4f} {row['live_max']:>9.4f} {row['simulated']:>9.4f}  {inside}")
+    print(
+        f"within the live repeats' spread at {within} of {len(rows)} evaluations; final loss simulated "
+        f"{simulated['final_loss']:.4f}, live {', '.join(f'{c[-1][1]:.4f}' for c in curves)}"
+    )
+    fig, ax = figure(figsize=(7, 4.5))
+    for k, curve in enumerate(curves):
+        ax.plot(*zip(*curve), color="gray", alpha=0.6, label="live repeats" if k == 0 else None)
+    ax.plot(
+        [p["step"] for p in simulated["points"]],
+        [p["loss"] for p in simulated["points"]],
+        marker=".",
+        label="simulated",
+    )
+    ax.set(xlabel="inner steps per peer", ylabel="validation loss", title="outer mode, 4 peers, 10 Mbit/s, 50 ms")
+    ax.legend()
+    save_figure(fig, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASK_SETTINGS), default="charlm")
@@ -496,6 +595,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
+    parser.add_argument(
+        "--validate", action="store_true", help=f"live low_communication.py beside the simulator: {VALIDATE}"
+    )
+    parser.add_argument("--validate-repeats", type=int, default=3, help="live repeats of --validate")
     parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -505,13 +608,17 @@ def main(argv: list[str] | None = None) -> dict:
     args.group_size = {k: int(v) for k, v in (item.split("=") for item in args.group_size.split(",") if item)}
     args.eval_every = args.eval_every or args.inner_steps
     if args.out is None:
-        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick" * args.quick)
+        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick" * args.quick + "-validate" * args.validate)
+    args.first_data_seed = 1 if args.validate else 1000 * args.seed
     systems = [s for s in args.systems.split(",") if s]
     if unknown := [s for s in systems if s not in SYSTEMS]:
         parser.error(f"unknown system(s) {unknown}: choose from {SYSTEMS}")
     if not 0 <= args.churn < 1 or args.compute_spread < 1 or args.steps < 1 or args.inner_steps < 1:
         parser.error("--churn must be in [0, 1), --compute-spread at least 1, --steps and --inner-steps at least 1")
     torch.set_num_threads(args.threads)
+    if args.validate:
+        args.task = "charlm-live"
+        return validate(args)
     setup = Setup(args)
     report = report_header("at_scale", args)
     report["settings"].update(
