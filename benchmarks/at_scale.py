@@ -22,14 +22,17 @@ each peer 4 windows a step (digits: 32 samples), with Adam (``fused``; lr 2e-3, 
    ``anchor - params`` are averaged over all N, one ``OuterStrategy.outer_step`` moves the shared anchor and every
    peer continues from it (the inner Adam keeps its state).  Bytes and time: one ring all-reduce, as ``dp``,
    per outer round; the round waits for the slowest peer.
-3. ``outer``: the outer mode on dynamic groups (``target_group_size=4``) through the simulator: each peer's
-   ``OuterStrategy`` makes its round's values (``contribution``) and applies an averaged round or one alone
-   (``combine``), as ``gossiptrain.attachment`` does; every ``ANCHOR_SYNC_EVERY``-th slot averages the
-   parameters (``--anchor-sync-every``).
-4. ``noloco``: the same in pairs (``target_group_size=2``), NoLoCo-style.
-5. ``gossip``: parameter gossip, ``mode="params"`` rounds in groups of 4 every ``--gossip-every`` steps
+3. ``outer``: the outer mode on dynamic groups with the library's defaults (``target_group_size=4``) through the
+   simulator: each peer's ``OuterStrategy`` makes its round's values (``contribution``) and applies an averaged
+   round or one alone (``combine``), as ``gossiptrain.attachment`` does; every ``ANCHOR_SYNC_EVERY``-th slot
+   averages the parameters (``--anchor-sync-every``).
+4. ``outer-g8``: the same in groups of 8, every round an anchor-sync round (``anchor_sync_every=1``): the best
+   measured (results page): groups whose anchors differ move them apart with every pseudo-gradient round, and
+   only parameter rounds pull them together.
+5. ``noloco``: the outer mode in pairs (``target_group_size=2``), NoLoCo-style.
+6. ``gossip``: parameter gossip, ``mode="params"`` rounds in groups of 4 every ``--gossip-every`` steps
    (default H // 4: four times as many rounds as the outer mode).
-6. ``solo``: one peer (peer 0) training alone, no communication (its loss is the "alone" target).
+7. ``solo``: one peer (peer 0) training alone, no communication (its loss is the "alone" target).
 
 Outer optimizer (diloco, outer, noloco): ``SGD(--outer-lr, --outer-momentum, nesterov=momentum > 0)``, by
 default lr 1.0 without momentum, the CLI's measured best (``gossiptrain peer --outer-lr 1.0``; DiLoCo's paper
@@ -118,9 +121,10 @@ from gossiptrain.tasks import TASKS
 from gossiptrain.virtual_time import run as run_virtual
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "at_scale"
-SYSTEMS = ("dp", "diloco", "outer", "noloco", "gossip", "solo")
+SYSTEMS = ("dp", "diloco", "outer", "outer-g8", "noloco", "gossip", "solo")
 IN_PROCESS = ("dp", "diloco", "solo")  # exact in this process; bytes and time analytic
-GROUP_SIZES = {"outer": 4, "noloco": 2, "gossip": 4}  # the simulated systems' target_group_size
+GROUP_SIZES = {"outer": 4, "outer-g8": 8, "noloco": 2, "gossip": 4}  # the simulated systems' target_group_size
+SYNCED = ("outer-g8",)  # outer systems whose every round is an anchor-sync round
 FULL = {"peers": "8,64", "steps": 3000, "systems": ",".join(SYSTEMS)}
 QUICK = {"peers": "8", "steps": 200, "systems": ",".join(SYSTEMS)}
 # Per task: the model's configuration (the task factory's options), batch size, Adam lr, tokens per sample.
@@ -275,8 +279,9 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
     )
     loop = asyncio.get_running_loop()
     trainers = [list(setup.peer(i)) for i in range(peers)]
+    sync_every = 1 if system in SYNCED else args.anchor_sync_every
     make_strategy = lambda model: OuterStrategy(  # noqa: E731
-        list(model.parameters()), outer_factory(args), get_codec(args.codec), args.anchor_sync_every
+        list(model.parameters()), outer_factory(args), get_codec(args.codec), sync_every
     )
     strategies = [make_strategy(model) for model, _, _ in trainers] if outer else None
     names = [f"peer{i}" for i in range(peers)]
@@ -429,14 +434,14 @@ def estimate(rows: list[dict], args: argparse.Namespace) -> dict:
         measured = [r["cpu_seconds"] / (r["peers"] * args.steps) for r in rows if r["system"] in systems]
         per[kind] = statistics.fmean(measured) if measured else None
     full_steps = 3000
-    peer_steps = {"simulated": 3 * 2 * (8 + 64) * full_steps, "diloco": (8 + 64) * full_steps}
+    peer_steps = {"simulated": len(GROUP_SIZES) * 2 * (8 + 64) * full_steps, "diloco": (8 + 64) * full_steps}
     peer_steps["dp"] = (8 + 64) * full_steps
     known = {k: per[k] * peer_steps[k] for k in peer_steps if per[k] is not None}
     return {
         "seconds_per_peer_step": per,
         "full_matrix_peer_steps": peer_steps,
         "full_matrix_seconds": sum(known.values()) if len(known) == len(peer_steps) else None,
-        "note": "simulated: outer, noloco, gossip x 2 links; dp, diloco once per peer count; 8 and 64 peers, 3000 "
+        "note": f"simulated: {', '.join(GROUP_SIZES)} x 2 links; dp, diloco once per peer count; 8 and 64 peers, 3000 "
         "steps; dp batches all peers in one step (cheaper per peer-step than measured where it ran alone)",
     }
 
