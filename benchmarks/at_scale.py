@@ -81,7 +81,8 @@ a run's measured CPU time to the whole matrix; the results page has the measured
 Validated against live peers (``--validate``): ``low_communication.py --systems outer`` runs 4 live peers (the
 CLI's 1.0M-parameter char-LM, batches of 16, ``int8``, 10 Mbit/s, 50 ms, 90 s, ``--validate-repeats`` repeats;
 written to ``<out>-live.json``), then the same 4 peers run here (peer ``i`` draws from seed ``i + 1`` as live peer
-``i + 1`` does) for the live runs' median steps per peer, H their median steps per averaged round; it reports
+``i + 1`` does) for the live runs' median steps per peer, H the steps a live slot held, evaluated as often as the
+live peers were (between rounds too; ``--validate-live FILE`` reuses a live result); it reports
 whether the simulated loss lies within the live repeats' min-max at each evaluation (``<out>.json``, default
 ``benchmarks/results/at_scale-validate``).  The simulated rounds block the inner steps and come every H steps;
 live ones overlap them and come every slot, so the check is of the round code's effect on loss, not of timing.
@@ -324,14 +325,23 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
         trainers[i] = [model, optimizer, batches]
         await peer.serve_state(state_of(i))
 
+    def record(i: int, done: int) -> None:
+        evaluated = i < args.eval_peers or done == args.steps
+        loss = setup.loss(trainers[i][0]) if evaluated else None
+        records.setdefault(done, []).append((i, loss, sent[i], loop.time() - start))
+
     async def take_part(i: int) -> None:
         done, joins = 0, 0
         while done < args.steps:
-            count = min(every, args.steps - done)
-            model, optimizer, batches = trainers[i]
-            inner_steps(task, model, optimizer, batches, count)
-            await asyncio.sleep(count * args.step_seconds * slowness[i])
-            done += count
+            end = min(done + every, args.steps)
+            while done < end:  # evaluations that fall between rounds are of the peer's own model there
+                chunk = min(end, (done // args.eval_every + 1) * args.eval_every) - done
+                model, optimizer, batches = trainers[i]
+                inner_steps(task, model, optimizer, batches, chunk)
+                await asyncio.sleep(chunk * args.step_seconds * slowness[i])
+                done += chunk
+                if done < end and done % args.eval_every == 0:
+                    record(i, done)
             peer = swarm.peers[names[i]]
             snapshot = parameters_to_vector(model.parameters()).detach()
             round_id = peer.next_round_id()
@@ -349,10 +359,8 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
                 applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
                 after = strategies[i].combine(result, snapshot, mode) if applied else snapshot
             load_vector(model, after)
-            if done == args.steps or done // args.eval_every > (done - count) // args.eval_every:
-                evaluated = i < args.eval_peers or done == args.steps
-                loss = setup.loss(model) if evaluated else None
-                records.setdefault(done, []).append((i, loss, sent[i], loop.time() - start))
+            if done == args.steps or done % args.eval_every == 0:
+                record(i, done)
             if i in replace_at and done >= replace_at[i] and done < args.steps:
                 del replace_at[i]
                 joins += 1
@@ -504,7 +512,7 @@ def interpolate(curve: list[tuple[float, float]], step: float) -> float | None:
 
 def validate(args: argparse.Namespace) -> dict:
     """``--validate``: ``low_communication.py``'s outer mode, live (``--validate-repeats`` repeats), then the same
-    peers simulated for the live runs' median steps per peer, H their median steps per averaged round: is the
+    peers simulated for the live runs' median steps per peer, H the steps a live slot held: is the
     simulated loss curve within the live repeats' spread at each evaluation?"""
     live_out = args.out.with_name(args.out.name + "-live")
     command = [sys.executable, str(Path(__file__).with_name("low_communication.py")), "--systems", "outer"]
@@ -512,17 +520,22 @@ def validate(args: argparse.Namespace) -> dict:
     command += ["--rtt-ms", f"{VALIDATE['rtt_ms']:g}"]
     command += ["--repeats", str(args.validate_repeats), "--outer-codec", VALIDATE["codec"], "--target-loss", "0"]
     command += ["--outer-lr", f"{VALIDATE['outer_lr']:g}", "--outer-momentum", f"{VALIDATE['outer_momentum']:g}"]
-    print("live:", shlex.join(command), flush=True)
-    subprocess.run([*command, "--out", str(live_out)], check=True)
+    if args.validate_live is None:
+        print("live:", shlex.join(command), flush=True)
+        subprocess.run([*command, "--out", str(live_out)], check=True)
+    else:
+        live_out = args.validate_live
     live = json.loads(live_out.with_suffix(".json").read_text())
     runs = [r for r in live["results"] if r.get("system") == "outer" and r.get("curve")]
     if not runs:
         raise SystemExit(f"no live outer run finished: {live.get('errors')}")
     args.steps = round(statistics.median(r["steps_per_peer"] for r in runs))
-    args.inner_steps = round(
-        statistics.median(r["steps_per_peer"] / max(1, r["rounds_averaged_per_peer"]) for r in runs)
-    )
-    args.eval_every = max(1, args.inner_steps // 2)
+    # H: the steps a slot held (the peers train --duration seconds in slots); evaluations as often as the live ones
+    slots = [live["outer_average_every"][f"{r['mbit']:g}/{r['rtt_ms']:g}/{r['repeat']}"] for r in runs]
+    duration = live["settings"]["duration"]
+    args.inner_steps = round(statistics.median(r["steps_per_peer"] * s / duration for r, s in zip(runs, slots)))
+    spacing = [statistics.median(b[1] - a[1] for a, b in zip(r["curve"], r["curve"][1:])) for r in runs]
+    args.eval_every = max(1, round(statistics.median(spacing)))
     args.codec, args.outer_lr, args.outer_momentum = VALIDATE["codec"], VALIDATE["outer_lr"], VALIDATE["outer_momentum"]
     setup = Setup(args)
     link = LinkSpec(mbit=VALIDATE["mbit"], rtt_ms=VALIDATE["rtt_ms"])
@@ -604,6 +617,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--validate", action="store_true", help=f"live low_communication.py beside the simulator: {VALIDATE}"
     )
     parser.add_argument("--validate-repeats", type=int, default=3, help="live repeats of --validate")
+    parser.add_argument(
+        "--validate-live", type=Path, default=None, help="--validate against this low_communication.py result"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"write OUT.json and OUT.png (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
