@@ -84,8 +84,9 @@ written to ``<out>-live.json``), then the same 4 peers run here (peer ``i`` draw
 ``i + 1`` does) for the live runs' median steps per peer, H the steps a live slot held, evaluated as often as the
 live peers were (between rounds too; ``--validate-live FILE`` reuses a live result); it reports
 whether the simulated loss lies within the live repeats' min-max at each evaluation (``<out>.json``, default
-``benchmarks/results/at_scale-validate``).  The simulated rounds block the inner steps and come every H steps;
-live ones overlap them and come every slot, so the check is of the round code's effect on loss, not of timing.
+``benchmarks/results/at_scale-validate``).  There the simulated peers run as live ones do (``--slots``): a round
+in every slot of the live length, the snapshot at the slot's start, the steps going on during the round at the
+live pace and kept; in the matrix a round every H steps blocks them (utilization is then a lower bound).
 
 Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per system x setting, the curves) and
 ``<out>.png`` (loss vs tokens, vs bytes (log), vs virtual time; ``--out``, default
@@ -330,41 +331,87 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
         loss = setup.loss(trainers[i][0]) if evaluated else None
         records.setdefault(done, []).append((i, loss, sent[i], loop.time() - start))
 
+    def contribution(i: int, snapshot: torch.Tensor, round_id: int) -> tuple:
+        """As Attachment: the strategy's contribution (values, residual, mode, codec), or the parameters."""
+        if outer:
+            made = strategies[i].contribution(snapshot, round_id)
+            return made.values, made.residual, made.mode, made.codec
+        return snapshot, None, "params", None
+
+    def after_round(i: int, result, snapshot: torch.Tensor, mode: str) -> torch.Tensor:
+        """The parameters after a round (as Attachment: the strategy's combine of an averaged round or one alone)."""
+        sent[i] += result.bytes_sent
+        statuses[result.status] += 1
+        sizes[len(result.group) if result.status in AVERAGED else 1] += 1
+        if not outer:
+            return result.averaged
+        applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
+        return strategies[i].combine(result, snapshot, mode) if applied else snapshot
+
+    async def train(i: int, done: int, end: int) -> int:
+        """Peer ``i``'s steps from ``done`` to ``end`` in virtual time; evaluations that fall before ``end`` are
+        of its own model there.  Returns ``end``."""
+        while done < end:
+            chunk = min(end, (done // args.eval_every + 1) * args.eval_every) - done
+            model, optimizer, batches = trainers[i]
+            inner_steps(task, model, optimizer, batches, chunk)
+            await asyncio.sleep(chunk * args.step_seconds * slowness[i])
+            done += chunk
+            if done < end and done % args.eval_every == 0:
+                record(i, done)
+        return done
+
     async def take_part(i: int) -> None:
+        """Every ``every`` steps a round, which the steps wait for."""
         done, joins = 0, 0
         while done < args.steps:
-            end = min(done + every, args.steps)
-            while done < end:  # evaluations that fall between rounds are of the peer's own model there
-                chunk = min(end, (done // args.eval_every + 1) * args.eval_every) - done
-                model, optimizer, batches = trainers[i]
-                inner_steps(task, model, optimizer, batches, chunk)
-                await asyncio.sleep(chunk * args.step_seconds * slowness[i])
-                done += chunk
-                if done < end and done % args.eval_every == 0:
-                    record(i, done)
-            peer = swarm.peers[names[i]]
+            done = await train(i, done, min(done + every, args.steps))
+            peer, model = swarm.peers[names[i]], trainers[i][0]
             snapshot = parameters_to_vector(model.parameters()).detach()
             round_id = peer.next_round_id()
-            if outer:  # as Attachment: the strategy's contribution, then its combine of an averaged round or one alone
-                made = strategies[i].contribution(snapshot, round_id)
-                values, residual, mode, codec = made.values, made.residual, made.mode, made.codec
-            else:
-                values, residual, mode, codec = snapshot, None, "params", None
+            values, residual, mode, codec = contribution(i, snapshot, round_id)
             result = await peer.average(values, 1.0, round_id, residual=residual, mode=mode, codec=codec)
-            sent[i] += result.bytes_sent
-            statuses[result.status] += 1
-            sizes[len(result.group) if result.status in AVERAGED else 1] += 1
-            after = result.averaged
-            if outer:
-                applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
-                after = strategies[i].combine(result, snapshot, mode) if applied else snapshot
-            load_vector(model, after)
+            load_vector(model, after_round(i, result, snapshot, mode))
             if done == args.steps or done % args.eval_every == 0:
                 record(i, done)
             if i in replace_at and done >= replace_at[i] and done < args.steps:
                 del replace_at[i]
                 joins += 1
                 await replace(i, joins)
+        ends[i] = loop.time() - start
+
+    async def take_part_in_slots(i: int) -> None:
+        """``--slots``: as a live peer, a round in every slot while the steps go on (snapshot at the slot's
+        start less the registration lead; the steps taken during the round are kept)."""
+        done = 0
+
+        async def step() -> int:
+            after = await train(i, done, done + 1)
+            if after < args.steps and after % args.eval_every == 0:
+                record(i, after)
+            return after
+
+        while done < args.steps:
+            peer = swarm.peers[names[i]]
+            round_id = peer.next_round_id()
+            wake = peer.round_start(round_id) - peer.registration_lead
+            while done < args.steps and peer.now() < wake:
+                done = await step()
+            if done == args.steps:  # the budget ended before the slot: no round
+                record(i, done)
+                break
+            model = trainers[i][0]
+            snapshot = parameters_to_vector(model.parameters()).detach().clone()
+            values, residual, mode, codec = contribution(i, snapshot, round_id)
+            averaging = asyncio.ensure_future(
+                peer.average(values, 1.0, round_id, residual=residual, mode=mode, codec=codec)
+            )
+            while done < args.steps and not averaging.done():
+                done = await step()
+            moved = parameters_to_vector(model.parameters()).detach() - snapshot
+            load_vector(model, after_round(i, await averaging, snapshot, mode) + moved)
+            if done == args.steps:
+                record(i, done)
         ends[i] = loop.time() - start
 
     for name in names:
@@ -374,7 +421,7 @@ async def _simulate(setup: Setup, system: str, peers: int, link: LinkSpec) -> di
             await swarm.peers[names[i]].serve_state(state_of(i))
     initial = setup.loss(setup.task.model)
     start = loop.time()
-    await asyncio.gather(*(take_part(i) for i in range(peers)))
+    await asyncio.gather(*((take_part_in_slots if args.slots else take_part)(i) for i in range(peers)))
     link_bytes = sum(swarm.network.bytes_of(name)[0] for name in swarm.network.links)
     await swarm.close()
     points = [{"step": 0, "loss": initial, "bytes": 0.0, "seconds": 0.0}]
@@ -537,6 +584,9 @@ def validate(args: argparse.Namespace) -> dict:
     spacing = [statistics.median(b[1] - a[1] for a, b in zip(r["curve"], r["curve"][1:])) for r in runs]
     args.eval_every = max(1, round(statistics.median(spacing)))
     args.codec, args.outer_lr, args.outer_momentum = VALIDATE["codec"], VALIDATE["outer_lr"], VALIDATE["outer_momentum"]
+    # as live: a round every slot of the live length while the steps go on, steps at the live pace (wall clock)
+    args.slots, args.round_interval = True, statistics.median(slots)
+    args.step_seconds = duration / args.steps
     setup = Setup(args)
     link = LinkSpec(mbit=VALIDATE["mbit"], rtt_ms=VALIDATE["rtt_ms"])
     print(f"simulated: {VALIDATE['peers']} peers, {args.steps} steps, H = {args.inner_steps}", flush=True)
@@ -608,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--group-size", default="", help="target group sizes of simulated systems, e.g. outer=8,gossip=8"
     )
     parser.add_argument("--codec", default="none", help="the outer mode's codec for pseudo-gradients")
+    parser.add_argument("--slots", action="store_true", help="a round every slot while the steps go on, as live")
     parser.add_argument("--churn", type=float, default=0.0, help="share of peers replaced over the run")
     parser.add_argument("--compute-spread", type=float, default=1.0, help="the slowest peer's steps take S times")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
