@@ -13,6 +13,14 @@ serves is then lost at random with the probability that makes a path between two
 loss of ``loss``, and ``mbit`` each way; peers with different specs see the mean of their RTTs, a loss between
 theirs (the share that gets through is the geometric mean of theirs) and the smaller rate.
 
+A peer whose link has ``nat`` sits behind an emulated NAT's stateful filter, as home routers, cloud notebooks
+and firewalls put it: a packet to it is dropped (counted in ``filtered_packets``) unless it sent a TCP or UDP
+packet from that port to that address and port within the last ``NAT_TIMEOUT`` seconds (port-restricted
+filtering; other protocols never get in).  Nobody can open a connection to it, but it can open connections, and
+two peers that send to each other at once (TCP simultaneous open, as libp2p's hole punching does) get through
+both filters.  Addresses are not translated: every peer keeps its own, as behind an endpoint-independent NAT,
+whose mapped port is the one a peer sends from.
+
 Jitter is added once per packet, on the last stage: uniform in ``±j`` or normal with standard deviation ``j``,
 ``j`` the mean of the two ends' ``jitter_ms``.  A packet never overtakes an earlier one of the same path (it
 leaves at the later of its own time and the previous packet's), since TCP takes heavy reordering for loss: on a
@@ -56,6 +64,7 @@ logger = logging.getLogger(__name__)
 JITTER_DISTRIBUTIONS = ("uniform", "normal")
 READ_BATCH = 256  # packets read from one TUN before the timers are looked at again
 MAX_PACKET = 65535
+NAT_TIMEOUT = 120.0  # seconds a NAT's pinhole stays open after the last packet its peer sent on that flow
 HALF_TICK = 0.0005  # epoll waits whole ms: wake half a ms early and send what is due within it, to center the error
 
 
@@ -69,6 +78,7 @@ class LinkSpec:
         jitter_ms: spread of a packet's one-way delay (see the module docstring).
         loss: share of packets lost one way between two peers of this spec, in [0, 1).
         queue_ms: longest time a packet may wait in a queue; longer, it is dropped.
+        nat: behind a NAT's stateful filter: nothing gets in but replies to flows it opened (module docstring).
     """
 
     mbit: float = 50.0
@@ -76,6 +86,7 @@ class LinkSpec:
     jitter_ms: float = 0.0
     loss: float = 0.0
     queue_ms: float = 100.0
+    nat: bool = False
 
     def __post_init__(self):
         if not self.mbit > 0:
@@ -93,7 +104,8 @@ class LinkCounters:
     ``sent_*`` is what the peer put on its link, ``received_*`` what was delivered to it; ``lost_packets`` and
     ``overflow_packets`` count random loss and drop-tail on either direction of this peer's link (a packet
     from ``a`` to ``b`` lost on ``b``'s downlink counts for ``b``); ``unroutable_packets`` are what the peer
-    sent that was not IPv4 to another peer (IPv6 router solicitations, broadcasts): they are dropped.
+    sent that was not IPv4 to another peer (IPv6 router solicitations, broadcasts): they are dropped;
+    ``filtered_packets`` are those that this peer's NAT kept out (``LinkSpec.nat``).
     """
 
     sent_packets: int = 0
@@ -103,6 +115,15 @@ class LinkCounters:
     lost_packets: int = 0
     overflow_packets: int = 0
     unroutable_packets: int = 0
+    filtered_packets: int = 0
+
+
+def _ports(packet: bytes) -> tuple[int, int] | None:
+    """A TCP or UDP packet's (source port, destination port); None for other protocols or a truncated header."""
+    start = (packet[0] & 0x0F) * 4
+    if packet[9] not in (6, 17) or len(packet) < start + 4:
+        return None
+    return int.from_bytes(packet[start : start + 2], "big"), int.from_bytes(packet[start + 2 : start + 4], "big")
 
 
 class _Queue:
@@ -165,6 +186,10 @@ class Switch:
         self._sent = [[0, 0] for _ in range(n)]
         self._received = [[0, 0] for _ in range(n)]
         self._unroutable = [0] * n
+        self._nat = [spec.nat for spec in specs]
+        # per peer behind NAT: (remote address, remote port, own port) -> when it last sent on that flow
+        self._pinholes: list[dict[tuple[bytes, int, int], float]] = [{} for _ in range(n)]
+        self._filtered = [0] * n
         self._pending: list[tuple[float, int, bool, int, int, bytes]] = []  # (time, seq, delivered, src, dst, pkt)
         self._seq = itertools.count()
 
@@ -177,9 +202,25 @@ class Switch:
         sent = self._sent[src]
         sent[0] += 1
         sent[1] += len(packet)
+        if (self._nat[src] or self._nat[dst]) and not self._through_nat(now, src, dst, packet):
+            self._filtered[dst] += 1
+            return
         done = self._up[src].admit(now, len(packet))
         if done is not None:
             heapq.heappush(self._pending, (done + self._delay[src], next(self._seq), False, src, dst, packet))
+
+    def _through_nat(self, now: float, src: int, dst: int, packet: bytes) -> bool:
+        """Open ``src``'s pinhole for this flow if it is behind NAT; whether ``dst``'s NAT, if any, lets it in."""
+        ports = _ports(packet)
+        if self._nat[src] and ports is not None:
+            pinholes = self._pinholes[src]
+            if len(pinholes) > 4096:  # forget flows that timed out, now and then
+                self._pinholes[src] = pinholes = {k: t for k, t in pinholes.items() if now - t <= NAT_TIMEOUT}
+            pinholes[(packet[16:20], ports[1], ports[0])] = now
+        if not self._nat[dst]:
+            return True
+        opened = None if ports is None else self._pinholes[dst].get((packet[12:16], ports[0], ports[1]))
+        return opened is not None and now - opened <= NAT_TIMEOUT
 
     def next_time(self) -> float | None:
         """When ``due`` will next have something to do; None while nothing is in flight."""
@@ -219,6 +260,7 @@ class Switch:
                 lost_packets=self._up[i].lost + self._down[i].lost,
                 overflow_packets=self._up[i].overflowed + self._down[i].overflowed,
                 unroutable_packets=self._unroutable[i],
+                filtered_packets=self._filtered[i],
             )
             for i in range(len(self._up))
         ]

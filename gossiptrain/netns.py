@@ -201,7 +201,7 @@ class EmulatedLinks:
         jitter_ms: float = 0.0,
         loss: float = 0.0,
         queue_ms: float = 100.0,
-        overrides: dict[int, dict[str, float]] | None = None,
+        overrides: dict[int, dict[str, float | bool]] | None = None,
         jitter: str = "uniform",
         subnet: str = DEFAULT_SUBNET,
     ):

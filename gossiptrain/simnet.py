@@ -397,7 +397,10 @@ class SimulatedNetwork:
 
     def port(self, name: str, link: LinkSpec, *, client: bool = False) -> SimulatedPort:
         """A new peer ``name`` behind ``link``: pass it to ``Peer(network=...)``.  A name is one machine: a
-        peer started again under the same name keeps its identity and link."""
+        peer started again under the same name keeps its identity and link.  Raises ValueError for a link
+        behind NAT (``LinkSpec.nat``), which only ``gossiptrain.netns`` emulates: here such a peer is a client."""
+        if link.nat:
+            raise ValueError(f"{name}: the simulator does not model NAT; give it client=True instead of nat=True")
         self.links.setdefault(name, LinkUse(link))
         self._addresses.setdefault(name, len(self._addresses))
         return SimulatedPort(self, name, client)

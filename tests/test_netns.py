@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import gossiptrain
-from gossiptrain.linkswitch import LinkSpec, Switch
+from gossiptrain.linkswitch import NAT_TIMEOUT, LinkSpec, Switch
 from gossiptrain.netns import NAME_PREFIX, EmulatedLinks, EmulationUnavailable, remove_stale
 from gossiptrain.testing import LocalSwarm, ProcessOutput
 
@@ -59,6 +59,15 @@ for _ in range(int(sys.argv[2])):
     socket.create_connection((sys.argv[1], 5000)).close()
     seconds.append(time.monotonic() - started)
 print(statistics.median(seconds), flush=True)
+"""
+
+DIAL = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 5000), timeout=2).close()
+    print("connected")
+except OSError as e:
+    print("timed out" if isinstance(e, TimeoutError) else repr(e))
 """
 
 UDP_RECEIVER = """
@@ -222,6 +231,46 @@ def test_overrides_must_name_known_peers_and_settings():
     with pytest.raises(ValueError, match="unknown settings"):
         EmulatedLinks(2, overrides={1: {"bandwidth": 5.0}})
     assert [spec.mbit for spec in EmulatedLinks(3, overrides={1: {"mbit": 5.0}}).specs] == [50.0, 5.0, 50.0]
+
+
+def tcp_packet(src: int, dst: int, src_port: int, dst_port: int, protocol: int = 6) -> bytes:
+    """A minimal IPv4 packet with a TCP (or ``protocol``'s) header's two ports."""
+    header = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, protocol, 0, 0]) + ADDRESSES[src] + ADDRESSES[dst]
+    return header + src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big") + bytes(100)
+
+
+@pytest.mark.timeout(10)
+def test_a_peer_behind_nat_gets_only_replies_to_flows_it_opened():
+    switch = Switch([LinkSpec(), LinkSpec(nat=True), LinkSpec(nat=True)], ADDRESSES)
+
+    def delivered(t: float, src: int, dst: int, ports: tuple[int, int], protocol: int = 6) -> bool:
+        switch.receive(t, src, tcp_packet(src, dst, *ports, protocol))
+        return any(True for _ in switch.due(t + 1.0))
+
+    assert not delivered(0.0, 0, 1, (5000, 4001)), "nobody opens a connection to a peer behind NAT"
+    assert delivered(2.0, 1, 0, (4001, 5000)), "it opens one, through its own NAT"
+    assert delivered(4.0, 0, 1, (5000, 4001)), "and the replies on that flow come in"
+    assert not delivered(6.0, 0, 1, (5001, 4001)), "from another port of the same address, no"
+    assert not delivered(8.0, 0, 1, (5000, 4001), protocol=1), "nor another protocol (ICMP)"
+    assert not delivered(8.0 + NAT_TIMEOUT, 0, 1, (5000, 4001)), "a pinhole closes when its flow is idle"
+    # two peers behind NAT that send to each other at once (hole punching's simultaneous open) get through
+    assert not delivered(300.0, 1, 2, (4001, 4002)), "the first SYN hits the other's NAT, but opens ours"
+    assert delivered(302.0, 2, 1, (4002, 4001)) and delivered(304.0, 1, 2, (4001, 4002))
+    assert [c.filtered_packets for c in switch.counters()] == [0, 4, 1]
+
+
+@pytest.mark.timeout(30)
+def test_a_listener_behind_nat_cannot_be_dialed_but_can_dial_out():
+    with emulated_links(2, overrides={1: {"nat": True}}) as links, LocalSwarm() as swarm:
+        start_in(swarm, links, 0, LISTENER, links.address(0)).wait_for(lambda line: line == "listening", timeout=10)
+        start_in(swarm, links, 1, LISTENER, links.address(1)).wait_for(lambda line: line == "listening", timeout=10)
+        outward = start_in(swarm, links, 1, CONNECTOR, links.address(0), "3")
+        assert float(outward.wait_for(lambda line: line[0].isdigit(), timeout=10)) < 1.0
+        inward = subprocess.run(
+            [*links.exec_prefix(0), sys.executable, "-c", DIAL, links.address(1)], capture_output=True, text=True
+        )
+        assert inward.stdout.strip() == "timed out", inward
+        assert links.counters(1).filtered_packets > 0
 
 
 @pytest.mark.timeout(30)

@@ -119,3 +119,8 @@ def test_virtual_time_jumps_to_timers_runs_executor_work_inline_and_names_a_hang
 
     with pytest.raises(VirtualDeadlock):
         run(hang())
+
+
+def test_a_link_behind_nat_is_refused_by_the_simulator_which_does_not_model_it():
+    with pytest.raises(ValueError, match="client=True"):
+        SimulatedNetwork().port("peer", LinkSpec(nat=True))
