@@ -283,10 +283,13 @@ def outlying_means(
     defences: Defences,
     agreed: Sequence[tuple[int, int]] | None = None,
     rounding: dict[tuple[int, int], float] | None = None,
+    spread: dict[tuple[int, int], float] | None = None,
 ) -> set[tuple[int, int]]:
     """The shards (bounds) whose mean is too far from a member's values for ``defences.mean_check``:
-    beyond ``mean_check`` times the median distance, plus ``MEAN_CHECK_FLOOR``, plus the shard's
-    ``rounding`` (``rounding_distance``; none if not given).
+    beyond ``mean_check`` times the median distance (or the shard's ``spread``, where larger: how far
+    the member's cell lies from its values there, ``Defences.cell_spread``), plus ``MEAN_CHECK_FLOOR``,
+    plus the shard's ``rounding`` (``rounding_distance``; none if not given).  A group whose honest
+    means all lie far from a member that differs from it is then that member's case, not theirs.
 
     Only shards inside ``agreed`` (where the member's values held a mean of its whole group after its
     previous round, by the owners' counts; None: everywhere) are checked.  Elsewhere its values, or
@@ -295,10 +298,15 @@ def outlying_means(
     """
     if defences.mean_check is None or len(distances) < 2:
         return set()
-    limit = defences.mean_check * statistics.median_low(distances.values()) + MEAN_CHECK_FLOOR
-    rounding = rounding or {}
+    median = statistics.median_low(distances.values())
+    rounding, spread = rounding or {}, spread or {}
     checked = distances if agreed is None else [bounds for bounds in distances if _inside(bounds, agreed)]
-    return {bounds for bounds in checked if distances[bounds] > limit + rounding.get(bounds, 0.0)}
+    return {
+        bounds
+        for bounds in checked
+        if distances[bounds]
+        > defences.mean_check * max(median, spread.get(bounds, 0.0)) + MEAN_CHECK_FLOOR + rounding.get(bounds, 0.0)
+    }
 
 
 def _inside(bounds: tuple[int, int], intervals: Sequence[tuple[int, int]]) -> bool:

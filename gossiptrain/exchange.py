@@ -391,7 +391,9 @@ class RoundExchange:
         sizes, distances, rounding = measured["sizes"], measured["distances"], measured["rounding"]
         owners = {bounds: owner for owner, bounds in self._shards.items()}
         refused = []
-        outlying = outlying_means(distances, self.defences, self.agreed, rounding)
+        # the cell's spread there, relative to our values' size (``reference`` is per value)
+        spread = {b: self.reference * math.sqrt(b[1] - b[0]) / sizes[b] for b in distances if sizes[b] > 0}
+        outlying = outlying_means(distances, self.defences, self.agreed, rounding, spread)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized, larger = set(), set()  # caught by our own values' size; over the cell's values' size
         if self.parameters and self.defences.catch is not None:

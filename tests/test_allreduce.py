@@ -238,6 +238,17 @@ def test_the_mean_check_passes_a_shard_where_the_member_held_no_group_mean_last_
     assert outlying_means(distances, DEFAULT_DEFENCES, agreed=[(0, 35)]) == set(), "only half of it agreed"
 
 
+def test_a_member_that_differs_from_its_cell_takes_the_cells_spread_as_the_mean_checks_scale():
+    """Non-IID: three honest means agree with us closely, a fourth (its owner's peers train elsewhere) lies
+    further, within how far our cell's values lie from ours; a shift far beyond that spread is still refused."""
+    distances = {(0, 10): 0.01, (10, 20): 0.01, (20, 30): 0.01, (30, 40): 0.3}
+    spread = dict.fromkeys(distances, 0.05)
+    assert outlying_means(distances, DEFAULT_DEFENCES) == {(30, 40)}, "the median alone takes it for hostile"
+    assert outlying_means(distances, DEFAULT_DEFENCES, spread=spread) == set()
+    distances[(30, 40)] = 17.0  # shifted_mean's +1 on the digits model
+    assert outlying_means(distances, DEFAULT_DEFENCES, spread=spread) == {(30, 40)}
+
+
 def test_an_honest_quantized_mean_passes_where_the_other_shards_agree_exactly():
     """As in ``finish()`` with int8: our values agree exactly with the group's on three shards, and on the
     fourth the honest mean is our values through the codec, a rounding step away.  A shifted mean still fails."""
