@@ -296,39 +296,35 @@ class Attachment:
 
     # -- the optimizer's hooks (the training thread) --
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    @contextlib.contextmanager
+    def _in_hook(self):
+        """Count the time inside as the training thread's time in this attachment (``train/utilization``)."""
         self._hook_since = time.perf_counter()
         try:
-            self._prepare_step()
+            yield
         finally:
             self._hook_seconds += time.perf_counter() - self._hook_since
             self._hook_since = None
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with self._in_hook():
+            if self._checkpoint_due:  # the previous iteration's scheduler step is taken by now
+                self.save_checkpoint()
+            if not self._stepping:  # a step that raised left the lock held: its next step releases it
+                self._state_lock.acquire()
+                self._stepping = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._hook_since = time.perf_counter()
-        try:
-            self._count_step()
-        finally:
-            self._hook_seconds += time.perf_counter() - self._hook_since
-            self._hook_since = None
-
-    def _prepare_step(self) -> None:
-        if self._checkpoint_due:  # the previous iteration's scheduler step is taken by now
-            self.save_checkpoint()
-        if not self._stepping:  # a step that raised left the lock held: its next step releases it
-            self._state_lock.acquire()
-            self._stepping = True
-
-    def _count_step(self) -> None:
-        self.local_step += 1
-        self._steps_since_round += 1
-        self._samples_since_round += self.samples_per_step
-        if self._stepping:
-            self._stepping = False
-            self._state_lock.release()
-        self._poll_round()
-        if self.checkpoint_every is not None and self.local_step % self.checkpoint_every == 0:
-            self._checkpoint_due = True
+        with self._in_hook():
+            self.local_step += 1
+            self._steps_since_round += 1
+            self._samples_since_round += self.samples_per_step
+            if self._stepping:
+                self._stepping = False
+                self._state_lock.release()
+            self._poll_round()
+            if self.checkpoint_every is not None and self.local_step % self.checkpoint_every == 0:
+                self._checkpoint_due = True
 
     # -- what the training loop calls --
 

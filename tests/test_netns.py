@@ -267,7 +267,10 @@ def test_a_listener_behind_nat_cannot_be_dialed_but_can_dial_out():
         outward = start_in(swarm, links, 1, CONNECTOR, links.address(0), "3")
         assert float(outward.wait_for(lambda line: line[0].isdigit(), timeout=10)) < 1.0
         inward = subprocess.run(
-            [*links.exec_prefix(0), sys.executable, "-c", DIAL, links.address(1)], capture_output=True, text=True
+            [*links.exec_prefix(0), sys.executable, "-c", DIAL, links.address(1)],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         assert inward.stdout.strip() == "timed out", inward
         assert links.counters(1).filtered_packets > 0
