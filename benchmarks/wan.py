@@ -20,8 +20,13 @@ with 4 peers and ``--slow-numel`` values, three times in the same invocation: al
 peer 4 slow; peer 4 slow and declaring its speed (``bandwidth_mbit``).  It reports the fast peers' round times
 (``fast_round_p50_s``) and their ratio to the all-fast run (``slowdown``).
 
+The NAT case (``--nat N``) runs one reachable peer and N peers behind emulated NATs (``behind_nat``: reached
+through the bootstrap node, their initial peer, as a circuit relay; no client mode) at ``--slow-rtt-ms``, and
+reports the share of rounds each kind averaged and the bytes the relay's link carried beside the peers' own.
+
     sudo python benchmarks/wan.py                        # 4,8 peers x RTT 0,50,150,300 x loss 0,1% + slow peer
     sudo python benchmarks/wan.py --peers 4 --rtt-ms 150 --loss 0.01 --duration 30 --no-slow
+    sudo python benchmarks/wan.py --peers 4 --rtt-ms 0 --loss 0 --no-slow --nat 6    # the NAT case only
 
 Needs the rights to create network namespaces (root); writes ``benchmarks/results/wan.json`` and
 ``wan.png`` (``--out``).
@@ -69,6 +74,7 @@ async def _worker(args: argparse.Namespace) -> None:
         round_interval=args.average_every,
         codec=args.codec,
         bandwidth_mbit=args.bandwidth_mbit,
+        behind_nat=args.behind_nat,
         defences=dataclasses.replace(DEFAULT_DEFENCES, mean_check=args.mean_check or None),
     ) as peer:
         await peer.wait_for_peers(args.peers, timeout=120)
@@ -100,11 +106,19 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_setting(
-    peers: int, rtt_ms: float, loss: float, args: argparse.Namespace, slow: int | None = None, declare: bool = False
+    peers: int,
+    rtt_ms: float,
+    loss: float,
+    args: argparse.Namespace,
+    slow: int | None = None,
+    declare: bool = False,
+    nated: range = range(0),
 ) -> dict:
-    """One swarm of ``peers`` workers over fresh links; every peer's rounds and the final spread.
-    ``slow``: the peer on a ``--slow-mbit`` link; ``declare``: it passes that speed as ``bandwidth_mbit``."""
-    overrides = {slow: {"mbit": args.slow_mbit}} if slow else None
+    """One swarm of ``peers`` workers over fresh links; every peer's rounds, the final spread and the bytes each
+    link carried (index 0: the bootstrap node).  ``slow``: the peer on a ``--slow-mbit`` link; ``declare``: it
+    passes that speed as ``bandwidth_mbit``; ``nated``: peers behind a NAT, reached through the bootstrap node."""
+    overrides = {slow: {"mbit": args.slow_mbit}} if slow else {}
+    overrides.update({i: {"nat": True} for i in nated})
     jitter = args.jitter_ms if rtt_ms > 0 else 0.0
     links = EmulatedLinks(peers + 1, mbit=args.mbit, rtt_ms=rtt_ms, jitter_ms=jitter, loss=loss, overrides=overrides)
     with tempfile.TemporaryDirectory() as work, links, LocalSwarm() as swarm:
@@ -124,6 +138,8 @@ def run_setting(
             argv += ["--mean-check", str(args.mean_check)]
             if declare and i == slow:
                 argv += ["--bandwidth-mbit", str(args.slow_mbit)]
+            if i in nated:
+                argv += ["--behind-nat"]
             processes.append(swarm.start([*links.exec_prefix(i), *argv], env=env)[0])
         deadline = end_time + LINGER + 60
         while any(p.poll() is None for p in processes) and time.time() < deadline:
@@ -132,12 +148,20 @@ def run_setting(
         if failed:
             raise RuntimeError(f"peers {failed} did not finish cleanly (their output is above)")
         records = [json.loads((work / f"peer{i}.json").read_text()) for i in range(1, peers + 1)]
+        link_bytes = [sum(links.bytes_moved(i)) for i in range(peers + 1)]
         finals = torch.stack([torch.load(work / f"peer{i}.pt") for i in range(1, peers + 1)])
     start = torch.stack(
         [torch.randn(args.numel, generator=torch.Generator().manual_seed(i)) for i in range(1, peers + 1)]
     )
     spread = (finals.std(dim=0).mean() / start.std(dim=0).mean()).item()
-    return {"peers": peers, "rtt_ms": rtt_ms, "loss": loss, "records": records, "final_spread": spread}
+    return {
+        "peers": peers,
+        "rtt_ms": rtt_ms,
+        "loss": loss,
+        "records": records,
+        "final_spread": spread,
+        "link_bytes": link_bytes,
+    }
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -185,6 +209,13 @@ def table(report: dict) -> str:
                     f"({fmt(result['slowdown'], '.2f')}x), fast peers averaged {result['fast_averaged_share']:.0%}, "
                     f"slow peer {result['slow_peer_averaged_share']:.0%}, final spread {result['final_spread']:.1e}"
                 )
+    if nat := report.get("nat"):
+        lines.append(
+            f"1 reachable peer and {nat['nated']} behind NAT ({nat['rtt_ms']:g} ms RTT, the bootstrap node relays): "
+            f"reachable averaged {nat['reachable_averaged_share']:.0%}, behind NAT {nat['nated_averaged_share']:.0%} "
+            f"(p50 {fmt(nat['nated_round_p50_s'], '.2f')} s); relay's link {nat['relay_mb']:.1f} MB, "
+            f"{nat['relay_share']:.0%} of the peers' bytes; final spread {nat['final_spread']:.1e}"
+        )
     return "\n".join(lines)
 
 
@@ -222,6 +253,7 @@ def main() -> None:
     parser.add_argument("--slow-rtt-ms", type=float, default=50.0)
     parser.add_argument("--slow-numel", type=int, default=4_000_000, help="values averaged in the slow-peer case")
     parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
+    parser.add_argument("--nat", type=int, default=6, help="peers behind NAT in the NAT case (0: skip it)")
     parser.add_argument(
         "--mean-check",
         type=float,
@@ -229,6 +261,7 @@ def main() -> None:
         help="members' check of the owners' means (Defences.mean_check; 0: off), to measure what it costs",
     )
     parser.add_argument("--bandwidth-mbit", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--behind-nat", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "wan.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("--index", "--entry", "--run-id", "--host-maddr", "--end-time"):
@@ -247,6 +280,7 @@ def main() -> None:
     report = report_header("wan", args)
     started = time.monotonic()
     report["summary"], report["runs"] = [], []
+    numel = args.numel
     try:
         for peers in args.peers:
             for rtt in args.rtt_ms:
@@ -282,6 +316,24 @@ def main() -> None:
                     "final_spread": slow["final_spread"],
                 }
                 report["runs"].append({**slow, "case": f"slow-peer-{'declared' if declare else 'undeclared'}"})
+        if args.nat:
+            peers, nated = 1 + args.nat, range(2, 2 + args.nat)
+            print(f"1 reachable peer and {args.nat} behind NAT ...", flush=True)
+            args.numel = numel
+            result = run_setting(peers, args.slow_rtt_ms, 0.0, args, nated=nated)
+            relay, own = result["link_bytes"][0], sum(result["link_bytes"][1:])
+            report["nat"] = {
+                "nated": args.nat,
+                "rtt_ms": args.slow_rtt_ms,
+                "numel": args.numel,
+                "reachable_averaged_share": summarize(result, range(1, 2))["averaged_share"],
+                "nated_averaged_share": summarize(result, nated)["averaged_share"],
+                "nated_round_p50_s": summarize(result, nated)["round_p50_s"],
+                "relay_mb": relay / 1e6,
+                "relay_share": relay / own if own else 0.0,
+                "final_spread": result["final_spread"],
+            }
+            report["runs"].append({**result, "case": "nat"})
     except EmulationUnavailable as e:
         parser.exit(1, f"cannot emulate links here: {e}\n")
     report["wall_s"] = time.monotonic() - started

@@ -142,7 +142,8 @@ class Attachment:
         checkpoint: path of this peer's checkpoint file: restored at start if it exists (see Checkpoints).
         checkpoint_every: write the checkpoint every this many local steps (None: only on ``save_checkpoint()``).
         peer_options: passed to ``Peer`` (target_group_size, host_maddrs, announce_maddrs, client_mode,
-            timeouts, ...); ``client_mode=True`` for a peer that cannot be dialed (NAT, Colab).
+            behind_nat, timeouts, ...); for a peer that cannot be dialed (NAT, Colab), ``behind_nat=True`` (a full
+            peer, reached through a relay) or ``client_mode=True`` (dials out only).
 
     Notebooks and Ctrl-C: nothing here calls ``asyncio.run`` or forks, so it works where the main
     thread already runs an event loop (Jupyter, Colab).  A ``KeyboardInterrupt`` in the training

@@ -80,6 +80,12 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
         metavar="MADDR",
         help="addresses to tell other peers, e.g. /ip4/<public ip>/tcp/<forwarded port> behind a NAT",
     )
+    parser.add_argument(
+        "--no-relay",
+        action="store_true",
+        help="relay for no peer behind a NAT (by default a reachable peer relays for those that use it as an "
+        "initial peer: at most 16 circuits each, 1 GiB each way per connection, 30 min a connection)",
+    )
 
 
 async def _until_signalled() -> None:
@@ -95,7 +101,9 @@ async def _bootstrap(args: argparse.Namespace) -> None:
     from gossiptrain.network import LibP2PNetwork, dialable_first
 
     identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()  # Ed25519, never RSA
-    network = LibP2PNetwork(args.initial_peers, args.host_maddrs, args.announce_maddrs, client_mode=False)
+    network = LibP2PNetwork(
+        args.initial_peers, args.host_maddrs, args.announce_maddrs, client_mode=False, relay=not args.no_relay
+    )
     p2p, dht = await network.start(identity, args.identity)
     try:
         maddrs = dialable_first([str(m) for m in await p2p.get_visible_maddrs()])
@@ -192,6 +200,8 @@ def cmd_peer(args: argparse.Namespace) -> None:
         codec=args.codec,
         sync_every=args.sync_every,
         client_mode=args.client_mode,
+        behind_nat=args.behind_nat,
+        relay=not args.no_relay,
         identity_path=args.identity,
         credential=args.credential,
         bandwidth_mbit=args.bandwidth_mbit,
@@ -203,7 +213,12 @@ def cmd_peer(args: argparse.Namespace) -> None:
         maddrs = optimizer.maddrs()  # another machine's address first, if there is one
         startup = f"ready in {optimizer.startup_seconds:.2f}s (daemon and DHT {optimizer.peer.startup_seconds:.2f}s)"
         joined = f"peer {optimizer.peer.peer_id} joined run {args.run_id!r}, {startup}"
-        if maddrs:
+        if args.behind_nat:
+            _print(
+                f"{joined} behind a NAT, reached through its initial peers as relays; others join through "
+                f"{args.initial_peers[0]}"
+            )
+        elif maddrs:
             _print(
                 *maddrs,
                 f"{joined}; to join from another terminal or machine:",
@@ -529,10 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
         "together from the same initialisation (the examples build theirs from a fixed seed)",
     )
     peer.add_argument("--save-model", default=None, metavar="PATH", help="save the model's state_dict here at the end")
-    peer.add_argument(
+    reach = peer.add_mutually_exclusive_group()
+    reach.add_argument(
         "--client-mode",
         action="store_true",
         help="for a peer that cannot be dialed (NAT, firewall): listen nowhere, average by dialing out",
+    )
+    reach.add_argument(
+        "--behind-nat",
+        action="store_true",
+        help="for a peer that cannot be dialed but should take a full part (reduce shards, serve state): "
+        "it is reached through its --initial-peers, as relays",
     )
     peer.add_argument(
         "--no-defences",

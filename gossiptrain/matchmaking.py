@@ -49,13 +49,15 @@ def compatible(own: Mapping[str, Any], me: str, records: Mapping[str, Mapping[st
 
 def leader_candidates(run_id: str, round_id: int, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Who may lead a cell's round, best first: peers that can be dialed (not clients), established ones
-    (``groups.established``: ghosts that never answer are not) before the others, each part in the round's hash
+    (``groups.established``: ghosts that never answer are not) before the others, then those dialed directly
+    before those behind a NAT (``relayed``: every JOIN would cross a relay), each part in the round's hash
     order, so that every peer that read the same records names the same leader."""
     dialable = [peer for peer, record in records.items() if not record.get("client")]
     settled = established({peer: vouches(records[peer]) for peer in dialable})
 
-    def order(peer: str) -> tuple[bool, bytes]:
-        return peer not in settled, hashlib.sha256(f"{run_id}|{round_id}|lead|{peer}".encode()).digest()
+    def order(peer: str) -> tuple[bool, bool, bytes]:
+        digest = hashlib.sha256(f"{run_id}|{round_id}|lead|{peer}".encode()).digest()
+        return peer not in settled, bool(records[peer].get("relayed")), digest
 
     return sorted(dialable, key=order)
 

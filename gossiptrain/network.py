@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import varint
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.utils import get_dht_time
@@ -25,6 +26,9 @@ from gossiptrain.auth import Identity
 from gossiptrain.errors import DaemonStartError, InitialPeersError
 from gossiptrain.membership import RecordStore, SignedRecords
 
+# What a relaying peer gives the peers behind a NAT that reserve a slot on it (p2pd's flags): circuits per peer,
+# bytes each way per relayed connection (then it is reset, and dialed again), a connection's lifetime.
+RELAY_LIMITS = {"relayMaxCircuits": 16, "relayDataLimit": 1 << 30, "relayTimeLimit": "30m"}
 DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 
 StreamHandler = Callable[[Any, asyncio.StreamReader, Any], Awaitable[None]]
@@ -77,6 +81,29 @@ def dialable_first(maddrs: Sequence[str]) -> list[str]:
     return sorted(maddrs, key=_is_loopback)
 
 
+def circuit_maddrs(relays: Sequence[str]) -> list[str]:
+    """The addresses at which a peer behind a NAT is reached through ``relays`` (multiaddrs ending in
+    ``/p2p/<relay id>``): libp2p circuit relay v2, ``<relay>/p2p-circuit``; relays given without an id are skipped."""
+    return [f"{relay}/p2p-circuit" for relay in relays if "/p2p/" in relay]
+
+
+def daemon_maddr(maddr: str) -> Multiaddr:
+    """``maddr`` encoded as the libp2p daemon reads it.
+
+    hivemind's multiaddr writes a ``/p2p/<id>`` part as a CID, which the daemon's Go multiaddr reads as a
+    multihash and refuses ("length greater than remaining number of bytes"): a relay's circuit address
+    (``.../p2p/<relay id>/p2p-circuit``) needs its id as the bare multihash.
+    """
+    encoded = b""
+    for protocol, value in Multiaddr(maddr).items():
+        if protocol.name == "p2p":
+            multihash = PeerID.from_base58(value).to_bytes()
+            encoded += varint.encode(protocol.code) + varint.encode(len(multihash)) + multihash
+        else:
+            encoded += Multiaddr(f"/{protocol.name}" + ("" if value is None else f"/{value}")).to_bytes()
+    return Multiaddr(encoded)
+
+
 class LibP2PTransport(P2P):
     """hivemind's ``P2P`` (a libp2p daemon), with the two calls ``Transport`` adds."""
 
@@ -84,13 +111,19 @@ class LibP2PTransport(P2P):
         return {info.peer_id.to_base58() for info in await self.list_peers()}
 
     async def connect(self, peer: str, maddrs: Sequence[str]) -> None:
-        await self._client.connect(PeerID.from_base58(peer), [Multiaddr(m) for m in maddrs])
+        await self._client.connect(PeerID.from_base58(peer), [daemon_maddr(m) for m in maddrs])
 
 
 async def start_daemon(
-    initial_peers: Sequence[str], host_maddrs: Sequence[str], announce_maddrs: Sequence[str] | None = None, **options
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] | None = None,
+    daemon_flags: dict[str, Any] | None = None,
+    **options,
 ) -> LibP2PTransport:
-    """Start a libp2p daemon (hivemind's ``P2P.create`` with ``options``) that dials ``initial_peers``.
+    """Start a libp2p daemon (hivemind's ``P2P.create`` with ``options``) that dials ``initial_peers``;
+    ``daemon_flags`` are more of p2pd's command-line flags (``{"relayService": False}``), which ``P2P.create``
+    does not take.
 
     Raises:
         InitialPeersError: none of ``initial_peers`` answered (the message names them and what to check).
@@ -107,6 +140,9 @@ async def start_daemon(
         def __init__(self):
             super().__init__()
             building.append(self)
+
+        def _make_process_args(self, *args, **kwargs) -> list[str]:
+            return super()._make_process_args(*args, **kwargs, **(daemon_flags or {}))
 
     try:
         try:
@@ -151,7 +187,15 @@ def _identity_file(identity: Identity, path: str | os.PathLike | None) -> Iterat
 
 class LibP2PNetwork:
     """The live network: a libp2p daemon listening on ``host_maddrs`` and a hivemind DHT node on it, whose
-    records are signed (``membership.SignedRecords``).  See ``Peer`` for the arguments."""
+    records are signed (``membership.SignedRecords``).  See ``Peer`` for the arguments.
+
+    Reaching peers behind a NAT (libp2p circuit relay v2, p2pd's own): a peer ``behind_nat`` reserves a slot on
+    its initial peers' relays (they are its trusted relays; reachability forced private, so that it does not wait
+    for AutoNAT) and is a DHT client (DHT requests through a relay would load it for everyone).  A reachable peer
+    with ``relay`` serves as a relay within p2pd's bounds (``RELAY_LIMITS``) and declares itself public, since
+    p2pd runs the relay service only for a public peer and AutoNAT needs several peers to decide.  The daemon has
+    no hole punching (DCUtR): relayed traffic stays relayed.
+    """
 
     identity = None
 
@@ -161,13 +205,35 @@ class LibP2PNetwork:
         host_maddrs: Sequence[str],
         announce_maddrs: Sequence[str] | None,
         client_mode: bool,
+        behind_nat: bool = False,
+        relay: bool = True,
     ):
+        if behind_nat and client_mode:
+            raise ValueError("a peer is in client mode (it dials out only) or behind_nat (reached through a relay)")
+        if behind_nat and not circuit_maddrs(initial_peers):
+            raise ValueError(
+                "a peer behind a NAT is reached through its initial peers' relays: give initial_peers with their "
+                "/p2p/<peer id>"
+            )
         self.initial_peers, self.host_maddrs = list(initial_peers), list(host_maddrs)
         self.announce_maddrs, self.client_mode = announce_maddrs, client_mode
+        self.behind_nat, self.relay = behind_nat, relay
 
     @staticmethod
     def record_time() -> float:
         return get_dht_time()
+
+    def daemon_options(self) -> dict[str, Any]:
+        """What ``start_daemon`` gets besides the addresses: how this peer is reached and whether it relays."""
+        if self.behind_nat:
+            options = {"use_auto_relay": True, "force_reachability": "private", "trusted_relays": self.initial_peers}
+        elif self.relay and not self.client_mode:
+            options = {"force_reachability": "public"}
+        else:
+            options = {}
+        relaying = self.relay and not (self.client_mode or self.behind_nat)
+        flags = {"relayService": relaying, **(RELAY_LIMITS if relaying else {})}
+        return {**options, "no_listen": self.client_mode, "daemon_flags": flags}
 
     async def start(
         self, identity: Identity, identity_path: str | os.PathLike | None
@@ -178,15 +244,15 @@ class LibP2PNetwork:
                 self.initial_peers,
                 self.host_maddrs,
                 self.announce_maddrs,
-                no_listen=self.client_mode,
                 identity_path=path,
                 check_if_identity_free=False,  # hivemind's check reads RSA identities only
+                **self.daemon_options(),
             )
         try:
             dht = await DHTNode.create(
                 p2p=p2p,
                 initial_peers=self.initial_peers,
-                client_mode=self.client_mode,
+                client_mode=self.client_mode or self.behind_nat,
                 record_validator=SignedRecords(identity),
             )
         except BaseException:

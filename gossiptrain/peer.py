@@ -44,7 +44,7 @@ from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import RoundExchange
 from gossiptrain.gate import CredentialGate
 from gossiptrain.membership import Membership, RecordStore
-from gossiptrain.network import LibP2PNetwork, Network, Transport, dialable_first
+from gossiptrain.network import LibP2PNetwork, Network, Transport, circuit_maddrs, dialable_first
 from gossiptrain.progress import show_progress
 from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
 from gossiptrain.rounds import RoundResult, Timeouts
@@ -156,6 +156,14 @@ class Peer:
             ``use_auto_relay``) would only be needed to make a NATed peer *dialable*, which client mode
             avoids.  A group whose members are all clients cannot average (no one reduces): it reports
             ``failed``; a swarm needs at least one reachable peer per group, in practice a few.
+        behind_nat: for a peer that cannot be dialed but should take a full part (reduce shards, lead, serve
+            state): it is reached through its initial peers, as libp2p circuit relays (``network.LibP2PNetwork``),
+            whose circuit addresses its records publish; peers dial it there before a round's streams.  Its
+            traffic goes through the relay (no hole punching); direct peers are preferred as leaders and state
+            donors.  It becomes reachable once its relay reservation is made (seconds after start): rounds before
+            that leave its shard out at the straggler deadline.
+        relay: a reachable peer relays for peers behind a NAT that use it as an initial peer (within
+            ``network.RELAY_LIMITS``); False refuses.
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
         heartbeat_ttl: seconds a membership record lives without refresh (it is refreshed every third of
             that); None: the longer of ``MIN_HEARTBEAT_TTL`` and one slot.  What reads the records (state
@@ -197,6 +205,8 @@ class Peer:
         codec: str = "none",
         timeouts: Timeouts | None = None,
         client_mode: bool = False,
+        behind_nat: bool = False,
+        relay: bool = True,
         model_schema: str | None = None,
         heartbeat_ttl: float | None = None,
         clock: Callable[[], float] = get_dht_time,
@@ -220,7 +230,10 @@ class Peer:
         if client_mode and not self.initial_peers:
             raise ValueError("a client-mode peer needs initial_peers: no one can dial it, so it can only join others")
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
-        self.network = network or LibP2PNetwork(self.initial_peers, self.host_maddrs, announce_maddrs, client_mode)
+        self.network = network or LibP2PNetwork(
+            self.initial_peers, self.host_maddrs, announce_maddrs, client_mode, behind_nat, relay
+        )
+        self.behind_nat = behind_nat
         self.target_group_size, self.round_interval = target_group_size, round_interval
         self.codec, self.timeouts, self.client_mode = get_codec(codec), timeouts or Timeouts(), client_mode
         self.model_schema, self.bandwidth_mbit = model_schema, bandwidth_mbit
@@ -299,7 +312,11 @@ class Peer:
         self.p2p, self.dht = await self.network.start(self.identity, self.identity_path)
         try:
             suffix = Multiaddr(f"/p2p/{self.peer_id}")
-            self._listen_maddrs = [str(Multiaddr(m).decapsulate(suffix)) for m in await self.maddrs()]
+            self._listen_maddrs = (
+                circuit_maddrs(self.initial_peers)
+                if self.behind_nat
+                else [str(Multiaddr(m).decapsulate(suffix)) for m in await self.maddrs()]
+            )
             self.membership = Membership(
                 self.dht,
                 self.run_id,
@@ -370,6 +387,7 @@ class Peer:
             **self.info,
             "schema": self.model_schema,
             "client": self.client_mode,
+            "relayed": self.behind_nat,
             "maddrs": self._listen_maddrs,
             "serves_state": self.state_server is not None,
             "time": self.now(),
@@ -440,16 +458,25 @@ class Peer:
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         """Membership records of the live peers (including this one), by peer id."""
         peers = await self.membership.live_peers()
-        if self.client_mode:
-            await self._dial(peers)
+        if to_dial := self._to_dial(peers):
+            await self._dial(to_dial)
         return peers
 
+    def _to_dial(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The records of the other peers we dial ourselves: all in client mode, else those behind a NAT."""
+        return {
+            peer: record
+            for peer, record in records.items()
+            if peer != self.peer_id and (self.client_mode or record.get("relayed"))
+        }
+
     async def _dial(self, records: dict[str, dict[str, Any]]) -> None:
-        """Client mode: connect to the peers of ``records`` at the addresses they publish.
+        """Connect to the peers of ``records`` at the addresses they publish (``_to_dial``).
 
         A client is in no one's routing table and libp2p's own DHT may not find a peer's addresses for
         it (``routing: not found``), so it dials them itself before it opens streams to them (state
-        download, its group's reducers).  Failures are left to the stream that follows to report.  A peer
+        download, its group's reducers); a peer behind a NAT is reached only at its relays' circuit
+        addresses, which only its records hold.  Failures are left to the stream that follows to report.  A peer
         dialed before is dialed again once the daemon has lost the connection (the peer restarted, the
         link dropped) or a round's stream to it failed (``average``); one whose record is gone is forgotten.
         """
@@ -560,7 +587,8 @@ class Peer:
         round_id = self.next_round_id() if round_id is None else round_id
         record = {"schema": self.model_schema, "client": self.client_mode, "numel": snapshot.numel(), "mode": mode}
         record["answered"] = self._recent_vouches()  # ``matchmaking.vouches``
-        record["maddrs"] = self._listen_maddrs  # clients in our group dial us there
+        record["maddrs"] = self._listen_maddrs  # clients in our group dial us there (everyone, if we are relayed)
+        record["relayed"] = self.behind_nat
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         record["sketch"] = sketches.sketch(snapshot, self.run_id, round_id)
@@ -619,8 +647,8 @@ class Peer:
             self._forget_old_rounds(round_id)
         result.seconds, result.participants = loop.time() - started, seen
         self._answered.append(result.answered)
-        if self.client_mode:  # a reducer whose answer did not reach us is dialed again before our next round
-            self._connected -= set(plan.reducers) - result.answered
+        # a peer we dial ourselves (``_to_dial``) whose answer did not reach us is dialed again before our next round
+        self._connected -= set(plan.members) - result.answered
         self._agreed[mode], self._spread[mode] = result.agreed, result.spread
         self.timing.record(registration_s, result.seconds, self.round_interval)
         return result
@@ -655,8 +683,9 @@ class Peer:
         except TimeoutError:
             return "could not read the round's participants from the DHT"
         view = matchmaking.compatible(record, self.peer_id, participants)
-        if self.client_mode and set(view) - self._connected:
-            await self._dial(participants)
+        if to_dial := self._to_dial(participants):
+            if set(to_dial) - self._connected:
+                await self._dial(to_dial)
         assembled = await self._assemble(round_id, record, view, role)
         return assembled if isinstance(assembled, str) else (started, registration_s, view, assembled)
 

@@ -304,14 +304,15 @@ def _step(record: Mapping[str, Any]) -> int:
 
 def state_donors(records: Mapping[str, Mapping[str, Any]], own_id: str) -> list[str]:
     """The peers to ask for the state, best first: every live peer that serves it, except this one and
-    client-mode peers (not reachable), the highest ``step`` first, ties in random order (spreads the load)."""
+    client-mode peers (not reachable), those dialed directly before those behind a NAT (a download through a
+    relay is slow and costs the relay), then the highest ``step`` first, ties in random order (spreads the load)."""
     donors = [
         peer
         for peer, record in records.items()
         if peer != own_id and record.get("serves_state") and not record.get("client")
     ]
     random.shuffle(donors)
-    return sorted(donors, key=lambda peer: -_step(records[peer]))
+    return sorted(donors, key=lambda peer: (bool(records[peer].get("relayed")), -_step(records[peer])))
 
 
 class StateServer:

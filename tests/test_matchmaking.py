@@ -37,6 +37,15 @@ def test_the_leader_is_one_that_can_be_dialed_established_before_newcomers_the_s
     assert {tuple(leader_candidates("run", r, records)[:1]) for r in range(20)} == {("p4",), ("p5",)}
 
 
+def test_a_peer_behind_nat_leads_only_when_no_direct_peer_of_its_standing_can():
+    records = {f"p{i}": _record() for i in range(4)}
+    records["nated"] = _record(relayed=True)
+    assert all(leader_candidates("run", r, records)[-1] == "nated" for r in range(20))
+    records["nated"] = _record(relayed=True, answered=["p0"])  # established: before every newcomer
+    records["p0"] = _record(answered=["nated"])
+    assert {tuple(leader_candidates("run", r, records)[:2]) for r in range(20)} == {("p0", "nated")}
+
+
 def test_a_partition_covers_every_peer_once_in_groups_of_at_least_three():
     records = {f"p{i}": _record() for i in range(14)}
     groups = partition("run", 3, records, group_size=4)

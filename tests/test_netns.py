@@ -1,6 +1,7 @@
 """EmulatedLinks really limits rate, delays and loses packets, leaves nothing behind, and carries a swarm."""
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -427,3 +428,97 @@ def test_peers_in_separate_namespaces_average_over_limited_links():
         ]
         for output in peers:
             output.wait_for(lambda line: "averaged" in line and "group 2" in line, timeout=150)
+
+
+# A peer averaging index**2 (1000 values; the mean of 0, 1, 4 is 5/3) in groups of 3 every 2 s, plain means, or
+# (with no index) a peer that only waits; prints its id and address, then each round as JSON: whether every value is
+# the group's mean.
+NAT_PEER = """
+import asyncio, json, sys, torch
+from gossiptrain import Peer
+from gossiptrain.allreduce import Defences
+index, host, behind_nat, initial = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
+async def main():
+    async with Peer("nat-test", initial_peers=initial, host_maddrs=[f"/ip4/{host}/tcp/0"], target_group_size=3,
+                    round_interval=2.0, behind_nat=behind_nat, defences=Defences.off()) as peer:
+        print(json.dumps({"id": peer.peer_id, "maddrs": await peer.maddrs()}), flush=True)
+        while index:
+            result = await peer.average(torch.full((1000,), float(int(index) ** 2)))
+            mean = bool(torch.allclose(result.averaged, torch.tensor(5 / 3), atol=1e-6))
+            print(json.dumps({"status": result.status, "group": len(result.group), "mean": mean}), flush=True)
+        await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+# A daemon that knows nothing of a peer but its id and its relay: it dials the relay's circuit and asks the peer's
+# clock until it answers, then waits up to 15 s for a direct connection (hole punching) and says which it has; or
+# says "unreachable" when the seconds run out.
+STRANGER = """
+import asyncio, sys, time
+from gossiptrain.clock import SwarmClock
+from gossiptrain.network import circuit_maddrs, start_daemon
+host, relay, target, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+async def connections():
+    return [str(a) for info in await p2p.list_peers() if info.peer_id.to_base58() == target for a in info.addrs]
+async def main():
+    global p2p
+    p2p = await start_daemon([relay], [f"/ip4/{host}/tcp/0"])
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.wait_for(p2p.connect(target, circuit_maddrs([relay])), 5)
+        except Exception:
+            await asyncio.sleep(2)
+            continue
+        if await SwarmClock().sample(p2p, "nat-test", target, timeout=5) is not None:
+            for _ in range(30):
+                if any("p2p-circuit" not in a for a in await connections()):
+                    break
+                await asyncio.sleep(0.5)
+            direct = any("p2p-circuit" not in a for a in await connections())
+            print("answered", "direct" if direct else "relayed", flush=True)
+            break
+    else:
+        print("unreachable", flush=True)
+    await p2p.shutdown()
+asyncio.run(main())
+"""
+
+
+def exact_in_a_group_of_3(line: str) -> bool:
+    if not line.startswith('{"status"'):
+        return False
+    round_ = json.loads(line)
+    return round_["status"] == "averaged" and round_["group"] == 3 and round_["mean"]
+
+
+@pytest.mark.timeout(150)
+def test_a_peer_behind_nat_reduces_a_shard_in_its_group():
+    """Peer 1 sits behind a NAT that drops every connection it did not open, reached through peer 0 (its initial
+    peer) as a relay.  Every value of every peer becomes the mean of the three: peer 1's shard (a third of the
+    values) was reduced by peer 1 from the others' slices, over whichever connection libp2p had to it."""
+    with emulated_links(3, rtt_ms=20, overrides={1: {"nat": True}}) as links, LocalSwarm() as swarm:
+        relay = start_in(swarm, links, 0, NAT_PEER, "0", links.address(0), "0")
+        relay_maddr = json.loads(relay.wait_for(lambda line: line.startswith("{"), timeout=60))["maddrs"][0]
+        nated = start_in(swarm, links, 1, NAT_PEER, "1", links.address(1), "1", relay_maddr)
+        other = start_in(swarm, links, 2, NAT_PEER, "2", links.address(2), "0", relay_maddr)
+        nated.wait_for(exact_in_a_group_of_3, timeout=120)
+        other.wait_for(exact_in_a_group_of_3, timeout=30)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("behind_nat", [True, False])
+def test_a_peer_behind_nat_is_reached_through_its_relay_then_directly_by_hole_punching(behind_nat):
+    """A stranger behind a NAT of its own, knowing only the peer's id and relay, asks the peer's clock.  With
+    ``behind_nat`` the peer answers through its relay's circuit, and the two daemons then open a direct connection
+    through both NATs (hole punching: the emulated NATs let a simultaneous open through); without it, no relay
+    holds a slot for the peer and the NAT drops every dial."""
+    with emulated_links(3, rtt_ms=20, overrides={1: {"nat": True}, 2: {"nat": True}}) as links, LocalSwarm() as swarm:
+        relay = start_in(swarm, links, 0, NAT_PEER, "", links.address(0), "0")
+        relay_maddr = json.loads(relay.wait_for(lambda line: line.startswith("{"), timeout=60))["maddrs"][0]
+        nated = start_in(swarm, links, 1, NAT_PEER, "", links.address(1), "1" if behind_nat else "0", relay_maddr)
+        nated_id = json.loads(nated.wait_for(lambda line: line.startswith("{"), timeout=60))["id"]
+        seconds = "60" if behind_nat else "20"
+        stranger = start_in(swarm, links, 2, STRANGER, links.address(2), relay_maddr, nated_id, seconds)
+        outcome = stranger.wait_for(lambda line: line.startswith(("answered", "unreachable")), timeout=120)
+    assert outcome == ("answered direct" if behind_nat else "unreachable")

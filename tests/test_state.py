@@ -106,6 +106,8 @@ def test_donors_are_live_serving_non_client_peers_highest_step_first():
     donors = state_donors(records, "me")
     assert donors[:2] == ["new", "old"]
     assert set(donors[2:]) == {"no-step", "bad-step"}
+    records["relayed"] = {"serves_state": True, "relayed": True, "step": 1000}
+    assert state_donors(records, "me")[-1] == "relayed", "a download through a relay is the last resort"
 
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop])
