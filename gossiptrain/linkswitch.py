@@ -19,7 +19,9 @@ packet from that port to that address and port within the last ``NAT_TIMEOUT`` s
 filtering; other protocols never get in).  Nobody can open a connection to it, but it can open connections, and
 two peers that send to each other at once (TCP simultaneous open, as libp2p's hole punching does) get through
 both filters.  Addresses are not translated: every peer keeps its own, as behind an endpoint-independent NAT,
-whose mapped port is the one a peer sends from.
+whose mapped port is the one a peer sends from.  With ``strict_nat`` as well, an inbound TCP SYN without ACK is
+dropped even on an open pinhole: simultaneous open, hence hole punching, fails, as behind a symmetric NAT (whose
+mapped port changes with the destination) or a firewall that tracks TCP state; replies to its own dials get in.
 
 Jitter is added once per packet, on the last stage: uniform in ``±j`` or normal with standard deviation ``j``,
 ``j`` the mean of the two ends' ``jitter_ms``.  A packet never overtakes an earlier one of the same path (it
@@ -79,6 +81,7 @@ class LinkSpec:
         loss: share of packets lost one way between two peers of this spec, in [0, 1).
         queue_ms: longest time a packet may wait in a queue; longer, it is dropped.
         nat: behind a NAT's stateful filter: nothing gets in but replies to flows it opened (module docstring).
+        strict_nat: with ``nat``, that NAT also refuses TCP simultaneous open: hole punching fails.
     """
 
     mbit: float = 50.0
@@ -87,6 +90,7 @@ class LinkSpec:
     loss: float = 0.0
     queue_ms: float = 100.0
     nat: bool = False
+    strict_nat: bool = False
 
     def __post_init__(self):
         if not self.mbit > 0:
@@ -95,6 +99,8 @@ class LinkSpec:
             raise ValueError(f"rtt_ms and jitter_ms must be >= 0 and queue_ms > 0: {self}")
         if not 0 <= self.loss < 1:
             raise ValueError(f"loss must be in [0, 1), not {self.loss}")
+        if self.strict_nat and not self.nat:
+            raise ValueError("strict_nat is a kind of NAT: give nat=True as well")
 
 
 @dataclass
@@ -124,6 +130,12 @@ def _ports(packet: bytes) -> tuple[int, int] | None:
     if packet[9] not in (6, 17) or len(packet) < start + 4:
         return None
     return int.from_bytes(packet[start : start + 2], "big"), int.from_bytes(packet[start + 2 : start + 4], "big")
+
+
+def _is_bare_syn(packet: bytes) -> bool:
+    """Whether a packet is a TCP SYN without ACK: a connection's first packet, not a reply to one."""
+    flags_at = (packet[0] & 0x0F) * 4 + 13
+    return packet[9] == 6 and len(packet) > flags_at and packet[flags_at] & 0x12 == 0x02
 
 
 class _Queue:
@@ -187,6 +199,7 @@ class Switch:
         self._received = [[0, 0] for _ in range(n)]
         self._unroutable = [0] * n
         self._nat = [spec.nat for spec in specs]
+        self._strict = [spec.strict_nat for spec in specs]
         # per peer behind NAT: (remote address, remote port, own port) -> when it last sent on that flow
         self._pinholes: list[dict[tuple[bytes, int, int], float]] = [{} for _ in range(n)]
         self._filtered = [0] * n
@@ -219,6 +232,8 @@ class Switch:
             pinholes[(packet[16:20], ports[1], ports[0])] = now
         if not self._nat[dst]:
             return True
+        if self._strict[dst] and _is_bare_syn(packet):
+            return False
         opened = None if ports is None else self._pinholes[dst].get((packet[12:16], ports[0], ports[1]))
         return opened is not None and now - opened <= NAT_TIMEOUT
 

@@ -545,10 +545,15 @@ class Peer:
         The default lead (``registration_lead``, the time to register in the DHT) is at most half a
         slot: a round that ends in the first half of slot ``r`` then takes part in slot ``r + 1``.  A lead of a
         whole slot or more would make every peer skip every other slot, and peers that started in
-        slots of different parity would never meet.
+        slots of different parity would never meet.  With the default lead, a peer whose rounds span several
+        slots (``timing.RoundTiming.stride``) takes the first multiple of its stride, where peers of smaller
+        strides (multiples of the larger ones) meet it.
         """
-        lead = self.registration_lead if lead is None else lead
-        return math.ceil((self.now() + lead) / self.round_interval)
+        if lead is not None:
+            return math.ceil((self.now() + lead) / self.round_interval)
+        first = math.ceil((self.now() + self.registration_lead) / self.round_interval)
+        stride = self.timing.stride(self.round_interval)
+        return -(-first // stride) * stride
 
     @property
     def registration_lead(self) -> float:

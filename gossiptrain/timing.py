@@ -1,7 +1,10 @@
-"""How a peer's rounds fit its slots: a registration lead from the measured DHT latency, and a warning
+"""How a peer's rounds fit its slots: a registration lead from the measured DHT latency, and a stride of slots
 when ``round_interval`` (``average_every``) is shorter than a round takes on this network.
 
-Pure bookkeeping: ``Peer`` feeds it the time each DHT registration and each round took.
+A peer whose rounds outgrow one slot takes part only in the slots that are multiples of its stride, a power of
+two: peers whose strides differ (a slower link, a longer RTT) still meet, in the multiples of the larger, instead
+of landing in slots of different parity and averaging alone.  Pure bookkeeping: ``Peer`` feeds it the time each
+DHT registration and each round took.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ logger = logging.getLogger(__name__)
 MIN_LEAD = 0.5  # seconds: a registration lead never below this (what a loopback DHT store needs, with margin)
 LEAD_MARGIN = 2.0  # the lead is this many times the slowest recent registration
 WINDOW = 8  # recent rounds remembered
+MAX_STRIDE = 16  # slots a round may span; rounds longer than that are reported as a warning
 
 
 class RoundTiming:
@@ -23,7 +27,7 @@ class RoundTiming:
     def __init__(self) -> None:
         self.registrations: deque[float] = deque(maxlen=WINDOW)
         self.rounds: deque[float] = deque(maxlen=WINDOW)
-        self._warned = False
+        self._reported: int | None = None  # the stride last reported (None: rounds fit their slot)
 
     def registration_lead(self, round_interval: float) -> float:
         """How long before a slot a peer registers for it: twice the slowest recent DHT registration,
@@ -31,22 +35,45 @@ class RoundTiming:
         measured = LEAD_MARGIN * max(self.registrations, default=0.0)
         return min(max(MIN_LEAD, measured), round_interval / 2)
 
+    def stride(self, round_interval: float) -> int:
+        """How many slots one round spans here: the smallest power of two whose slots hold a typical round (the
+        median of the recent rounds plus the registration lead), at most ``MAX_STRIDE``; 1 until 3 rounds are
+        measured."""
+        if len(self.rounds) < 3:
+            return 1
+        typical = statistics.median(self.rounds) + self.registration_lead(round_interval)
+        stride = 1
+        while stride * round_interval < typical and stride < MAX_STRIDE:
+            stride *= 2
+        return stride
+
     def record(self, registration_s: float, round_s: float, round_interval: float) -> str | None:
-        """Note one round; returns (and logs, once until it fits again) a warning if the rounds no longer
-        fit their slots: registration plus exchange take longer than ``round_interval``."""
+        """Note one round; returns (and logs, once per change) what this peer does when its rounds no longer fit
+        one slot: the stride it takes (info), or a warning when even ``MAX_STRIDE`` slots do not hold a round."""
         self.registrations.append(registration_s)
         self.rounds.append(round_s)
+        if len(self.rounds) < 3:
+            return None
+        stride = self.stride(round_interval)
         typical = statistics.median(self.rounds) + self.registration_lead(round_interval)
-        if len(self.rounds) < 3 or typical <= round_interval:
-            self._warned = False
+        if stride == 1:
+            self._reported = None
             return None
-        if self._warned:
+        if stride == self._reported:
             return None
-        self._warned = True
-        message = (
-            f"rounds take {typical:.2f}s here (registration lead plus exchange, median of the last "
-            f"{len(self.rounds)}) but average_every is {round_interval:g}s: a peer then averages only every "
-            f"other slot or later; set average_every to at least {typical * 1.2:.1f}s"
-        )
-        logger.warning(message)
+        self._reported = stride
+        advice = f"set average_every to at least {typical * 1.2:.1f}s for a round in every slot"
+        if typical > stride * round_interval:
+            message = (
+                f"rounds take {typical:.2f}s here (registration lead plus exchange, median of the last "
+                f"{len(self.rounds)}), longer than {MAX_STRIDE} slots of average_every {round_interval:g}s: {advice}"
+            )
+            logger.warning(message)
+        else:
+            message = (
+                f"rounds take {typical:.2f}s here (registration lead plus exchange, median of the last "
+                f"{len(self.rounds)}) but average_every is {round_interval:g}s: averaging in the slots that are "
+                f"multiples of {stride}, where peers whose rounds span fewer slots meet it; {advice}"
+            )
+            logger.info(message)
         return message

@@ -164,3 +164,12 @@ async def test_a_client_re_dials_a_reducer_that_did_not_answer_its_round():
     assert first.status == "failed" and p2p.dialed == [reducer]
     second = await peer.average(torch.zeros(8), round_id=100)  # the daemon still lists the dead connection
     assert second.status == "averaged" and p2p.dialed == [reducer, reducer]
+
+
+def test_a_peer_whose_rounds_span_two_slots_takes_even_slots_where_every_peer_meets_it():
+    slow, fast = (Peer("unit", round_interval=2.0, clock=lambda: 100.0) for _ in range(2))
+    for _ in range(3):
+        slow.timing.record(0.1, 3.0, 2.0)  # 3.5 s with the lead: two slots
+    assert fast.next_round_id() == 51, "the first slot starting after the lead"
+    assert slow.next_round_id() == 52, "the first multiple of its stride"
+    assert slow.next_round_id(lead=0.0) == 50, "an explicit lead asks for a slot, whatever the stride"

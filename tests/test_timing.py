@@ -1,8 +1,8 @@
-"""RoundTiming: the registration lead follows the DHT's latency, and a too-short average_every is reported."""
+"""RoundTiming: the registration lead follows the DHT's latency, and rounds longer than a slot span several."""
 
 import logging
 
-from gossiptrain.timing import MIN_LEAD, RoundTiming
+from gossiptrain.timing import MAX_STRIDE, MIN_LEAD, RoundTiming
 
 
 def test_the_lead_follows_the_slowest_recent_registration_within_half_a_slot():
@@ -15,13 +15,26 @@ def test_the_lead_follows_the_slowest_recent_registration_within_half_a_slot():
     assert timing.registration_lead(2.0) == 1.0
 
 
-def test_a_warning_once_when_rounds_outgrow_average_every_and_again_after_they_fit(caplog):
+def test_rounds_that_outgrow_a_slot_span_a_power_of_two_of_slots_reported_once_per_change(caplog):
     timing = RoundTiming()
-    with caplog.at_level(logging.WARNING, logger="gossiptrain.timing"):
-        warnings = [timing.record(0.1, 2.5, 2.0) for _ in range(5)]
-    assert warnings[:2] == [None, None], "no verdict from fewer than 3 rounds"
-    assert "average_every is 2s" in warnings[2] and "at least 3.6s" in warnings[2]
-    assert warnings[3:] == [None, None] and len(caplog.records) == 1, "one line, not one per round"
+    with caplog.at_level(logging.INFO, logger="gossiptrain.timing"):
+        lines = [timing.record(0.1, 2.5, 2.0) for _ in range(5)]
+    assert lines[:2] == [None, None] and timing.stride(2.0) == 2, "no verdict from fewer than 3 rounds"
+    assert "multiples of 2" in lines[2] and "at least 3.6s" in lines[2]
+    assert lines[3:] == [None, None] and len(caplog.records) == 1, "one line, not one per round"
+    assert caplog.records[0].levelno == logging.INFO, "the swarm adapts: nothing for the user to fix"
     for _ in range(8):
-        assert timing.record(0.1, 0.5, 2.0) is None
-    assert timing.record(0.1, 3.0, 2.0) is None, "the median of recent rounds still fits"
+        timing.record(0.1, 7.0, 2.0)
+    assert timing.stride(2.0) == 4, "7.5 s with the lead: four slots of 2 s hold it"
+    for _ in range(8):
+        assert timing.record(0.1, 0.5, 2.0) is None or timing.stride(2.0) == 1
+    assert timing.stride(2.0) == 1
+
+
+def test_rounds_longer_than_max_stride_slots_are_a_warning(caplog):
+    timing = RoundTiming()
+    with caplog.at_level(logging.INFO, logger="gossiptrain.timing"):
+        for _ in range(3):
+            timing.record(0.1, 40.0, 2.0)
+    assert timing.stride(2.0) == MAX_STRIDE
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
