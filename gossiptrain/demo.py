@@ -69,8 +69,8 @@ def run_demo(
 
     The output is the table and two closing lines: the peers' progress display is off (``GOSSIPTRAIN_PROGRESS``),
     and the slot is the CLI's default, 1 s.  A 0.5 s slot is too short where the peers outnumber the cores: their
-    training then slows each round to 0.2-0.5 s, which with the registration lead no longer fits the slot
-    (``gossiptrain.timing`` warns), and peers that average every other slot register late and disagree on groups.
+    training then slows each round to 0.2-0.5 s, which with the registration lead no longer fits the slot, and the
+    peers then average every second slot (``gossiptrain.timing``).
     """
     with tempfile.TemporaryDirectory() as workdir, LocalSwarm() as swarm:
         work = Path(workdir)
