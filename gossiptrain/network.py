@@ -193,8 +193,9 @@ class LibP2PNetwork:
     its initial peers' relays (they are its trusted relays; reachability forced private, so that it does not wait
     for AutoNAT) and is a DHT client (DHT requests through a relay would load it for everyone).  A reachable peer
     with ``relay`` serves as a relay within p2pd's bounds (``RELAY_LIMITS``) and declares itself public, since
-    p2pd runs the relay service only for a public peer and AutoNAT needs several peers to decide.  The daemon has
-    no hole punching (DCUtR): relayed traffic stays relayed.
+    p2pd runs the relay service only for a public peer and AutoNAT needs several peers to decide.  Connections a
+    peer behind a NAT opens itself are direct; p2pd (AutoNAT on) also tries hole punching (DCUtR) on relayed ones,
+    and where that fails their traffic stays relayed.
     """
 
     identity = None

@@ -158,10 +158,10 @@ class Peer:
             ``failed``; a swarm needs at least one reachable peer per group, in practice a few.
         behind_nat: for a peer that cannot be dialed but should take a full part (reduce shards, lead, serve
             state): it is reached through its initial peers, as libp2p circuit relays (``network.LibP2PNetwork``),
-            whose circuit addresses its records publish; peers dial it there before a round's streams.  Its
-            traffic goes through the relay (no hole punching); direct peers are preferred as leaders and state
-            donors.  It becomes reachable once its relay reservation is made (seconds after start): rounds before
-            that leave its shard out at the straggler deadline.
+            whose circuit addresses its records publish; peers dial it there before a round's streams.  What does
+            not go over connections it opened itself (or that hole punching made direct) crosses the relay; direct
+            peers are preferred as leaders and state donors.  It becomes reachable once its relay reservation is
+            made (seconds after start): rounds before that leave its shard out at the straggler deadline.
         relay: a reachable peer relays for peers behind a NAT that use it as an initial peer (within
             ``network.RELAY_LIMITS``); False refuses.
         model_schema: a string that names the model's shapes; peers whose schemas differ are refused.
