@@ -80,6 +80,9 @@ def _network_args(parser: argparse.ArgumentParser) -> None:
         metavar="MADDR",
         help="addresses to tell other peers, e.g. /ip4/<public ip>/tcp/<forwarded port> behind a NAT",
     )
+
+
+def _relay_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-relay",
         action="store_true",
@@ -440,11 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bootstrap = commands.add_parser("bootstrap", help="run a DHT-only node that peers can join through")
     _network_args(bootstrap)
+    _relay_arg(bootstrap)
     _identity_arg(bootstrap)
     bootstrap.set_defaults(func=cmd_bootstrap)
 
     peer = commands.add_parser("peer", help="run a training peer on an example task or your own (--module)")
     _network_args(peer)
+    _relay_arg(peer)
     peer.add_argument("--run-id", default=DEFAULT_RUN_ID)
     _identity_arg(peer)
     peer.add_argument(

@@ -234,7 +234,7 @@ class LibP2PNetwork:
             options = {}
         relaying = self.relay and not (self.client_mode or self.behind_nat)
         flags = {"relayService": relaying, **(RELAY_LIMITS if relaying else {})}
-        if self.behind_nat:  # reserve on the trusted relays at once: discovery would wait for 4 candidates or 3 min
+        if self.behind_nat:  # with discovery (p2pd's default) the daemon ignores -trustedRelays and reserved nothing
             flags["relayDiscovery"] = False
         return {**options, "no_listen": self.client_mode, "daemon_flags": flags}
 

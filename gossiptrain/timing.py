@@ -35,15 +35,19 @@ class RoundTiming:
         measured = LEAD_MARGIN * max(self.registrations, default=0.0)
         return min(max(MIN_LEAD, measured), round_interval / 2)
 
-    def stride(self, round_interval: float) -> int:
-        """How many slots one round spans here: the smallest power of two whose slots hold a typical round (the
-        median of the recent rounds plus the registration lead), at most ``MAX_STRIDE``; 1 until 3 rounds are
-        measured."""
+    def typical(self, round_interval: float) -> float | None:
+        """A typical round here, from registration to result: the median of the recent rounds plus the
+        registration lead; None until 3 rounds are measured."""
         if len(self.rounds) < 3:
-            return 1
-        typical = statistics.median(self.rounds) + self.registration_lead(round_interval)
+            return None
+        return statistics.median(self.rounds) + self.registration_lead(round_interval)
+
+    def stride(self, round_interval: float) -> int:
+        """How many slots one round spans here: the smallest power of two whose slots hold a ``typical`` round,
+        at most ``MAX_STRIDE``; 1 until 3 rounds are measured."""
+        typical = self.typical(round_interval)
         stride = 1
-        while stride * round_interval < typical and stride < MAX_STRIDE:
+        while typical is not None and stride * round_interval < typical and stride < MAX_STRIDE:
             stride *= 2
         return stride
 
@@ -52,10 +56,9 @@ class RoundTiming:
         one slot: the stride it takes (info), or a warning when even ``MAX_STRIDE`` slots do not hold a round."""
         self.registrations.append(registration_s)
         self.rounds.append(round_s)
-        if len(self.rounds) < 3:
+        stride, typical = self.stride(round_interval), self.typical(round_interval)
+        if typical is None:
             return None
-        stride = self.stride(round_interval)
-        typical = statistics.median(self.rounds) + self.registration_lead(round_interval)
         if stride == 1:
             self._reported = None
             return None

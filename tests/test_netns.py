@@ -506,17 +506,18 @@ def exact_in_a_group_of_3(line: str) -> bool:
 
 
 @pytest.mark.timeout(150)
-def test_a_peer_behind_nat_reduces_a_shard_in_its_group():
-    """Peer 1 sits behind a NAT that drops every connection it did not open, reached through peer 0 (its initial
-    peer) as a relay.  Every value of every peer becomes the mean of the three: peer 1's shard (a third of the
-    values) was reduced by peer 1 from the others' slices, over whichever connection libp2p had to it."""
-    with emulated_links(3, rtt_ms=20, overrides={1: {"nat": True}}) as links, LocalSwarm() as swarm:
+def test_peers_behind_nat_reduce_their_shards_through_the_relay():
+    """Peers 1 and 2 sit behind NATs that drop every connection they did not open and refuse a simultaneous open,
+    so that nothing between them can go direct; both are reached through peer 0 (their initial peer) as a relay.
+    Every value of every peer becomes the mean of the three: each NATed peer reduced its shard (a third of the
+    values) from the others' slices, the other NATed peer's through the relay."""
+    nat = {"nat": True, "strict_nat": True}
+    with emulated_links(3, rtt_ms=20, overrides={1: nat, 2: nat}) as links, LocalSwarm() as swarm:
         relay = start_in(swarm, links, 0, NAT_PEER, "0", links.address(0), "0")
         relay_maddr = json.loads(relay.wait_for(lambda line: line.startswith("{"), timeout=60))["maddrs"][0]
-        nated = start_in(swarm, links, 1, NAT_PEER, "1", links.address(1), "1", relay_maddr)
-        other = start_in(swarm, links, 2, NAT_PEER, "2", links.address(2), "0", relay_maddr)
-        nated.wait_for(exact_in_a_group_of_3, timeout=120)
-        other.wait_for(exact_in_a_group_of_3, timeout=30)
+        nated = [start_in(swarm, links, i, NAT_PEER, str(i), links.address(i), "1", relay_maddr) for i in (1, 2)]
+        for output in nated:
+            output.wait_for(exact_in_a_group_of_3, timeout=120)
 
 
 @pytest.mark.timeout(150)
