@@ -390,6 +390,7 @@ class Peer:
             "relayed": self.behind_nat,
             "maddrs": self._listen_maddrs,
             "serves_state": self.state_server is not None,
+            "stride": self.timing.own_stride(self.round_interval),
             "time": self.now(),
         }
 
@@ -458,9 +459,13 @@ class Peer:
     async def live_peers(self) -> dict[str, dict[str, Any]]:
         """Membership records of the live peers (including this one), by peer id."""
         peers = await self.membership.live_peers()
+        self._observe_strides(peers)
         if to_dial := self._to_dial(peers):
             await self._dial(to_dial)
         return peers
+
+    def _observe_strides(self, records: dict[str, dict[str, Any]]) -> None:
+        self.timing.observe([record.get("stride") for peer, record in records.items() if peer != self.peer_id])
 
     def _to_dial(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """The records of the other peers we dial ourselves: all in client mode, else those behind a NAT."""
@@ -597,6 +602,7 @@ class Peer:
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         record["sketch"] = sketches.sketch(snapshot, self.run_id, round_id)
+        record["stride"] = self.timing.own_stride(self.round_interval)
         loop = asyncio.get_running_loop()
         role = self._take_role(round_id)
         try:
@@ -687,6 +693,7 @@ class Peer:
                 participants = await self.membership.round_participants(round_id)
         except TimeoutError:
             return "could not read the round's participants from the DHT"
+        self._observe_strides(participants)
         view = matchmaking.compatible(record, self.peer_id, participants)
         if to_dial := self._to_dial(participants):
             if set(to_dial) - self._connected:

@@ -3,8 +3,11 @@ when ``round_interval`` (``average_every``) is shorter than a round takes on thi
 
 A peer whose rounds outgrow one slot takes part only in the slots that are multiples of its stride, a power of
 two: peers whose strides differ (a slower link, a longer RTT) still meet, in the multiples of the larger, instead
-of landing in slots of different parity and averaging alone.  Pure bookkeeping: ``Peer`` feeds it the time each
-DHT registration and each round took.
+of landing in slots of different parity and averaging alone.  A peer that has not measured its own rounds yet (a
+joiner) or whose rounds are shorter takes the stride most of the swarm publishes, if larger: a joiner among peers of
+stride 2 whose cycle (a round plus the training step that starts the next) spans two slots would otherwise land in odd
+slots, round after round, alone.  Pure bookkeeping: ``Peer`` feeds it the time each DHT registration and each round
+took, and the strides the other peers' records publish.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class RoundTiming:
         self.registrations: deque[float] = deque(maxlen=WINDOW)
         self.rounds: deque[float] = deque(maxlen=WINDOW)
         self._reported: int | None = None  # the stride last reported (None: rounds fit their slot)
+        self.swarm_stride = 1  # the median of the strides other peers published, when last seen
 
     def registration_lead(self, round_interval: float) -> float:
         """How long before a slot a peer registers for it: twice the slowest recent DHT registration,
@@ -42,21 +46,32 @@ class RoundTiming:
             return None
         return statistics.median(self.rounds) + self.registration_lead(round_interval)
 
-    def stride(self, round_interval: float) -> int:
+    def own_stride(self, round_interval: float) -> int:
         """How many slots one round spans here: the smallest power of two whose slots hold a ``typical`` round,
-        at most ``MAX_STRIDE``; 1 until 3 rounds are measured."""
+        at most ``MAX_STRIDE``; 1 until 3 rounds are measured.  What a peer publishes."""
         typical = self.typical(round_interval)
         stride = 1
         while typical is not None and stride * round_interval < typical and stride < MAX_STRIDE:
             stride *= 2
         return stride
 
+    def stride(self, round_interval: float) -> int:
+        """The stride a peer takes: its own, or the swarm's (``observe``) where that is larger.  A median, not the
+        largest: one slow peer keeps its own stride and does not slow the rest."""
+        return max(self.own_stride(round_interval), self.swarm_stride)
+
+    def observe(self, strides: list[int]) -> None:
+        """Note the strides the other peers of a record read published; nothing seen keeps the last verdict."""
+        valid = [s for s in strides if isinstance(s, int) and 1 <= s <= MAX_STRIDE and s & (s - 1) == 0]
+        if valid:
+            self.swarm_stride = int(statistics.median_low(valid))
+
     def record(self, registration_s: float, round_s: float, round_interval: float) -> str | None:
         """Note one round; returns (and logs, once per change) what this peer does when its rounds no longer fit
         one slot: the stride it takes (info), or a warning when even ``MAX_STRIDE`` slots do not hold a round."""
         self.registrations.append(registration_s)
         self.rounds.append(round_s)
-        stride, typical = self.stride(round_interval), self.typical(round_interval)
+        stride, typical = self.own_stride(round_interval), self.typical(round_interval)
         if typical is None:
             return None
         if stride == 1:

@@ -173,3 +173,14 @@ def test_a_peer_whose_rounds_span_two_slots_takes_even_slots_where_every_peer_me
     assert fast.next_round_id() == 51, "the first slot starting after the lead"
     assert slow.next_round_id() == 52, "the first multiple of its stride"
     assert slow.next_round_id(lead=0.0) == 50, "an explicit lead asks for a slot, whatever the stride"
+
+
+async def test_a_joiner_takes_the_stride_the_swarm_publishes_before_it_measures_its_own():
+    """A joiner whose cycle spans two slots would otherwise land in odd slots while the swarm averages in even ones."""
+    me = Identity.generate().peer_id
+    joiner = Peer("unit", round_interval=1.0, clock=lambda: 100.2)
+    joiner.p2p = FakeP2P(me, connected=set())
+    joiner.membership = FakeMembership({**{f"peer{i}": {"stride": 2} for i in range(3)}, me: {"stride": 1}})
+    assert joiner.next_round_id() == 101
+    await joiner.live_peers()
+    assert joiner.next_round_id() == 102, "the first even slot, where the swarm meets"

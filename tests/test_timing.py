@@ -38,3 +38,18 @@ def test_rounds_longer_than_max_stride_slots_are_a_warning(caplog):
             timing.record(0.1, 40.0, 2.0)
     assert timing.stride(2.0) == MAX_STRIDE
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_a_peer_takes_the_stride_most_of_the_swarm_publishes_not_the_slowest_one():
+    joiner = RoundTiming()
+    assert joiner.stride(1.0) == 1
+    joiner.observe([2, 2, 2, 16])
+    assert joiner.stride(1.0) == 2 and joiner.own_stride(1.0) == 1, "it publishes its own, takes the swarm's"
+    joiner.observe([])
+    assert joiner.stride(1.0) == 2, "a round read alone keeps the last verdict"
+    joiner.observe([1, 1, 16, None, 3, "x"])
+    assert joiner.stride(1.0) == 1, "one slow peer and malformed strides do not move the rest"
+    for _ in range(3):
+        joiner.record(0.1, 1.6, 1.0)
+    joiner.observe([1, 1])
+    assert joiner.stride(1.0) == 4, "its own, when larger"
