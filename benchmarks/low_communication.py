@@ -55,6 +55,12 @@ Reported per link setting and system (medians over repeats, min/max in ``summary
   (dp's measured steps, not its projected ones: the comparison is of loss per token).
 - ``compute_utilization``: steps/s per peer over solo's steps/s per peer in the same setting and repeat.
 
+With ``--slow-peer-cpu F`` (issue 28's slow machine) the last peer of every system runs in a cgroup (v1 ``cpu``)
+capped at F of one core, its libp2p daemon too: a machine that steps several times slower than the others.  Then also
+``fast_compute_utilization`` (the other peers' steps/s over solo's other trainers', whose last trainer is capped
+alike), ``fast_final_loss`` (their mean final loss) and ``slow_pace`` (the capped peer's steps/s over theirs);
+compare them with a run of ``--peers`` one fewer, the same swarm without that peer.
+
 The target, solo's steps/s and budget are per setting and repeat; repeats are interleaved (repeat r
 runs every setting and every system in order, then r + 1).  The machine's other load shifts every
 system: compare rows of one run.
@@ -62,6 +68,7 @@ system: compare rows of one run.
     python benchmarks/low_communication.py             # 10 and 50 Mbit/s, 50 ms RTT, 6 systems, 3 repeats (~55 min)
     python benchmarks/low_communication.py --quick               # smoke run: 20 s, 50 Mbit/s, 1 repeat
     python benchmarks/low_communication.py --systems solo,outer --mbit 10 --outer-lr 1.0 --outer-momentum 0
+    python benchmarks/low_communication.py --systems solo,gossip,outer --mbit 50 --repeats 1 --slow-peer-cpu 0.1
 
 Needs root (or CAP_NET_ADMIN) for the namespaces; without, it says why and stops.  Writes
 ``benchmarks/results/low_communication.json`` (``summary``: the medians; ``summary_spread``: min/max and how
@@ -72,6 +79,7 @@ samples and final records; ``targets``: the target per mbit/rtt/repeat) and ``.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -83,6 +91,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from harness import figure, fmt, report_header, save_figure, write_report
@@ -103,10 +112,14 @@ METRICS = (
     "final_loss",
     "final_loss_equal_tokens",
     "compute_utilization",
+    "fast_compute_utilization",
+    "fast_final_loss",
+    "slow_pace",
 )
 UNSHAPED_MBIT = math.inf  # dp's unshaped links: EmulatedLinks without a rate limit
 STORE_PORT = 29500  # the torch.distributed store in namespace 0 (fresh namespaces: no other listener)
 SAMPLE_EVERY = 1.0  # seconds between samples of the link counters
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller (--slow-peer-cpu)
 FULL = {"duration": 90.0, "repeats": 3, "mbit": [10.0, 50.0], "eval_every": 5.0, "inner_steps": 50}
 QUICK = {"duration": 20.0, "repeats": 1, "mbit": [50.0], "eval_every": 2.0, "inner_steps": 10}
 WORKER_ONLY = (
@@ -255,6 +268,30 @@ def peer_argv(system: str, i: int, links: EmulatedLinks, entry: str, work: Path,
     return [*argv, *common]
 
 
+@contextlib.contextmanager
+def cpu_quota(fraction: float | None) -> Iterator[list[str]]:
+    """A command prefix that runs a process, and every process it starts, within ``fraction`` of one core (a cgroup
+    removed on exit); an empty prefix for None.  Raises RuntimeError where cgroup v1's cpu controller is missing."""
+    if fraction is None:
+        yield []
+        return
+    group = CPU_CGROUPS / f"gossiptrain-slow-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+        period = int((group / "cpu.cfs_period_us").read_text())
+        (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(fraction * period))))
+    except OSError as e:
+        raise RuntimeError(f"--slow-peer-cpu needs cgroup v1's cpu controller at {CPU_CGROUPS} (and root): {e}") from e
+    try:
+        yield ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group)]
+    finally:
+        for _ in range(50):  # its processes are gone once LocalSwarm has stopped them; the kernel may lag a little
+            with contextlib.suppress(OSError):
+                group.rmdir()
+                break
+            time.sleep(0.1)
+
+
 def run_swarm(system: str, links: EmulatedLinks, work: Path, args: argparse.Namespace) -> dict:
     """Train one swarm of ``system`` over ``links``: its peers' records and their link counters over time."""
     peers = range(1, args.peers + 1)
@@ -265,7 +302,7 @@ def run_swarm(system: str, links: EmulatedLinks, work: Path, args: argparse.Name
         for i in peers:
             samples[i].append([now, *links.bytes_moved(i)])
 
-    with LocalSwarm() as swarm:
+    with cpu_quota(args.slow_peer_cpu) as slow_prefix, LocalSwarm() as swarm:
         entry = ""
         if system in ("hivemind", "gossip", "outer"):
             argv = [sys.executable, "-m", "gossiptrain", "bootstrap", "--host-maddrs", links.maddr(0)]
@@ -274,7 +311,15 @@ def run_swarm(system: str, links: EmulatedLinks, work: Path, args: argparse.Name
             argv = [sys.executable, __file__, "--worker", "store", "--master-addr", links.address(0)]
             start_in(swarm, links, 0, argv)[1].wait_for(lambda line: line == "ready", timeout=60)
         sample()
-        processes = [start_in(swarm, links, i, peer_argv(system, i, links, entry, work, args)) for i in peers]
+        processes = [
+            start_in(
+                swarm,
+                links,
+                i,
+                [*(slow_prefix if i == peers[-1] else []), *peer_argv(system, i, links, entry, work, args)],
+            )
+            for i in peers
+        ]
         go_time = None
         if system not in ("gossip", "outer"):  # the CLI peers start together with --wait-for-peers
             try:
@@ -297,7 +342,15 @@ def run_swarm(system: str, links: EmulatedLinks, work: Path, args: argparse.Name
     records = {i: read_records(work / f"peer{i}.jsonl") for i in peers}
     if any(not any(r.get("final") for r in recs) for recs in records.values()):
         raise RuntimeError(f"{system}: a peer wrote no final record (its output is above)")
-    return {"system": system, "records": records, "samples": samples, "go_time": go_time, "unfinished": unfinished}
+    slow = peers[-1] if args.slow_peer_cpu is not None else None
+    return {
+        "system": system,
+        "records": records,
+        "samples": samples,
+        "go_time": go_time,
+        "unfinished": unfinished,
+        "slow_peer": slow,
+    }
 
 
 # --- curves ------------------------------------------------------------------------------------------------------
@@ -382,6 +435,14 @@ def system_result(raw: dict) -> dict:
         result["epochs_per_peer"] = statistics.fmean(f["epochs"] for f in finals)
     if raw["system"] in ("gossip", "outer"):
         result["loss_after_finish"] = statistics.fmean(f["loss"] for f in finals)
+    if (slow := raw.get("slow_peer")) is not None:  # --slow-peer-cpu: the others, and the capped peer's pace
+        rates = {i: p["final"]["step"] / p["final"]["train_seconds"] for i, p in peers.items()}
+        fast = [i for i in peers if i != slow]
+        result["slow_peer"] = slow
+        result["fast_steps_per_peer"] = statistics.fmean(peers[i]["final"]["step"] for i in fast)
+        result["fast_steps_per_second_per_peer"] = statistics.fmean(rates[i] for i in fast)
+        result["fast_final_loss"] = statistics.fmean(peers[i]["points"][-1][2] for i in fast)
+        result["slow_pace"] = rates[slow] / result["fast_steps_per_second_per_peer"]
     result["_bytes_at"] = [p["bytes_at"] for p in peers.values()]  # dropped before the JSON
     return result
 
@@ -418,7 +479,12 @@ def run_metrics(result: dict, context: dict) -> dict:
         seconds = time_to([(t, loss) for t, _, loss, _ in result["curve"]], target) if target is not None else None
         to_target = None if seconds is None else statistics.fmean(at(seconds) for at in result["_bytes_at"])
         final, rate, projected = result["curve"][-1][2], result["steps_per_second_per_peer"], False
+    solo_fast_rate = context.get("solo_fast_steps_per_second")
+    fast_rate = result.get("fast_steps_per_second_per_peer")
     return {
+        "fast_compute_utilization": fast_rate / solo_fast_rate if fast_rate and solo_fast_rate else None,
+        "fast_final_loss": result.get("fast_final_loss"),
+        "slow_pace": result.get("slow_pace"),
         "bytes_per_peer_to_target": to_target,
         "seconds_to_target": seconds,
         "final_loss": final,
@@ -452,6 +518,7 @@ def summarize(report: dict, results: dict) -> None:
                 "rtt_ms": rtt,
                 "target": report["targets"].get(f"{mbit:g}/{rtt:g}/{repeat}"),
                 "solo_steps_per_second": solo["steps_per_second_per_peer"] if solo else None,
+                "solo_fast_steps_per_second": solo.get("fast_steps_per_second_per_peer") if solo else None,
                 "budget_seconds": solo["train_seconds"] if solo else None,
                 "equal_steps": equal_steps,
             }
@@ -505,6 +572,13 @@ def table(report: dict) -> str:
             f"{fmt(entry['final_loss'], '.4f'):>10} {fmt(entry['final_loss_equal_tokens'], '.4f'):>14} "
             f"{fmt(entry['compute_utilization'], '.2f'):>5} {extent['reached']:>3}/{extent['runs']:<3}"
         )
+    for entry in report["summary"]:
+        if entry.get("slow_pace") is not None:
+            rows.append(
+                f"  slow peer ({entry['system']}, {entry['mbit']:g} Mbit/s): its pace {entry['slow_pace']:.2f}x the "
+                f"others'; the others' utilization {fmt(entry['fast_compute_utilization'], '.1%')}, final loss "
+                f"{entry['fast_final_loss']:.4f}"
+            )
     targets = ", ".join(f"{k}: {v:.4f}" for k, v in report["targets"].items() if v is not None)
     rows.append(
         f"medians over repeats (min/max in the JSON's summary_spread); target loss per mbit/rtt/repeat: {targets}; "
@@ -633,7 +707,8 @@ def run_setting(
             print("  skipped: `gossiptrain peer` has no outer mode (--outer-lr) yet", flush=True)
             continue
         if system == "outer":
-            rate = solo["steps_per_peer"] / args.duration if solo else 3.5  # wall clock, evaluations included
+            steps = solo.get("fast_steps_per_peer", solo["steps_per_peer"]) if solo else None  # not the slow one's
+            rate = steps / args.duration if solo else 3.5  # wall clock, evaluations included
             slot = args.outer_average_every or round(args.inner_steps / rate, 1)
             args.outer_average_every_now = report["outer_average_every"][key] = slot
         try:
@@ -701,6 +776,12 @@ def main() -> None:
     parser.add_argument("--hivemind-epoch-steps", type=int, default=None, help="local steps per epoch (H)")
     parser.add_argument("--matchmaking-time", type=float, default=3.0, help="hivemind's matchmaking_time")
     parser.add_argument("--averaging-timeout", type=float, default=30.0, help="hivemind's averaging_timeout")
+    parser.add_argument(
+        "--slow-peer-cpu",
+        type=float,
+        default=None,
+        help="cap the last peer at this fraction of a core (a slow machine)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.png")
     parser.add_argument(

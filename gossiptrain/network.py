@@ -29,6 +29,7 @@ from gossiptrain.membership import RecordStore, SignedRecords
 # What a relaying peer gives the peers behind a NAT that reserve a slot on it (p2pd's flags): circuits per peer,
 # bytes each way per relayed connection (then it is reset, and dialed again), a connection's lifetime.
 RELAY_LIMITS = {"relayMaxCircuits": 16, "relayDataLimit": 1 << 30, "relayTimeLimit": "30m"}
+DHT_SERVER_MIN_MBIT = 10.0  # a peer that declares a slower link is a DHT client (``LibP2PNetwork``)
 DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 
 StreamHandler = Callable[[Any, asyncio.StreamReader, Any], Awaitable[None]]
@@ -189,6 +190,10 @@ class LibP2PNetwork:
     """The live network: a libp2p daemon listening on ``host_maddrs`` and a hivemind DHT node on it, whose
     records are signed (``membership.SignedRecords``).  See ``Peer`` for the arguments.
 
+    A peer that declares a link slower than ``DHT_SERVER_MIN_MBIT`` (``slow_link``) and has initial peers is a DHT
+    client: as a DHT node it would hold the round records the others store and read, and its late answers would hold
+    their registrations and reads (rounds failed with "could not read the round's participants").
+
     Reaching peers behind a NAT (libp2p circuit relay v2, p2pd's own): a peer ``behind_nat`` reserves a slot on
     its initial peers' relays (they are its trusted relays; reachability forced private, so that it does not wait
     for AutoNAT) and is a DHT client (DHT requests through a relay would load it for everyone).  A reachable peer
@@ -208,6 +213,7 @@ class LibP2PNetwork:
         client_mode: bool,
         behind_nat: bool = False,
         relay: bool = True,
+        slow_link: bool = False,
     ):
         if behind_nat and client_mode:
             raise ValueError("a peer is in client mode (it dials out only) or behind_nat (reached through a relay)")
@@ -219,6 +225,9 @@ class LibP2PNetwork:
         self.initial_peers, self.host_maddrs = list(initial_peers), list(host_maddrs)
         self.announce_maddrs, self.client_mode = announce_maddrs, client_mode
         self.behind_nat, self.relay = behind_nat, relay
+        # who serves the DHT: not a client, not a peer reached through a relay (DHT requests through it would load
+        # it for everyone), not a slow link that has initial peers to serve the DHT instead
+        self.dht_client = client_mode or behind_nat or (slow_link and bool(self.initial_peers))
 
     @staticmethod
     def record_time() -> float:
@@ -255,7 +264,7 @@ class LibP2PNetwork:
             dht = await DHTNode.create(
                 p2p=p2p,
                 initial_peers=self.initial_peers,
-                client_mode=self.client_mode or self.behind_nat,
+                client_mode=self.dht_client,
                 record_validator=SignedRecords(identity),
             )
         except BaseException:

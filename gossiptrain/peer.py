@@ -44,7 +44,14 @@ from gossiptrain.errors import ModelMismatchError
 from gossiptrain.exchange import RoundExchange
 from gossiptrain.gate import CredentialGate
 from gossiptrain.membership import Membership, RecordStore
-from gossiptrain.network import LibP2PNetwork, Network, Transport, circuit_maddrs, dialable_first
+from gossiptrain.network import (
+    DHT_SERVER_MIN_MBIT,
+    LibP2PNetwork,
+    Network,
+    Transport,
+    circuit_maddrs,
+    dialable_first,
+)
 from gossiptrain.progress import show_progress
 from gossiptrain.rejections import EXCHANGE_ERRORS, Rejections, classify
 from gossiptrain.rounds import RoundResult, Timeouts
@@ -173,8 +180,9 @@ class Peer:
         clock: this machine's clock (seconds since the epoch); slots run on the swarm's median clock,
             estimated against live peers at start and every ``CLOCK_REFRESH`` seconds (``gossiptrain.clock``).
         bandwidth_mbit: this peer's link speed, if known: groups then give it a shard in proportion to it,
-            and none at all if it is far slower than the others (``allreduce.GroupPlan``).  Without it, a
-            slow peer is still bounded by the straggler deadline (``Timeouts.straggler_grace``).
+            and none at all if it is far slower than the others (``allreduce.GroupPlan``); below
+            ``network.DHT_SERVER_MIN_MBIT`` it is a DHT client, off the path of the others' registrations and reads.
+            Without it, a slow peer is still bounded by the straggler deadline (``Timeouts.straggler_grace``).
         defences: robust averaging against hostile group members (``allreduce.Defences``, on by default);
             ``Defences.off()`` takes plain weighted means.
         identity_path: this peer's libp2p identity file (``gossiptrain.auth.Identity``; created there if missing),
@@ -230,8 +238,9 @@ class Peer:
         if client_mode and not self.initial_peers:
             raise ValueError("a client-mode peer needs initial_peers: no one can dial it, so it can only join others")
         self.host_maddrs, self.announce_maddrs = list(host_maddrs), announce_maddrs
+        slow_link = bandwidth_mbit is not None and bandwidth_mbit < DHT_SERVER_MIN_MBIT
         self.network = network or LibP2PNetwork(
-            self.initial_peers, self.host_maddrs, announce_maddrs, client_mode, behind_nat, relay
+            self.initial_peers, self.host_maddrs, announce_maddrs, client_mode, behind_nat, relay, slow_link
         )
         self.behind_nat = behind_nat
         self.target_group_size, self.round_interval = target_group_size, round_interval

@@ -1,6 +1,7 @@
 """attach(): the user's optimizer with schedulers, checkpoints and resume, bf16 parameters."""
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -216,6 +217,44 @@ def _two_attached_peers(run_id: str, **options):
         first.close()
         raise
     return models, optimizers, first, second
+
+
+@pytest.mark.timeout(150)
+def test_a_slow_machine_is_never_waited_for_and_still_contributes():
+    """A peer in the middle of a long step (a machine 4x slower, or far slower) registers for no round until it
+    steps: the fast peers go on averaging with each other meanwhile; once it steps, at a quarter of their pace, its
+    rounds average with them again."""
+    models = [mlp(i) for i in range(3)]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.0) for model in models]
+    common = dict(run_id="slow-machine", host_maddrs=[LOOPBACK], average_every=0.5, load_state=False)
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(attach(optimizers[0], **common))
+        peers = [
+            first,
+            *(stack.enter_context(attach(o, initial_peers=first.maddrs(), **common)) for o in optimizers[1:]),
+        ]
+        *fast, slow = peers
+        slow.wait_for_peers(3, timeout=30)
+
+        def step(indices: list[int]) -> None:
+            for i in indices:
+                train(optimizers[i], models[i], 1)
+            time.sleep(0.05)  # a training loop's pace, not a synchronization
+
+        deadline = time.monotonic() + 60
+        while slow.rounds_done < 1:  # all three averaging
+            assert time.monotonic() < deadline, [p.rounds_done for p in peers]
+            step([0, 1, 2])
+        stalled_at, fast_before = slow.rounds_done, [p.rounds_done for p in fast]
+        while min(p.rounds_done - before for p, before in zip(fast, fast_before)) < 3:  # the slow one mid-step
+            assert time.monotonic() < deadline + 30, [p.rounds_done for p in peers]
+            step([0, 1])
+        assert slow.rounds_done == stalled_at, "a peer that does not step starts no round"
+        steps = 0
+        while slow.rounds_done < stalled_at + 3:  # stepping again, at a quarter of the others' pace
+            assert time.monotonic() < deadline + 90, [p.rounds_done for p in peers]
+            steps += 1
+            step([0, 1, 2] if steps % 4 == 0 else [0, 1])
 
 
 @pytest.mark.timeout(120)

@@ -38,3 +38,12 @@ def test_a_peer_behind_nat_needs_initial_peers_with_ids_and_is_not_also_a_client
         Peer("run", behind_nat=True)  # no initial peer: no relay
     with pytest.raises(ValueError, match="client mode"):
         Peer("run", initial_peers=[RELAY], behind_nat=True, client_mode=True)
+
+
+def test_a_peer_that_declares_a_slow_link_serves_no_dht_records_when_others_can():
+    """Its late answers would hold every peer's registrations and reads of the round records it stores."""
+    assert Peer("run", initial_peers=[RELAY], bandwidth_mbit=1.0).network.dht_client
+    assert not Peer("run", initial_peers=[RELAY], bandwidth_mbit=50.0).network.dht_client
+    assert not Peer("run", initial_peers=[RELAY]).network.dht_client, "undeclared: a DHT server"
+    assert not Peer("run", bandwidth_mbit=1.0).network.dht_client, "the first peer serves the DHT, slow or not"
+    assert Peer("run", initial_peers=[RELAY], behind_nat=True).network.dht_client
