@@ -22,7 +22,8 @@ peer 4 slow; peer 4 slow and declaring its speed (``bandwidth_mbit``).  It repor
 
 The NAT case (``--nat N``) runs one reachable peer and N peers behind emulated NATs (``behind_nat``: reached
 through the bootstrap node, their initial peer, as a circuit relay; no client mode) at ``--slow-rtt-ms``, and
-reports the share of rounds each kind averaged and the bytes the relay's link carried beside the peers' own.
+reports the share of rounds each kind averaged and the bytes the relay's link carried beside the peers' own;
+``--strict-nat``: NATs that refuse a simultaneous open, so that no hole punching can succeed.
 
     sudo python benchmarks/wan.py                        # 4,8 peers x RTT 0,50,150,300 x loss 0,1% + slow peer
     sudo python benchmarks/wan.py --peers 4 --rtt-ms 150 --loss 0.01 --duration 30 --no-slow
@@ -118,7 +119,7 @@ def run_setting(
     link carried (index 0: the bootstrap node).  ``slow``: the peer on a ``--slow-mbit`` link; ``declare``: it
     passes that speed as ``bandwidth_mbit``; ``nated``: peers behind a NAT, reached through the bootstrap node."""
     overrides = {slow: {"mbit": args.slow_mbit}} if slow else {}
-    overrides.update({i: {"nat": True} for i in nated})
+    overrides.update({i: {"nat": True, "strict_nat": args.strict_nat} for i in nated})
     jitter = args.jitter_ms if rtt_ms > 0 else 0.0
     links = EmulatedLinks(peers + 1, mbit=args.mbit, rtt_ms=rtt_ms, jitter_ms=jitter, loss=loss, overrides=overrides)
     with tempfile.TemporaryDirectory() as work, links, LocalSwarm() as swarm:
@@ -211,7 +212,8 @@ def table(report: dict) -> str:
                 )
     if nat := report.get("nat"):
         lines.append(
-            f"1 reachable peer and {nat['nated']} behind NAT ({nat['rtt_ms']:g} ms RTT, the bootstrap node relays): "
+            f"1 reachable peer and {nat['nated']} behind {'strict ' if nat.get('strict') else ''}NAT "
+            f"({nat['rtt_ms']:g} ms RTT, the bootstrap node relays): "
             f"reachable averaged {nat['reachable_averaged_share']:.0%}, behind NAT {nat['nated_averaged_share']:.0%} "
             f"(p50 {fmt(nat['nated_round_p50_s'], '.2f')} s); relay's link {nat['relay_mb']:.1f} MB, "
             f"{nat['relay_share']:.0%} of the peers' bytes; final spread {nat['final_spread']:.1e}"
@@ -254,6 +256,9 @@ def main() -> None:
     parser.add_argument("--slow-numel", type=int, default=4_000_000, help="values averaged in the slow-peer case")
     parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
     parser.add_argument("--nat", type=int, default=6, help="peers behind NAT in the NAT case (0: skip it)")
+    parser.add_argument(
+        "--strict-nat", action="store_true", help="the NATs refuse a simultaneous open: hole punching fails"
+    )
     parser.add_argument(
         "--mean-check",
         type=float,
@@ -324,6 +329,7 @@ def main() -> None:
             relay, own = result["link_bytes"][0], sum(result["link_bytes"][1:])
             report["nat"] = {
                 "nated": args.nat,
+                "strict": args.strict_nat,
                 "rtt_ms": args.slow_rtt_ms,
                 "numel": args.numel,
                 "reachable_averaged_share": summarize(result, range(1, 2))["averaged_share"],
