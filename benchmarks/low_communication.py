@@ -68,7 +68,7 @@ system: compare rows of one run.
     python benchmarks/low_communication.py             # 10 and 50 Mbit/s, 50 ms RTT, 6 systems, 3 repeats (~55 min)
     python benchmarks/low_communication.py --quick               # smoke run: 20 s, 50 Mbit/s, 1 repeat
     python benchmarks/low_communication.py --systems solo,outer --mbit 10 --outer-lr 1.0 --outer-momentum 0
-    python benchmarks/low_communication.py --systems solo,gossip,outer --mbit 50 --repeats 1 --slow-peer-cpu 0.1
+    python benchmarks/low_communication.py --systems solo,gossip,outer --mbit 50 --repeats 1 --slow-peer-cpu 0.18
 
 Needs root (or CAP_NET_ADMIN) for the namespaces; without, it says why and stops.  Writes
 ``benchmarks/results/low_communication.json`` (``summary``: the medians; ``summary_spread``: min/max and how
@@ -247,7 +247,9 @@ def peer_argv(system: str, i: int, links: EmulatedLinks, entry: str, work: Path,
     if system in ("gossip", "outer"):
         argv = [sys.executable, "-m", "gossiptrain", "peer", "--example", "charlm", "--run-id", f"lc-{work.name}"]
         argv += ["--host-maddrs", links.maddr(i), "--initial-peers", entry, "--threads", "1"]
-        argv += ["--group-size", str(args.peers), "--wait-for-peers", str(args.peers), "--finish-timeout", "10"]
+        # --finish-timeout bounds --wait-for-peers too: a capped peer (--slow-peer-cpu) takes a minute to start
+        finish = "10" if args.slow_peer_cpu is None else "90"
+        argv += ["--group-size", str(args.peers), "--wait-for-peers", str(args.peers), "--finish-timeout", finish]
         argv += ["--no-load-state"]  # every system starts from the same seeded model: no joiner's download
         if system == "gossip":
             argv += ["--codec", args.gossip_codec, "--average-every", str(args.gossip_average_every)]
@@ -312,12 +314,7 @@ def run_swarm(system: str, links: EmulatedLinks, work: Path, args: argparse.Name
             start_in(swarm, links, 0, argv)[1].wait_for(lambda line: line == "ready", timeout=60)
         sample()
         processes = [
-            start_in(
-                swarm,
-                links,
-                i,
-                [*(slow_prefix if i == peers[-1] else []), *peer_argv(system, i, links, entry, work, args)],
-            )
+            start_in(swarm, links, i, peer_argv(system, i, links, entry, work, args), slow_prefix * (i == peers[-1]))
             for i in peers
         ]
         go_time = None

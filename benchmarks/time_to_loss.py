@@ -51,6 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from harness import figure, report_header, save_figure, write_report
@@ -121,10 +122,12 @@ def hivemind_worker(args: argparse.Namespace, evaluate_at_end: bool = False) -> 
     dht.shutdown()
 
 
-def start_in(swarm: LocalSwarm, links: EmulatedLinks, i: int, argv: list[str]):
+def start_in(swarm: LocalSwarm, links: EmulatedLinks, i: int, argv: list[str], prefix: Sequence[str] = ()):
     """Start ``argv`` in namespace ``i``, owned by ``swarm``: one OpenMP thread (hivemind's forked
-    averager and DHT processes too), hivemind's logs at warnings only."""
-    return swarm.start([*links.exec_prefix(i), *argv], env={"OMP_NUM_THREADS": "1", "HIVEMIND_LOGLEVEL": "WARNING"})
+    averager and DHT processes too), hivemind's logs at warnings only.  ``prefix`` runs before the namespace is
+    entered (a cgroup: inside the namespace, ``/sys`` is the namespace's own)."""
+    env = {"OMP_NUM_THREADS": "1", "HIVEMIND_LOGLEVEL": "WARNING"}
+    return swarm.start([*prefix, *links.exec_prefix(i), *argv], env=env)
 
 
 def run_system(
