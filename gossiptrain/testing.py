@@ -183,8 +183,10 @@ class LocalSwarm:
             self.kill(process.pid)
         for process in self._processes:
             if process.pid is not None:
-                self.kill(process.pid)
-            process.join(timeout=5)
+                self.kill(process.pid)  # its session: its daemons too
+                process.kill()  # itself, even if it was killed before it made its session
+                # reaped at once: a join with a timeout waits on a pipe that a grandchild may still hold open
+                process.join()
         self._results.close()
 
 

@@ -68,10 +68,12 @@ def average_rounds(initial_peers, averaging, seed, weight, fault, ready, go, sta
         peer_class = Peer if fault is None else partial(FaultyPeer, fault=fault, client_mode=False)
         async with peer_class("avg", **options) as peer:
             await peer.wait_for_peers(averaging.num_peers, timeout=60)
-            ready.put(peer.peer_id)
-            await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
+            # built before we say we are ready: an optimizer's first construction imports for seconds, and 16 of
+            # them at once on 2 cores would start the rounds late
             values = torch.randn(averaging.numel, generator=torch.Generator().manual_seed(seed))
             outer = OuterStrategy([shared_anchor(averaging.numel)], nesterov(), get_codec("none"), 2**62)
+            ready.put(peer.peer_id)
+            await asyncio.get_running_loop().run_in_executor(None, go.wait, 120)
             history = []
             for round_id in range(start_round.value, start_round.value + averaging.rounds):
                 if averaging.outer:

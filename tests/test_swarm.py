@@ -1,6 +1,5 @@
 """Real peers as processes over real sockets on localhost."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import torch
 
 from gossiptrain.allreduce import Defences
 from gossiptrain.demo import spread
+from gossiptrain.rounds import Timeouts
 from gossiptrain.testing import LocalSwarm, ProcessOutput
 from tests.peer_workers import finish_only, run_averaging, skewed_rounds, weighted_mean
 
@@ -26,25 +26,18 @@ def test_four_peers_average_to_the_exact_weighted_mean():
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="16 peer processes on CI's 2 cores: JOINs and DHT reads time out in 1-2 of 3 runs (issue 27)",
-)
 def test_sixteen_peer_processes_in_groups_of_four_reach_the_exact_mean_in_two_rounds():
     """Sixteen processes share one cell: the leader's groups follow Moshpit's grid, whatever each peer's read of
-    the round held (``assembly``), and one epoch of two rounds gives every peer the global mean.  A member whose JOIN
-    reaches the leader late (16 processes on 2 cores) costs its group only itself: the others average in a group of 3,
-    and the epoch then ends near the global mean instead of at it."""
-    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16, interval=4.0)
+    the round held (``assembly``), and one epoch of two rounds gives every peer the global mean.  Every transfer is
+    waited for (no straggler deadline): on 2 cores a slice of 16 starved processes can come more than the default
+    grace after the others', and is then left out by design (``test_churn``), which would make the mean inexact."""
+    timeouts = Timeouts(straggler_grace=None)
+    results, inputs = run_averaging(16, 4, 1000, rounds=2, weights=[1.0] * 16, interval=4.0, timeouts=timeouts)
     expected = weighted_mean(inputs, [1.0] * 16)
-    histories = [result["history"] for result in results.values()]
-    full = all(len(h["group"]) == 4 for history in histories for h in history)
-    spread = max((values - expected).abs().max().item() for values in inputs)
+    assert len(results) == 16
     for result in results.values():
-        assert [h["status"] for h in result["history"]] == ["averaged", "averaged"], result["history"]
-        assert all(len(h["group"]) in (3, 4) for h in result["history"]), result["history"]
-        error = (result["values"] - expected).abs().max().item()
-        assert error < (1e-5 if full else spread / 4), (error, spread, result["history"])
+        assert [(h["status"], len(h["group"])) for h in result["history"]] == [("averaged", 4)] * 2, result["history"]
+        assert (result["values"] - expected).abs().max().item() < 1e-5, result["history"]
 
 
 @pytest.mark.timeout(300)
