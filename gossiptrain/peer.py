@@ -70,7 +70,11 @@ logger = logging.getLogger(__name__)
 
 
 ALL_INTERFACES = "/ip4/0.0.0.0/tcp/0"
-MIN_HEARTBEAT_TTL = 6.0  # seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl)
+# seconds a membership record lives without refresh, at least (``Peer``'s heartbeat_ttl): the refreshes, every third of
+# it, are most of an idle peer's CPU and DHT traffic (its own stores and the others' it serves), so tens of peers on a
+# few cores need it long; rounds do not read these records (they register per round)
+MIN_HEARTBEAT_TTL = 30.0
+WAIT_POLL = 0.2, 2.0  # seconds between reads of ``wait_for_peers``: the first, doubling to the last
 CLOCK_REFRESH = 30.0  # seconds between estimates of the swarm's clock
 CLOCK_PEERS = 5  # live peers asked for their time per estimate
 VOUCH_ROUNDS = 8  # a round record vouches for the peers that answered us in our last this many rounds
@@ -524,10 +528,11 @@ class Peer:
         return round(self.membership.swarm_size)
 
     async def wait_for_peers(self, count: int, timeout: float) -> dict[str, dict[str, Any]]:
-        """Wait until the swarm holds at least ``count`` live peers (``swarm_size``, polling the DHT), then estimate
-        the swarm's clock against them: the estimate at start saw only the peers up by then (none, or one whose
-        median with our own clock is half its skew), and it would otherwise hold until the next refresh,
-        ``CLOCK_REFRESH`` later.  Returns the live peers of our shard."""
+        """Wait until the swarm holds at least ``count`` live peers (``swarm_size``, polling the DHT at growing
+        intervals, ``WAIT_POLL``; our record stored again when a read misses it), then estimate the swarm's clock
+        against them: the estimate at start saw only the peers up by then (none, or one whose median with our own
+        clock is half its skew), and it would otherwise hold until the next refresh, ``CLOCK_REFRESH`` later.
+        Returns the live peers of our shard."""
 
         def enough() -> bool:  # in one key (level 0), the peers themselves; above, the estimate
             return len(peers) >= count if self.membership.level == 0 else self.swarm_size >= count
@@ -536,10 +541,13 @@ class Peer:
             peers = await self.live_peers()
             if not enough():  # progress shown only when there is a wait
                 with show_progress(f"waiting for {count} live peers", count, unit="peers") as shown:
+                    pause, longest = WAIT_POLL
                     while not enough():
                         shown.update(self.swarm_size)
-                        await self.membership.publish(self._record())
-                        await asyncio.sleep(0.2)
+                        if self.peer_id not in peers:  # a store that reached too few replicas, or an expired record
+                            await self.membership.publish(self._record())
+                        await asyncio.sleep(pause)
+                        pause = min(2 * pause, longest)
                         peers = await self.live_peers()
                     shown.update(self.swarm_size)
             if count > 1:
