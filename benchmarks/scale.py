@@ -6,8 +6,10 @@ plain ``hivemind-dht`` node: a DHT node that is not a gossiptrain peer), with a 
 ``--rounds`` slots of ``--every`` seconds, and report: the share of (peer, round) pairs averaged in a group of 3
 or more; the relative spread after the run (the largest distance of a peer's values from the mean of all, over
 the mean's norm); the longest round against its bound (``Timeouts``: the slowest path a round may take); and the
-DHT calls and record bytes per peer and round, as each peer counted them (``membership.DHTTraffic``).  With the
-swarm still up, ``gossiptrain status`` is timed and its swarm size read.
+DHT calls and record bytes per peer and round, as each peer counted them (``membership.DHTTraffic``); and the CPU
+the peers and their daemons used over the rounds, per peer and in all (in cores: above this machine's count, every
+peer waits for the CPU, which the round's timeouts do not allow for).  With the swarm still up, ``gossiptrain
+status`` is timed and its swarm size read.
 
 Simulated: ``gossiptrain.simulation`` (the same peers' code on modelled links, in virtual time) at 100, 300 and
 1000 peers, 150 ms RTT, 1% loss, 5% of peers crashing and as many joining over 10 slots of ``--every`` seconds; then
@@ -55,6 +57,7 @@ def live_worker(index: int, initial_peers: list[str], args: dict, ready, start, 
 
     async def main() -> None:
         options = dict(initial_peers=initial_peers, host_maddrs=[LOOPBACK], round_interval=args["every"])
+        options["heartbeat_ttl"] = args["heartbeat_ttl"]
         async with Peer(RUN_ID, **options) as peer:
             values = torch.randn(args["numel"], generator=torch.Generator().manual_seed(index))
             ready.put(index)
@@ -106,6 +109,22 @@ def timed_status(initial: list[str]) -> tuple[float, float | None, re.Match | No
     return time.monotonic() - started, answered, title
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """The CPU seconds used so far by processes ``pids`` and their descendants (each peer's libp2p daemon)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            for member in [process, *process.children(recursive=True)]:
+                times = member.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def round_bound() -> float:
     """The longest a round may take with default ``Timeouts``: reading the cell, joining the leader (its wait and
     the answer), opening the exchange's streams, the result's wait."""
@@ -128,6 +147,7 @@ def run_live(peers: int, args: argparse.Namespace) -> dict:
         initial = [bootstrap(processes, hivemind_dht=peers == min(args.live))]
         print("bootstrap:", *initial, flush=True)
         options = {"numel": args.numel, "rounds": args.rounds, "every": args.every, "linger": args.linger}
+        options["heartbeat_ttl"] = args.heartbeat_ttl
         started = time.monotonic()
         for batch in range(0, peers, START_BATCH):  # 64 daemons started at once miss p2pd's 15 s start-up limit
             for index in range(batch, min(peers, batch + START_BATCH)):
@@ -139,7 +159,10 @@ def run_live(peers: int, args: argparse.Namespace) -> dict:
         startup_s = time.monotonic() - started
         time.sleep(2 * args.every)  # the records of the last to start reach the others
         start.value = math.ceil(time.time() / args.every) + 2
+        pids = [worker.pid for worker in workers]
+        cpu_before, rounds_started = cpu_seconds(pids), time.monotonic()
         collected = [results.get(timeout=args.rounds * args.every + 300) for _ in range(peers)]
+        cpu_cores = (cpu_seconds(pids) - cpu_before) / (time.monotonic() - rounds_started)
         status_s, answered_s, title = timed_status(initial)
     finally:
         for worker in workers:
@@ -165,6 +188,8 @@ def run_live(peers: int, args: argparse.Namespace) -> dict:
         "round_bound_s": round_bound(),
         "dht_requests_per_peer_round": round(sum(c[2] for c in collected) / len(pairs), 2),
         "dht_bytes_per_peer_round": round(sum(c[3] for c in collected) / len(pairs)),
+        "cpu_cores": round(cpu_cores, 2),
+        "cpu_per_peer_pct": round(100 * cpu_cores / peers, 2),
         "swarm_size_estimates": sorted({c[5] for c in collected}),
         "status_s": round(status_s, 2),
         "status_answered_s": round(answered_s, 2) if answered_s is not None else None,
@@ -199,6 +224,7 @@ LIVE_COLUMNS = [
     ("max round s", "round_max_s", ".2f"),
     ("DHT calls/round", "dht_requests_per_peer_round", ".2f"),
     ("DHT bytes/round", "dht_bytes_per_peer_round", "d"),
+    ("CPU cores", "cpu_cores", ".2f"),
     ("status s", "status_s", ".2f"),
     ("answered s", "status_answered_s", ".2f"),
     ("status peers", "status_peers", "d"),
@@ -258,6 +284,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--every", type=float, default=4.0, help="seconds per slot (live)")
     parser.add_argument("--numel", type=int, default=1000)
+    parser.add_argument(
+        "--heartbeat-ttl", type=float, default=None, help="the live peers' heartbeat_ttl (default: Peer's)"
+    )
     parser.add_argument("--linger", type=float, default=30.0, help="seconds the live peers stay up after their rounds")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     args = parser.parse_args()
