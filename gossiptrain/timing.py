@@ -41,17 +41,14 @@ class RoundTiming:
 
     def typical(self, round_interval: float) -> float | None:
         """A typical round here, from registration to result: the median of the recent rounds plus the
-        registration lead; None until a round is measured.  From the first round on: a swarm whose rounds outgrow
-        their slot agrees on a stride at once, rather than spending its first rounds on slots of different offsets
-        (a run of a few rounds at high RTT would be mostly those); an outlier among the first rounds moves the
-        stride for a round or two, until the median of more outweighs it."""
-        if not self.rounds:
+        registration lead; None until 3 rounds are measured."""
+        if len(self.rounds) < 3:
             return None
         return statistics.median(self.rounds) + self.registration_lead(round_interval)
 
     def own_stride(self, round_interval: float) -> int:
         """How many slots one round spans here: the smallest power of two whose slots hold a ``typical`` round,
-        at most ``MAX_STRIDE``; 1 until a round is measured.  What a peer publishes."""
+        at most ``MAX_STRIDE``; 1 until 3 rounds are measured.  What a peer publishes."""
         typical = self.typical(round_interval)
         stride = 1
         while typical is not None and stride * round_interval < typical and stride < MAX_STRIDE:

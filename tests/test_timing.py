@@ -19,8 +19,9 @@ def test_rounds_that_outgrow_a_slot_span_a_power_of_two_of_slots_reported_once_p
     timing = RoundTiming()
     with caplog.at_level(logging.INFO, logger="gossiptrain.timing"):
         lines = [timing.record(0.1, 2.5, 2.0) for _ in range(5)]
-    assert "multiples of 2" in lines[0] and "at least 3.6s" in lines[0], "a verdict from the first round on"
-    assert lines[1:] == [None] * 4 and len(caplog.records) == 1, "one line, not one per round"
+    assert lines[:2] == [None, None] and timing.stride(2.0) == 2, "no verdict from fewer than 3 rounds"
+    assert "multiples of 2" in lines[2] and "at least 3.6s" in lines[2]
+    assert lines[3:] == [None, None] and len(caplog.records) == 1, "one line, not one per round"
     assert caplog.records[0].levelno == logging.INFO, "the swarm adapts: nothing for the user to fix"
     for _ in range(8):
         timing.record(0.1, 7.0, 2.0)
