@@ -4,11 +4,11 @@ Reads of an eventually consistent DHT differ (a record not yet on every replica,
 that each peer computed from its own read would differ with them. So one peer decides: each peer of a cell sends its
 leader (``matchmaking.leader_candidates``) a JOIN with its round record, and the leader answers a PLAN with the
 member's group. The leader waits for the JOINs of the peers it read (all of them, or once half of the established
-ones have come, the straggler deadline, but not before every member's read has ended; at most ``join``), reads the cell
-again and waits likewise for the peers that read missed, then half as long again, up to ``straggler_min``, for peers no
-read found; it takes in any peer that joins without being in its reads, and partitions the peers that joined
-(``matchmaking.partition``). A peer that registered and never joins (it crashed, or its read failed) is in no group: it
-costs its cell's start at most the time the members' reads may take, and no member waits for it.
+ones have come, the straggler deadline; at most ``join``), reads the cell again and waits likewise for the peers that
+read missed, then half as long again, up to ``straggler_min``, for peers no read found; it takes in any peer that
+joins without being in its reads,
+and partitions the peers that joined (``matchmaking.partition``). A peer that registered and never joins (it
+crashed, a ghost) is in no group, so no member waits for it.
 
 Failure semantics: a member whose read missed the leader joins another peer, which answers with the leader it knows
 (a REJECT naming ``leader``: the member joins that one, once). A candidate that cannot be reached, does not answer
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,9 +51,6 @@ class CellAssembly:
     Args:
         own: the leader's round record; JOINs of another kind (``matchmaking.kind``) are refused.
         records: the compatible records the leader read, its own included: whose JOINs it waits for.
-        reads_end: the loop time by which every member's read of the cell has ended (the slot's start plus
-            ``Timeouts.matchmaking``): a member JOINs once its read is done, so a peer the leader read is waited
-            for until then at least, whatever the straggler deadline (on a loaded machine reads differ by seconds).
     """
 
     def __init__(
@@ -66,10 +62,8 @@ class CellAssembly:
         records: Mapping[str, Mapping[str, Any]],
         group_size: int,
         timeouts: Timeouts,
-        reads_end: float = -math.inf,
     ):
         self.run_id, self.round_id, self.me, self.own = run_id, round_id, me, own
-        self.reads_end = reads_end
         self.group_size, self.timeouts = group_size, timeouts
         self.expected = set(records)
         # those whose JOINs count towards the quorum: established peers (``groups.established``) where there are
@@ -119,14 +113,12 @@ class CellAssembly:
 
     async def _await_joins(self, started: float, deadline: float) -> float:
         """Wait until every expected peer joined, or the deadline (the straggler deadline once a quorum of the
-        established ones is in, not before ``reads_end``); returns the deadline."""
+        established ones is in); returns the deadline."""
         loop = asyncio.get_running_loop()
         quorum = straggler_quorum(len(self.settled))
         while not self.expected <= self.records.keys():
             if len(self.settled & self.records.keys()) >= quorum:
-                straggler = self.timeouts.straggler_deadline(started, loop.time())
-                if straggler is not None:
-                    deadline = min(deadline, max(straggler, self.reads_end))
+                deadline = min(deadline, self.timeouts.straggler_deadline(started, loop.time()) or deadline)
             self._changed.clear()
             try:
                 async with asyncio.timeout_at(deadline):

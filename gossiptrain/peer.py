@@ -769,10 +769,8 @@ class Peer:
     ) -> tuple[list[str], dict[str, Any]]:
         """Lead our cell of ``round_id``: wait for the JOINs of ``expected`` (``assembly.CellAssembly``), decide the
         groups, and return ours with its members' records."""
-        loop = asyncio.get_running_loop()
-        reads_end = loop.time() + self.round_start(round_id) + self.timeouts.matchmaking - self.now()
         assembly = CellAssembly(
-            self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts, reads_end
+            self.run_id, round_id, self.peer_id, record, expected, self.target_group_size, self.timeouts
         )
         role.lead(assembly)
 
