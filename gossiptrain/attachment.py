@@ -105,8 +105,8 @@ class Attachment:
     round strategy's state with this peer's own residuals and reference, the step and round
     counters); ``checkpoint_every`` does so every that many steps, when the next step begins (the
     loop's ``scheduler.step()`` has run by then) or on ``close()``.  ``attach`` with an existing
-    ``checkpoint`` restores it first, then compares its step with the live peers': if the swarm is
-    ahead it loads the swarm's state on top (as a joiner does), otherwise it keeps its own, and it
+    ``checkpoint`` restores it first, then compares its step with a live peer's state (downloaded, as a
+    joiner does): if the swarm is ahead it loads that state on top, otherwise it keeps its own, and it
     says which in one log line.  A round in flight when the checkpoint is written is not in it.
 
     Args:
@@ -594,21 +594,17 @@ class Attachment:
 
     def _join(self, timeout: float, own: dict[str, Any] | None) -> None:
         """Load a live peer's training state, unless this peer is the first of its run (see Joining), or,
-        after a restart from a checkpoint (``own``), unless the swarm is not ahead of it (see Checkpoints)."""
+        after a restart from a checkpoint (``own``), unless the swarm's state is not ahead of it (see Checkpoints).
+        That is judged on the state downloaded, not on the steps of the membership records, which are only as
+        recent as their last refresh (``Peer``'s heartbeat_ttl)."""
         started = time.perf_counter()
-        if own is not None:
-            records = self._loop.run(self.peer.live_peers(), timeout=10)
-            swarm_step = training_state.swarm_step(records, self.peer.peer_id)
-            if training_state.resume_source(own["local_step"], swarm_step) == "checkpoint":
-                why = "no other live peer" if swarm_step is None else f"the swarm is at step {swarm_step}"
-                return self._say_resumed("checkpoint", own, why)
         try:
             state = self._loop.run(
                 download_state(self.peer, timeout=timeout, validate=self._check_state), timeout=timeout + 10
             )
         except NoStateDonors:
             if own is not None:
-                return self._say_resumed("checkpoint", own, "no live peer serves its state")
+                return self._say_resumed("checkpoint", own, "no other live peer serves its state")
             logger.info("no live peer of run %r serves its state: keeping our own initialisation", self.peer.run_id)
             return
         if own is not None and training_state.resume_source(own["local_step"], state["local_step"]) == "checkpoint":

@@ -11,7 +11,7 @@ reference and residuals), and the attachment adds the model's buffers and its ro
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,16 +122,6 @@ def load(
             p.copy_(start[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     return state["local_step"]
-
-
-def swarm_step(records: Mapping[str, Mapping[str, Any]], own_id: str) -> int | None:
-    """The highest step that a live peer of the run other than this one published, None if none did."""
-    steps = [
-        record.get("step")
-        for peer, record in records.items()
-        if peer != own_id and isinstance(record.get("step"), int) and not isinstance(record.get("step"), bool)
-    ]
-    return max(steps, default=None)
 
 
 def resume_source(own_step: int, swarm_step: int | None) -> str:

@@ -72,9 +72,6 @@ def test_a_checkpoint_restores_the_strategy_state_of_both_modes_and_the_schedule
 
 
 def test_a_restarted_peer_goes_on_from_the_swarm_only_if_the_swarm_is_ahead():
-    records = {"me": {"step": 900}, "a": {"step": 120}, "b": {"step": "many"}, "c": {}}
-    assert training_state.swarm_step(records, "me") == 120
-    assert training_state.swarm_step({"me": {"step": 5}}, "me") is None
     assert training_state.resume_source(100, 120) == "swarm"
     assert training_state.resume_source(120, 120) == "checkpoint"
     assert training_state.resume_source(100, None) == "checkpoint"
@@ -120,7 +117,7 @@ def test_attach_keeps_the_users_optimizer_and_restores_its_own_checkpoint_when_a
         assert fresh_scheduler.state_dict()["last_epoch"] == 10
         assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resumed run")]
-    assert f"from our own checkpoint {path} at step 10 (no other live peer)" in line
+    assert f"from our own checkpoint {path} at step 10 (no other live peer serves its state)" in line
 
 
 @pytest.mark.timeout(180)
