@@ -62,9 +62,12 @@ LEFT = "left"
 CERT = "cert"
 MAX_REMEMBERED_REFUSALS = 4096  # distinct refused peer ids remembered (so each is logged once), then forgotten
 MAX_VERIFIED_RECORDS = 4096  # digests of records whose signature was checked: each replica's copy is checked once
-CELL_PEERS = 16  # a key of member or round records holds about this many peers (from 0.7x to 1.4x of it)
+CELL_PEERS = 16  # a key of member or round records holds about this many peers (from 0.57x to 1.74x of it)
 MAX_LEVEL = 20  # 2**20 shards: sixteen million peers
-LEVEL_MARGIN = 0.15  # a peer moves to another level once its estimate is this far (in log2) past a boundary
+# a peer moves to another level once its estimate is this far (in log2) past a boundary: one key, where every peer
+# reads every other and groups mix exactly (``groups``), holds a swarm that grew to 27 peers (3**3: one epoch of
+# groups of 3 gives every peer the global mean), where 0.15 split it into two cells at 26
+LEVEL_MARGIN = 0.3
 
 
 def shard(text: str, level: int) -> int:
@@ -396,5 +399,12 @@ class Membership:
         entries = await self._read(key)
         self._refused_rounds = {key for key in self._refused_rounds if key[0] >= round_id - 2}
         entries = self._admitted(entries, round_id)
+        before = self.level
         self.observe(entries, level)
+        if self.level < before:
+            # a cell that holds few may be one the swarm has left (we fell behind by more than the parent
+            # registrations reach), and two peers left behind pull each other down to level 0: our shard of member
+            # records, where the peers above keep a census (``census_levels``), decides whether we go down
+            self.level = before
+            await self.live_peers()
         return {peer: record for peer, record in entries.items() if record.get("level", level) == level}

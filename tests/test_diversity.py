@@ -20,18 +20,21 @@ def _far_apart(names, numel: int = 512) -> dict[str, torch.Tensor]:
     return {name: torch.randn(numel, generator=generator) + i for i, name in enumerate(names)}
 
 
-async def _epoch(defences: Defences, hostile: str | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Sixteen peers (one cell) average far-apart vectors for one Moshpit epoch (two rounds of groups of four): their
-    values and the statuses of their rounds."""
-    swarm = SimulatedSwarm(link=WAN, defences=defences, round_interval=2.0)
-    for i in range(16):
-        await swarm.add(f"peer{i}", client=hostile is not None and i == 15)
+async def _epoch(
+    defences: Defences, hostile: str | None = None, group: int = 4, depth: int = 2
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``group ** depth`` peers (one cell) average far-apart vectors for one Moshpit epoch (``depth`` rounds of groups
+    of ``group``), the last one ``hostile`` where given: their values and the statuses of their rounds."""
+    swarm = SimulatedSwarm(link=WAN, defences=defences, round_interval=2.0, target_group_size=group)
+    count = group**depth
+    for i in range(count):
+        await swarm.add(f"peer{i}", client=hostile is not None and i == count - 1)
     if hostile is not None:
-        swarm.peers["peer15"].exchange_class = faulty_exchange(hostile)
+        swarm.peers[f"peer{count - 1}"].exchange_class = faulty_exchange(hostile)
     values = _far_apart(swarm.peers)
-    first = 2 * math.ceil(max(peer.next_round_id() for peer in swarm.peers.values()) / 2)
+    first = depth * math.ceil(max(peer.next_round_id() for peer in swarm.peers.values()) / depth)
     statuses = set()
-    for round_id in range(first, first + 2):
+    for round_id in range(first, first + depth):
         results = await swarm.round(values, round_id=round_id)
         statuses.update(r.status for r in results.values())
         values = {name: r.averaged for name, r in results.items()}
@@ -40,10 +43,11 @@ async def _epoch(defences: Defences, hostile: str | None = None) -> tuple[dict[s
 
 
 def test_far_apart_honest_vectors_reach_the_exact_mean_with_the_default_defences():
-    """``Peer.average``'s default mode judges vectors against the cell's spread (``sketches``): honest peers 15
-    apart are not clipped, no mean is refused, and one epoch gives every peer the global mean."""
-    expected = torch.stack(list(_far_apart([f"peer{i}" for i in range(16)]).values())).mean(0)
-    values, statuses = run(_epoch(Defences()))
+    """``Peer.average``'s default mode judges vectors against the cell's spread (``sketches``): 27 honest peers 26
+    apart, in groups of 3, are not clipped, no mean is refused, and they stay one cell (``membership.LEVEL_MARGIN``),
+    so one epoch of three rounds gives every peer the global mean."""
+    expected = torch.stack(list(_far_apart([f"peer{i}" for i in range(27)]).values())).mean(0)
+    values, statuses = run(_epoch(Defences(), group=3, depth=3))
     assert statuses == {"averaged"}
     for averaged in values.values():
         assert torch.allclose(averaged, expected, atol=1e-4)
