@@ -73,6 +73,7 @@ class CellAssembly:
         self.records: dict[str, Mapping[str, Any]] = {me: own}
         self._changed = asyncio.Event()
         self.groups: dict[str, list[str]] | None = None  # member -> its group, once decided
+        self.demoted: frozenset[str] = frozenset()  # members that own no shard (``matchmaking.accused``)
         self._decided = asyncio.get_running_loop().create_future()
 
     def join(self, peer: str, record: Mapping[str, Any]) -> None:
@@ -107,6 +108,7 @@ class CellAssembly:
         grace = min(self.timeouts.straggler_min, max(MIN_GRACE, (loop.time() - started) / 2))
         await asyncio.sleep(max(0.0, min(deadline, loop.time() + grace) - loop.time()))
         groups = matchmaking.partition(self.run_id, self.round_id, self.records, self.group_size)
+        self.demoted = matchmaking.accused(self.records)
         self.groups = {peer: group for group in groups for peer in group}
         self._decided.set_result(self.groups)
         return self.groups
@@ -133,6 +135,8 @@ class CellAssembly:
     def plan_message(self, group: list[str]) -> dict[str, Any]:
         """The PLAN of ``group``: its members and what ``matchmaking.plan_of`` needs of their records."""
         fields = {peer: {f: self.records[peer].get(f) for f in PLAN_FIELDS} for peer in group}
+        for peer in self.demoted & set(group):  # caught by enough of the cell: it reduces no shard
+            fields[peer]["client"] = True
         return {"round_id": self.round_id, "members": group, "records": fields}
 
 

@@ -20,6 +20,7 @@ from gossiptrain.allreduce import GroupPlan
 from gossiptrain.groups import established, guarded_groups
 
 MAX_VOUCHES = 16  # a record names at most this many peers that answered it, the latest first (a reader reads no more)
+MAX_ACCUSED = 8  # a record names at most this many peers its writer caught, the latest first (a reader reads no more)
 
 
 def vouches(record: Mapping[str, Any] | None) -> frozenset[str]:
@@ -28,6 +29,32 @@ def vouches(record: Mapping[str, Any] | None) -> frozenset[str]:
     if not isinstance(answered, list):
         return frozenset()
     return frozenset(peer for peer in answered[:MAX_VOUCHES] if isinstance(peer, str))
+
+
+def accused(records: Mapping[str, Mapping[str, Any]]) -> frozenset[str]:
+    """The peers of ``records`` that at least a third of the others (and two at least) caught beyond any honest
+    values (``Peer.caught``, named in their records' ``caught``), counting only accusers not accused themselves.
+
+    A leader demotes them to clients in its plans (``assembly``): they still send their values and receive the
+    means, and own no shard.  An owner that shifts its shard's mean is refused by every member that checks it,
+    but while it keeps its seat those members never average that shard (two such owners of eight left the
+    honest peers' models apart: ``benchmarks/adversarial.py``, outer mode).  Bound: fewer than a third of a
+    cell's peers cannot demote an honest one, and a demoted honest peer loses its seat, not its round."""
+    named = {}
+    for peer, record in records.items():
+        caught = (record or {}).get("caught")
+        if isinstance(caught, list):
+            named[peer] = {other for other in caught[:MAX_ACCUSED] if isinstance(other, str) and other != peer}
+    needed = max(2, math.ceil((len(records) - 1) / 3))
+
+    def counted(excluded: frozenset[str]) -> frozenset[str]:
+        return frozenset(
+            peer
+            for peer in records
+            if sum(peer in named.get(other, ()) for other in records if other not in excluded) >= needed
+        )
+
+    return counted(counted(frozenset()))
 
 
 def declared_mbit(record: Mapping[str, Any] | None) -> float | None:

@@ -619,6 +619,7 @@ class Peer:
         if self.bandwidth_mbit is not None:
             record["mbit"] = self.bandwidth_mbit
         record["sketch"] = sketches.sketch(snapshot, self.run_id, round_id)
+        record["caught"] = list(self.caught)[-matchmaking.MAX_ACCUSED :][::-1]  # ``matchmaking.accused``
         record["stride"] = self.timing.own_stride(self.round_interval)
         loop = asyncio.get_running_loop()
         role = self._take_role(round_id)
@@ -640,6 +641,7 @@ class Peer:
         reference = cell_size = 0.0  # per value: how far apart the cell's values lie, and how large they are
         if self.defences.cell_spread is not None:
             others = [r.get("sketch") for peer, r in view.items() if peer != self.peer_id]
+            others = sketches.of_honest_size(others, self.defences.catch)
             reference = sketches.typical_distance(record["sketch"], others, self.defences.cell_spread)
             cell_size = sketches.typical_size([record["sketch"], *others], self.defences.cell_spread)
         exchange = self.exchange_class(
@@ -778,7 +780,7 @@ class Peer:
             return matchmaking.compatible(record, self.peer_id, await self.membership.round_participants(round_id))
 
         members = (await assembly.decide(reread))[self.peer_id]
-        return members, {peer: assembly.records[peer] for peer in members}
+        return members, assembly.plan_message(members)["records"]  # what every member's plan is built from
 
     def _take_role(self, round_id: int) -> Role:
         """Our role in ``round_id``'s cell, made as we register for it (a JOIN may come before we read the cell);

@@ -7,7 +7,8 @@ peer of a round samples the same ``SKETCH_VALUES`` positions of its vector (draw
 publishes their values with its round registration, and an owner's radius is at least ``clip`` times the distance
 from its own values to the cell's at a quantile (``Defences.cell_spread``), scaled to its shard (``typical_distance``).
 
-Failure semantics: a record without a sketch, or with one that does not decode, is left out.  A hostile record moves
+Failure semantics: a record without a sketch, or with one that does not decode, is left out, and so is one whose
+values are over ``Defences.catch`` times the cell's median size (``of_honest_size``).  Any other hostile record moves
 the quantile by one place, so while fewer than a tenth of the cell's records are hostile (by default's 0.9: one in a
 cell of up to eleven), the floor stays within the distances between honest peers: the bound on a hostile
 contribution becomes the honest cell's spread rather than the group's.  An honest peer farther than ``clip`` times
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -67,12 +69,27 @@ def typical_size(sketches: Iterable[Any], quantile: float) -> float:
     """The root-mean-square value of the cell's sketches (ours among them) at ``quantile`` and never the largest:
     how large this round's honest values are, per value, whatever they are (parameters, pseudo-gradients, any
     vector).  A mean of honest values is no larger than the largest of them.  0 where fewer than two decode."""
-    sizes = sorted(
-        math.sqrt(float(np.mean(values**2)))
-        for values in (_decode(data, len(data) // 2) for data in sketches if isinstance(data, bytes))
-        if values is not None and len(values)
-    )
-    return _below_the_largest(sizes, quantile)
+    return _below_the_largest(sorted(size for data in sketches if (size := _size(data)) is not None), quantile)
+
+
+def _size(data: Any) -> float | None:
+    """The root-mean-square of a sketch's values; None where it does not decode."""
+    values = _decode(data, len(data) // 2) if isinstance(data, bytes) else None
+    return math.sqrt(float(np.mean(values**2))) if values is not None and len(values) else None
+
+
+def of_honest_size(sketches: list[Any], factor: float | None) -> list[Any]:
+    """``sketches`` without those whose values are over ``factor`` times the cell's median size (root-mean-square,
+    of all that decode): values that large are no honest peer's (``Defences.catch``), and counted, a few of them set
+    the upper quantiles of ``typical_distance`` and ``typical_size`` (two hostile peers of the six in a round raised
+    the floor of an honest member's mean check tenfold).  All of them where ``factor`` is None or fewer than three
+    decode."""
+    sizes = [_size(data) for data in sketches]
+    known = [size for size in sizes if size is not None]
+    if factor is None or len(known) < 3:
+        return list(sketches)
+    limit = factor * statistics.median_low(known)
+    return [data for data, size in zip(sketches, sizes) if size is None or size <= limit]
 
 
 def _below_the_largest(ordered: list[float], quantile: float) -> float:

@@ -84,6 +84,24 @@ def test_the_cell_s_typical_distance_ignores_a_liar_and_what_does_not_decode():
     assert sketches.sketch(own, "run", 7) == sketches.sketch(own, "run", 7) != sketches.sketch(own, "run", 8)
 
 
+def test_values_far_larger_than_the_cell_s_move_neither_its_spread_nor_its_size():
+    """Two of six peers whose values are 10x the others' (hostile, or corrupted by a hostile mean) would set the
+    upper quantiles: ``of_honest_size`` leaves them out before the cell's distance and size are taken."""
+    generator = torch.Generator().manual_seed(3)
+    own = torch.randn(10_000, generator=generator)
+    honest = [_sketch(own + 0.1 * torch.randn(10_000, generator=generator)) for _ in range(3)]
+    large = [_sketch(10 * torch.randn(10_000, generator=generator)) for _ in range(2)]
+    kept = sketches.of_honest_size([*honest, *large], 4.0)
+    assert kept == honest
+    assert (
+        sketches.typical_distance(_sketch(own), kept, 0.9)
+        < 0.2
+        < sketches.typical_distance(_sketch(own), [*honest, *large], 0.9)
+    )
+    assert sketches.of_honest_size([*honest, *large], None) == [*honest, *large]
+    assert sketches.of_honest_size(large, 4.0) == large, "fewer than three: no median to judge by"
+
+
 def test_two_halves_that_trained_apart_while_the_dht_was_split_merge_into_one_model_with_no_peer_caught():
     """Two groups of three averaged only among themselves (a DHT split): each agrees inside, the two lie apart
     by half the parameters' size.  Healed, their parameter rounds (``mode="params"``, every defence on) bring

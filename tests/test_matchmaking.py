@@ -3,7 +3,15 @@
 import asyncio
 
 from gossiptrain.assembly import MIN_GRACE, CellAssembly
-from gossiptrain.matchmaking import MAX_VOUCHES, compatible, leader_candidates, partition, plan_of, vouches
+from gossiptrain.matchmaking import (
+    MAX_VOUCHES,
+    accused,
+    compatible,
+    leader_candidates,
+    partition,
+    plan_of,
+    vouches,
+)
 from gossiptrain.rounds import Timeouts
 from gossiptrain.virtual_time import run
 
@@ -24,6 +32,26 @@ def test_clients_reduce_no_shard_and_declared_speeds_size_the_shards():
     records["bad"] = _record(mbit=float("nan"))
     shards = plan_of("run", 5, sorted(records), 100, records).shards()
     assert "client" not in shards and set(shards) == {"me", "fast", "bad"}
+
+
+def test_a_peer_caught_by_a_third_of_the_cell_is_demoted_and_two_accusers_of_nine_demote_no_one():
+    """``accused``: a third of the others (two at least) must name a peer; accusers that are themselves accused do
+    not count, so two hostile peers of nine cannot demote an honest one, however often they name it."""
+    records = {f"p{i}": _record() for i in range(7)} | {"bad0": _record(), "bad1": _record()}
+    for i in range(3):
+        records[f"p{i}"]["caught"] = ["bad0", "bad1"]
+    records["bad0"]["caught"] = records["bad1"]["caught"] = ["p5", "p6", "bad0"]  # naming itself counts nothing
+    assert accused(records) == {"bad0", "bad1"}
+    records["p3"]["caught"] = ["p5"]  # a third accuser, but the two others are demoted: still no one honest
+    assert accused(records) == {"bad0", "bad1"}
+    records["p0"]["caught"] = ["bad0"]  # two of the eight others name bad1 now: fewer than a third
+    assert accused(records) == {"bad0"}
+    for record in records.values():
+        record["caught"] = "not a list"
+    assert accused(records) == set()
+    records = {f"p{i}": _record() for i in range(7)} | {"bad0": _record(), "bad1": _record()}
+    records["bad0"]["caught"] = records["bad1"]["caught"] = records["p3"]["caught"] = ["p5"]
+    assert accused(records) == {"p5"}, "three of the eight others: a third of them"
 
 
 def test_the_leader_is_one_that_can_be_dialed_established_before_newcomers_the_same_for_every_reader():
