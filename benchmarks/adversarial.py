@@ -11,7 +11,10 @@ their round exchange is ``gossiptrain.testing.FaultyExchange`` with one attack:
 
 - ``huge``: uploads its values times 1e4 (a client: it reduces no shard);
 - ``heavy``: uploads its values plus 1 with a claimed weight of 1e9 (a client);
-- ``shifted_mean``: owns a shard and returns its shard's mean plus 1 to its group.
+- ``shifted_mean``: owns a shard and returns its shard's mean plus 1 to its group;
+- ``absent`` (``--simulate`` only): the last ``hostile`` peers are not in the swarm at all.  With ``--non-iid`` their
+  data is then missing from the honest mean under any attack that the defences stop: this is what the honest
+  peers reach on their own, the reference an attack's cost is measured against where peers' data differ.
 
 Defence settings (``gossiptrain.allreduce.Defences``, the same on every peer of a run):
 
@@ -96,6 +99,7 @@ from gossiptrain.testing import LOOPBACK, LocalSwarm, faulty_exchange
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "adversarial"
 ATTACKS = ("huge", "heavy", "shifted_mean")
+ABSENT = "absent"  # --simulate: the last ``hostile`` peers are not there at all (the honest peers' own reference)
 DEFENCES = {
     "off": Defences.off(),
     "default": DEFAULT_DEFENCES,
@@ -249,6 +253,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     settings, repeat, started = TASK_SETTINGS[run["task"]], run.get("repeat", 0), time.monotonic()
     task = TASKS[run["task"]](model_seed=repeat)
     honest = range(args.peers - run["hostile"])
+    present = honest if run["attack"] == ABSENT else range(args.peers)
     models = [copy.deepcopy(task.model) for _ in range(args.peers)]
     optimizers = [torch.optim.Adam(model.parameters(), lr=settings["lr"]) for model in models]
     batches = [peer_batches(task, run, 1000 * repeat + i, i, args.peers) for i in range(args.peers)]
@@ -275,11 +280,8 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         return recording
 
     async def average(round_id: int, miss: float, final: bool = False) -> None:
-        taking_part = [
-            i
-            for i in range(args.peers)
-            if i not in honest or random.Random(10**6 * repeat + 10**3 * round_id + i).random() >= miss
-        ]
+        seed = 10**6 * repeat + 10**3 * round_id
+        taking_part = [i for i in present if i not in honest or random.Random(seed + i).random() >= miss]
         slot = max(swarm.peers[f"peer{i}"].next_round_id() for i in taking_part)
         snapshots = {i: parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
         weight = settings["every_steps"] * settings["batch_size"]
@@ -310,7 +312,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
                 records[i].append({"round": round_id, "status": status, "rejected": rejected})
 
     async def train() -> None:
-        for i in range(args.peers):
+        for i in present:
             hostile = i not in honest
             peer = await swarm.add(f"peer{i}", client=hostile and run["attack"] != "shifted_mean")
             if hostile:
@@ -321,7 +323,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             rejections.record = charging(rejections.record)
         round_id = 0
         for step in range(1, steps + 1):
-            for model, optimizer, batch in zip(models, optimizers, batches):
+            for model, optimizer, batch in zip(models[: len(present)], optimizers, batches):
                 loss = task.loss(model, next(batch))
                 optimizer.zero_grad()
                 loss.backward()
@@ -646,8 +648,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     tasks = [t for t in args.tasks.split(",") if t]
     attacks = [a for a in args.attacks.split(",") if a]
     modes = tuple(m for m in args.modes.split(",") if m)
-    if unknown := [a for a in attacks if a not in ATTACKS] + [t for t in tasks if t not in TASK_SETTINGS]:
-        parser.error(f"unknown attack(s) or task(s) {unknown}: choose from {ATTACKS} and {sorted(TASK_SETTINGS)}")
+    known = (*ATTACKS, ABSENT) if args.simulate else ATTACKS
+    if unknown := [a for a in attacks if a not in known] + [t for t in tasks if t not in TASK_SETTINGS]:
+        parser.error(f"unknown attack(s) or task(s) {unknown}: choose from {known} and {sorted(TASK_SETTINGS)}")
     if unknown := [m for m in modes if m not in MODES]:
         parser.error(f"unknown mode(s) {unknown}: choose from {MODES}")
     if not args.simulate and (args.non_iid or modes != ("params",)):

@@ -4,7 +4,8 @@ Reads of an eventually consistent DHT differ (a record not yet on every replica,
 that each peer computed from its own read would differ with them. So one peer decides: each peer of a cell sends its
 leader (``matchmaking.leader_candidates``) a JOIN with its round record, and the leader answers a PLAN with the
 member's group. The leader waits for the JOINs of the peers it read (all of them, or once half of the established
-ones have come, the straggler deadline; at most ``join``), reads the cell again and waits likewise for the peers that
+ones have come, as long again as those took since the reads began, at least ``straggler_min``: ``JOIN_GRACE``; at
+most ``join``), reads the cell again and waits likewise for the peers that
 read missed, then half as long again, up to ``straggler_min``, for peers no read found; it takes in any peer that
 joins without being in its reads,
 and partitions the peers that joined (``matchmaking.partition``). A peer that registered and never joins (it
@@ -37,6 +38,9 @@ from gossiptrain.transport import ByteCounter, FrameKind, ProtocolError, close_a
 logger = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 8  # leaders a member tries in one round (within twice ``join``) before it gives up
+# once a quorum of the cell JOINed, the others get as long again as the quorum took since the reads began: a JOIN comes
+# after a DHT read, whose time varies by round trips (a lost packet at a high RTT costs more than ``straggler_min``)
+JOIN_GRACE = 1.0
 MIN_GRACE = 0.1  # seconds a leader waits at least for peers its read missed (they JOIN when the others do)
 PLAN_FIELDS = ("client", "mbit")  # what a PLAN says of each member: what ``matchmaking.plan_of`` reads
 
@@ -86,13 +90,17 @@ class CellAssembly:
         self._changed.set()
 
     async def decide(
-        self, reread: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None
+        self,
+        reread: Callable[[], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None,
+        read_started: float | None = None,
     ) -> dict[str, list[str]]:
         """Wait for the JOINs (see the module docstring), then partition the peers that joined.  ``reread`` reads
         the cell's compatible records again once the expected peers are in: registrations our first read missed
-        (one replica had them, or they came late) are then waited for too."""
+        (one replica had them, or they came late) are then waited for too.  ``read_started``: when our read of the
+        cell began (loop time; now if None), as every member's did: a member JOINs once its own read is done, so
+        the wait for the JOINs after a quorum (``JOIN_GRACE``) counts the quorum's time from there."""
         loop = asyncio.get_running_loop()
-        started, deadline = loop.time(), loop.time() + self.timeouts.join
+        started, deadline = loop.time() if read_started is None else read_started, loop.time() + self.timeouts.join
         deadline = await self._await_joins(started, deadline)
         if reread is not None and loop.time() < deadline:
             try:
@@ -119,8 +127,9 @@ class CellAssembly:
         loop = asyncio.get_running_loop()
         quorum = straggler_quorum(len(self.settled))
         while not self.expected <= self.records.keys():
-            if len(self.settled & self.records.keys()) >= quorum:
-                deadline = min(deadline, self.timeouts.straggler_deadline(started, loop.time()) or deadline)
+            if len(self.settled & self.records.keys()) >= quorum and self.timeouts.straggler_grace is not None:
+                now = loop.time()
+                deadline = min(deadline, now + max(JOIN_GRACE * (now - started), self.timeouts.straggler_min))
             self._changed.clear()
             try:
                 async with asyncio.timeout_at(deadline):

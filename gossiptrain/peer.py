@@ -477,6 +477,17 @@ class Peer:
             await self._dial(to_dial)
         return peers
 
+    async def _follow_strides(self) -> None:
+        """Read the members' records for the strides they publish (``timing``): a peer whose round failed while the
+        others found their stride keeps its own of 1 and would take every next slot alone, until it had measured
+        three rounds of its own (8 peers at 300 ms RTT: three slots alone in a row).  A read that fails changes
+        nothing."""
+        try:
+            async with asyncio.timeout(self.timeouts.matchmaking):
+                self._observe_strides(await self.membership.live_peers())
+        except Exception as e:  # the next round's read tries again
+            logger.debug("could not read the members' strides: %r", e)
+
     def _observe_strides(self, records: dict[str, dict[str, Any]]) -> None:
         self.timing.observe([record.get("stride") for peer, record in records.items() if peer != self.peer_id])
 
@@ -635,6 +646,8 @@ class Peer:
         if not plan.reducers or len(members) == 1:
             if len(members) == 1:
                 result = self._alone(round_id, snapshot, mode, seen)
+                if seen == 1:  # no one else took this slot: learn the stride the others keep before choosing ours
+                    await self._follow_strides()
                 result.seconds = loop.time() - started
                 return result
             return self._failed(round_id, snapshot, f"every member of group {sorted(members)} is in client mode")
@@ -680,7 +693,14 @@ class Peer:
         # a peer we dial ourselves (``_to_dial``) whose answer did not reach us is dialed again before our next round
         self._connected -= set(plan.members) - result.answered
         self._agreed[mode], self._spread[mode] = result.agreed, result.spread
+        stride = self.timing.own_stride(self.round_interval)
         self.timing.record(registration_s, result.seconds, self.round_interval)
+        if self.timing.own_stride(self.round_interval) != stride:  # a peer left alone reads it there at once
+            try:
+                async with asyncio.timeout(self.timeouts.matchmaking):
+                    await self.publish_info()
+            except Exception as e:  # the heartbeat publishes it within a third of the record's lifetime
+                logger.debug("could not publish our stride: %r", e)
         return result
 
     async def _register_and_assemble(
@@ -717,7 +737,7 @@ class Peer:
         if to_dial := self._to_dial(participants):
             if set(to_dial) - self._connected:
                 await self._dial(to_dial)
-        assembled = await self._assemble(round_id, record, view, role)
+        assembled = await self._assemble(round_id, record, view, role, started)
         return assembled if isinstance(assembled, str) else (started, registration_s, view, assembled)
 
     def _alone(self, round_id: int, snapshot: torch.Tensor, mode: str, seen: int) -> RoundResult:
@@ -726,7 +746,7 @@ class Peer:
         return RoundResult(round_id, "alone", [self.peer_id], snapshot.clone(), participants=seen)
 
     async def _assemble(
-        self, round_id: int, record: dict[str, Any], view: dict[str, Any], role: Role
+        self, round_id: int, record: dict[str, Any], view: dict[str, Any], role: Role, read_started: float
     ) -> tuple[list[str], dict[str, Any]] | str:
         """Our group of ``round_id`` and its members' records, as our cell's leader decided it (``assembly``); we
         lead (``role``) if we come first among the candidates of ``view`` that answer.  A string says why there is
@@ -742,7 +762,7 @@ class Peer:
             leader = candidates[0]
             if leader == self.peer_id:
                 return await self._lead(
-                    round_id, record, {peer: r for peer, r in view.items() if peer not in tried}, role
+                    round_id, record, {peer: r for peer, r in view.items() if peer not in tried}, role, read_started
                 )
             role.follow(leader)
             tried.add(leader)
@@ -763,11 +783,11 @@ class Peer:
                 logger.debug("round %s: leader candidate %s did not answer: %r", round_id, leader, e)
             candidates = [c for c in candidates if c not in tried]
         if not self.client_mode:  # the candidates before us left or failed: we lead whoever still joins us
-            return await self._lead(round_id, record, {self.peer_id: record}, role)
+            return await self._lead(round_id, record, {self.peer_id: record}, role, read_started)
         return f"no leader of our cell answered (tried {len(tried)}: {sorted(tried)})"
 
     async def _lead(
-        self, round_id: int, record: dict[str, Any], expected: dict[str, Any], role: Role
+        self, round_id: int, record: dict[str, Any], expected: dict[str, Any], role: Role, read_started: float
     ) -> tuple[list[str], dict[str, Any]]:
         """Lead our cell of ``round_id``: wait for the JOINs of ``expected`` (``assembly.CellAssembly``), decide the
         groups, and return ours with its members' records."""
@@ -779,7 +799,7 @@ class Peer:
         async def reread() -> dict[str, Any]:
             return matchmaking.compatible(record, self.peer_id, await self.membership.round_participants(round_id))
 
-        members = (await assembly.decide(reread))[self.peer_id]
+        members = (await assembly.decide(reread, read_started))[self.peer_id]
         return members, assembly.plan_message(members)["records"]  # what every member's plan is built from
 
     def _take_role(self, round_id: int) -> Role:

@@ -130,7 +130,7 @@ def _client_with_reducer(connected: set[str]) -> tuple[Peer, FakeP2P, str]:
     records = {me: {**record, "client": True}, reducer: {**record, "client": False}}
     peer.membership = FakeMembership(records)
 
-    async def assemble(round_id, own, view, role):  # the reducer leads the cell and puts us with it
+    async def assemble(round_id, own, view, role, read_started):  # the reducer leads the cell and puts us with it
         return sorted(records), records
 
     peer._assemble = assemble
