@@ -106,3 +106,22 @@ def test_a_leader_waits_for_a_registration_its_first_read_missed_once_a_second_r
 
     assert set(run(main(reread=True))) == {"me", "early", "late"}
     assert set(run(main(reread=False))) == {"me", "early"}  # without it the late member is refused
+
+
+def test_a_leader_waits_for_a_read_member_as_long_again_as_the_quorum_took_since_the_reads_began():
+    """Eight peers at a high RTT: the reads began 1 s before the leader decides, half the cell JOINs 0.2 s later, and
+    one member whose read lost a packet JOINs 0.8 s after them.  Counted from the reads' start, the quorum took 1.2 s,
+    so the member is in; counted from the leader's decision (0.2 s), ``straggler_min`` alone had refused it."""
+
+    async def main(read_started_ago: float | None):
+        records = {"me": _record()} | {f"p{i}": _record() for i in range(7)}
+        assembly = CellAssembly("run", 7, "me", records["me"], records, 4, Timeouts(join=3.0, straggler_min=0.5))
+        loop = asyncio.get_running_loop()
+        for i in range(6):
+            loop.call_later(0.2, assembly.join, f"p{i}", _record())
+        loop.call_later(1.0, assembly.join, "p6", _record())
+        read_started = None if read_started_ago is None else loop.time() - read_started_ago
+        return await assembly.decide(None, read_started)
+
+    assert "p6" in run(main(1.0))
+    assert "p6" not in run(main(None))
