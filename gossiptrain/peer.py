@@ -480,8 +480,7 @@ class Peer:
     async def _follow_strides(self) -> None:
         """Read the members' records for the strides they publish (``timing``): a peer whose round failed while the
         others found their stride keeps its own of 1 and would take every next slot alone, until it had measured
-        three rounds of its own (8 peers at 300 ms RTT: three slots alone in a row).  A read that fails changes
-        nothing."""
+        three rounds of its own.  A read that fails changes nothing."""
         try:
             async with asyncio.timeout(self.timeouts.matchmaking):
                 self._observe_strides(await self.membership.live_peers())

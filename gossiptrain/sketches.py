@@ -81,9 +81,9 @@ def _size(data: Any) -> float | None:
 def of_honest_size(sketches: list[Any], factor: float | None) -> list[Any]:
     """``sketches`` without those whose values are over ``factor`` times the cell's median size (root-mean-square,
     of all that decode): values that large are no honest peer's (``Defences.catch``), and counted, a few of them set
-    the upper quantiles of ``typical_distance`` and ``typical_size`` (two hostile peers of the six in a round raised
-    the floor of an honest member's mean check tenfold).  All of them where ``factor`` is None or fewer than three
-    decode."""
+    the upper quantiles of ``typical_distance`` and ``typical_size`` (a quarter of a round's peers, hostile, set the
+    0.9 quantile, and with it the floor of every honest member's mean check).  All of them where ``factor`` is None
+    or fewer than three decode."""
     sizes = [_size(data) for data in sketches]
     known = [size for size in sizes if size is not None]
     if factor is None or len(known) < 3:
