@@ -127,9 +127,9 @@ class CellAssembly:
         loop = asyncio.get_running_loop()
         quorum = straggler_quorum(len(self.settled))
         while not self.expected <= self.records.keys():
-            if len(self.settled & self.records.keys()) >= quorum and self.timeouts.straggler_grace is not None:
-                now = loop.time()
-                deadline = min(deadline, now + max(JOIN_GRACE * (now - started), self.timeouts.straggler_min))
+            if len(self.settled & self.records.keys()) >= quorum:
+                cutoff = self.timeouts.straggler_deadline(started, loop.time(), grace=JOIN_GRACE)
+                deadline = min(deadline, cutoff or deadline)
             self._changed.clear()
             try:
                 async with asyncio.timeout_at(deadline):

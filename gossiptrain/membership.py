@@ -406,5 +406,8 @@ class Membership:
             # registrations reach), and two peers left behind pull each other down to level 0: our shard of member
             # records, where the peers above keep a census (``census_levels``), decides whether we go down
             self.level = before
-            await self.live_peers()
+            try:
+                await self.live_peers()
+            except Exception as e:  # this round's read stands; we stay where we were until a read decides
+                logger.debug("could not read our member shard before leaving level %s: %r", before, e)
         return {peer: record for peer, record in entries.items() if record.get("level", level) == level}

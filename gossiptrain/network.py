@@ -32,7 +32,7 @@ RELAY_LIMITS = {"relayMaxCircuits": 16, "relayDataLimit": 1 << 30, "relayTimeLim
 DHT_SERVER_MIN_MBIT = 10.0  # a peer that declares a slower link is a DHT client (``LibP2PNetwork``)
 # Kademlia's k, the nodes a lookup keeps at each step and a routing bucket holds: with hivemind's 20, every store and
 # every read of a swarm of tens of peers visits 20 nodes, each answering with 20 peer ids, and those lookups were half
-# of a live peer's busy CPU (``benchmarks/scale.py``); records still go to ``num_replicas`` (5) nodes
+# of a live peer's busy CPU (py-spy on one of ``benchmarks/scale.py``'s 32 peers); records still go to 5 replicas
 DHT_BUCKET = 8
 DAEMON_EXIT_WAIT = 2.0  # seconds a daemon that gave up at start gets to exit by itself before it is terminated
 

@@ -39,11 +39,12 @@ class Timeouts:
                 f"Timeouts.straggler_grace must be None (wait for every transfer) or a number >= 0, not {grace!r}"
             )
 
-    def straggler_deadline(self, started: float, now: float) -> float | None:
-        """When the transfers still pending at ``now`` are left out (loop time), or None for never."""
+    def straggler_deadline(self, started: float, now: float, grace: float | None = None) -> float | None:
+        """When the transfers still pending at ``now`` are left out (loop time), or None for never: ``grace`` (by
+        default ``straggler_grace``) times the time since ``started``, at least ``straggler_min``."""
         if self.straggler_grace is None:
             return None
-        return now + max(self.straggler_grace * (now - started), self.straggler_min)
+        return now + max((self.straggler_grace if grace is None else grace) * (now - started), self.straggler_min)
 
 
 AVERAGED = ("averaged", "partial")  # the statuses of a round that took at least one of its group's means
