@@ -16,9 +16,10 @@ the rounds alone:
   coordinates, relative to the start (1.0: no averaging at all; int8 rounding leaves ~1e-3).
 
 The heterogeneous case (``--slow-mbit``, one peer among ``--mbit`` peers) runs at ``--slow-rtt-ms``
-with 4 peers and ``--slow-numel`` values, three times in the same invocation: all peers fast;
-peer 4 slow; peer 4 slow and declaring its speed (``bandwidth_mbit``).  It reports the fast peers' round times
-(``fast_round_p50_s``) and their ratio to the all-fast run (``slowdown``).
+with each of ``--slow-peers`` swarm sizes and ``--slow-numel`` values, three times in the same invocation: all
+peers fast; the last peer slow; the last peer slow and declaring its speed (``bandwidth_mbit``).  It reports the
+fast peers' round times (``fast_round_p50_s``) and their ratio to the all-fast run (``slowdown``), per size in
+the list ``slow_peers``.
 
 The NAT case (``--nat N``) runs one reachable peer and N peers behind emulated NATs (``behind_nat``: reached
 through the bootstrap node, their initial peer, as a circuit relay; no client mode) at ``--slow-rtt-ms``, and
@@ -198,7 +199,7 @@ def table(report: dict) -> str:
             f"{s['peers']:>5}  {s['rtt_ms']:>6g}  {s['loss']:<5g}  {s['rounds']:>6}  {s['averaged_share']:>8.1%}  "
             f"{fmt(s['round_p50_s'], '5.2f')}  {fmt(s['round_p95_s'], '5.2f')}  {s['final_spread']:>12.2e}"
         )
-    if slow := report.get("slow_peer"):
+    for slow in report.get("slow_peers", []):
         lines.append(
             f"one {slow['slow_mbit']:g} Mbit/s peer among {slow['mbit']:g} Mbit/s ({slow['peers']} peers, "
             f"{slow['rtt_ms']:g} ms RTT): fast peers' round p50 {fmt(slow['baseline_round_p50_s'], '.2f')} s alone"
@@ -240,7 +241,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     numbers = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--peers", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8])
+    parser.add_argument("--peers", type=lambda t: [int(x) for x in t.split(",") if x], default=[4, 8])
     parser.add_argument("--rtt-ms", type=numbers, default=[0, 50, 150, 300])
     parser.add_argument("--loss", type=numbers, default=[0.0, 0.01])
     parser.add_argument("--jitter-ms", type=float, default=10.0)
@@ -253,6 +254,9 @@ def main() -> None:
     parser.add_argument("--startup", type=float, default=15.0, help="seconds from launch to the first round")
     parser.add_argument("--slow-mbit", type=float, default=5.0)
     parser.add_argument("--slow-rtt-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--slow-peers", type=lambda t: [int(x) for x in t.split(",")], default=[4, 8], help="swarm sizes, slow case"
+    )
     parser.add_argument("--slow-numel", type=int, default=4_000_000, help="values averaged in the slow-peer case")
     parser.add_argument("--no-slow", action="store_true", help="skip the heterogeneous case")
     parser.add_argument("--nat", type=int, default=6, help="peers behind NAT in the NAT case (0: skip it)")
@@ -295,25 +299,18 @@ def main() -> None:
                     report["runs"].append(result)
                     report["summary"].append(summarize(result))
                     print(table({"summary": report["summary"][-1:]}), flush=True)
-        if not args.no_slow:
-            peers, rtt, fast = 4, args.slow_rtt_ms, range(1, 4)
+        for peers in [] if args.no_slow else args.slow_peers:
+            rtt, fast = args.slow_rtt_ms, range(1, peers)
             args.numel = args.slow_numel
             print(f"one {args.slow_mbit:g} Mbit/s peer among {peers} ...", flush=True)
             baseline = run_setting(peers, rtt, 0.0, args)
-            base_p50 = summarize(baseline, fast)["round_p50_s"]
-            report["slow_peer"] = {
-                "peers": peers,
-                "rtt_ms": rtt,
-                "mbit": args.mbit,
-                "slow_mbit": args.slow_mbit,
-                "numel": args.numel,
-            }
-            report["slow_peer"]["baseline_round_p50_s"] = base_p50
+            slow_peer = {"peers": peers, "rtt_ms": rtt, "mbit": args.mbit, "slow_mbit": args.slow_mbit}
+            slow_peer.update(numel=args.numel, baseline_round_p50_s=summarize(baseline, fast)["round_p50_s"])
             report["runs"].append({**baseline, "case": "slow-baseline"})
             for declare in (False, True):
                 slow = run_setting(peers, rtt, 0.0, args, slow=peers, declare=declare)
-                fast_p50 = summarize(slow, fast)["round_p50_s"]
-                report["slow_peer"]["declared" if declare else "undeclared"] = {
+                fast_p50, base_p50 = summarize(slow, fast)["round_p50_s"], slow_peer["baseline_round_p50_s"]
+                slow_peer["declared" if declare else "undeclared"] = {
                     "fast_round_p50_s": fast_p50,
                     "slowdown": fast_p50 / base_p50 if fast_p50 and base_p50 else None,
                     "fast_averaged_share": summarize(slow, fast)["averaged_share"],
@@ -321,6 +318,8 @@ def main() -> None:
                     "final_spread": slow["final_spread"],
                 }
                 report["runs"].append({**slow, "case": f"slow-peer-{'declared' if declare else 'undeclared'}"})
+            report.setdefault("slow_peers", []).append(slow_peer)
+            print(table({"summary": [], "slow_peers": [slow_peer]}), flush=True)
         if args.nat:
             peers, nated = 1 + args.nat, range(2, 2 + args.nat)
             print(f"1 reachable peer and {args.nat} behind NAT ...", flush=True)
