@@ -93,6 +93,7 @@ from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.allreduce import DEFAULT_DEFENCES, Defences
 from gossiptrain.demo import parameter_spread, read_records, spread
+from gossiptrain.exchange import RoundExchange
 from gossiptrain.outer import ANCHOR_SYNC_EVERY
 from gossiptrain.rounds import AVERAGED
 from gossiptrain.testing import LOOPBACK, LocalSwarm, faulty_exchange
@@ -268,6 +269,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     honest_ids: set[str] = set()
     honest_refused: dict[str, int] = {}  # refusals (Rejections.record) that honest peers charged to honest ones
     honest_caught: set[str] = set()
+    mean_sizes = [0.0]  # the largest honest owner's mean over a member's parameters (``measuring_exchange``)
 
     def charging(record):
         """``Rejections.record`` that also counts the refusals of honest senders in ``honest_refused``."""
@@ -315,8 +317,8 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         for i in present:
             hostile = i not in honest
             peer = await swarm.add(f"peer{i}", client=hostile and run["attack"] != "shifted_mean")
-            if hostile:
-                peer.exchange_class = faulty_exchange(run["attack"])
+            measuring = measuring_exchange(mean_sizes, honest_ids)
+            peer.exchange_class = faulty_exchange(run["attack"]) if hostile else measuring
         honest_ids.update(str(swarm.peers[f"peer{i}"].peer_id) for i in honest)
         for i in honest:
             rejections = swarm.peers[f"peer{i}"].rejections
@@ -348,7 +350,25 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     models = [model.state_dict() for model in models[: len(honest)]]
     swarm_numbers = {"records": records, "models": models, "wall": time.monotonic() - started}
     swarm_numbers.update(honest_refused=honest_refused, honest_caught=len(honest_caught))
+    swarm_numbers["honest_mean_size"] = mean_sizes[0] or None
     return {**summarize(run, swarm_numbers, args.peers), "honest_mean": mean}
+
+
+def measuring_exchange(largest: list[float], honest_ids: set[str]) -> type[RoundExchange]:
+    """An honest peer's ``RoundExchange`` that keeps in ``largest[0]`` the largest norm of an honest owner's mean
+    over the member's own parameters there (rounds of parameters, where ``Defences.catch_mean`` is on): how close
+    honest means come to that check (``honest_mean_size``)."""
+
+    class MeasuringExchange(RoundExchange):
+        def _refuse_outlying_means(self, means, measured):
+            owners = {bounds: owner for owner, bounds in self._shards.items()}
+            if self.parameters:
+                for bounds, norm in measured["norms"].items():
+                    if measured["sizes"][bounds] > 0 and str(owners[bounds]) in honest_ids:
+                        largest[0] = max(largest[0], norm / measured["sizes"][bounds])
+            return super()._refuse_outlying_means(means, measured)
+
+    return MeasuringExchange
 
 
 def peer_batches(task, run: dict, seed: int, i: int, peers: int):
@@ -411,6 +431,7 @@ def summarize(run: dict, swarm: dict, peers: int) -> dict:
         "rejected": rejected,
         "honest_refused": swarm.get("honest_refused"),
         "honest_caught": swarm.get("honest_caught"),
+        "honest_mean_size": swarm.get("honest_mean_size"),
         "false_positives": false_positives(run["hostile"], rejected, swarm),
         "wall_seconds": swarm["wall"],
         "per_peer": [
@@ -463,7 +484,8 @@ def table(summary: list[dict]) -> str:
     header = (
         f"{'task':<7} {'mode':<6} {'data':<7} {'attack':<13} {'hostile':>7} {'defences':<16} {'final loss':>10} "
         f"{'vs none':>9} {'vs off':>8} {'drift off':>9} {'drift none':>10} {'pre-fin':>8} {'accuracy':>8} "
-        f"{'spread':>8} {'averaged':>8} {'partial':>7} {'rejected':<40} {'to honest':<24} {'caught':>6} {'wall s':>6}"
+        f"{'spread':>8} {'averaged':>8} {'partial':>7} {'rejected':<40} {'to honest':<24} {'caught':>6} "
+        f"{'mean/own':>8} {'wall s':>6}"
     )
     rows = [header, "-" * len(header)]
     for s in summary:
@@ -480,7 +502,7 @@ def table(summary: list[dict]) -> str:
             f"{_number(s['honest_spread'], '.1e'):>8} {s['rounds_averaged_share']:>8.2f} "
             f"{s.get('rounds_partial_share', 0.0):>7.2f} {_counts(s['rejected'])[:40]:<40} "
             f"{_counts(s.get('honest_refused'))[:24]:<24} {_number(s.get('honest_caught'), 'd'):>6} "
-            f"{s['wall_seconds']:>6.0f}"
+            f"{_number(s.get('honest_mean_size'), '.2f'):>8} {s['wall_seconds']:>6.0f}"
         )
     rows.append(
         "honest peers only: final loss/accuracy after finish(), mean over them; vs none: against the same task's "
@@ -490,7 +512,9 @@ def table(summary: list[dict]) -> str:
         "before finish(); spread: relative spread of their parameters; averaged: share of their rounds that "
         "averaged (partial ones too); partial: share where the defences refused a mean or clipped/dropped a "
         "contribution; rejected: their counts summed (clipped: contributions clipped); to honest: refusals of "
-        "honest senders; caught: distinct honest peers some honest peer caught (--simulate only)"
+        "honest senders; caught: distinct honest peers some honest peer caught (--simulate only); mean/own: the "
+        "largest honest mean of parameters over a member's own there (--simulate, Defences.catch_mean refuses "
+        "one over 2x)"
     )
     return "\n".join(rows)
 

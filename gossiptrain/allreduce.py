@@ -169,6 +169,13 @@ class Defences:
             of the digits model's parameters, within ``drop``'s 20x.  Where the values are not parameters
             (pseudo-gradients, any vector), the size is the cell's (``sketches.typical_size``): a contribution or
             a mean over ``catch`` times it is left out or refused, on every shard, and its sender not caught.
+        catch_mean: where the values are parameters, a member refuses an owner's mean whose norm exceeds
+            ``catch_mean`` times its own values' there and catches the owner, whatever its previous round did.
+            Tighter than ``catch``: a weighted mean of honest parameters is no larger than the largest of them, and
+            where peers' data differ their parameters still have about one size (``benchmarks/adversarial.py
+            --non-iid`` reports the largest honest mean over a member's values, ``honest_mean_size``), while an
+            owner that shifts its mean by less than ``catch`` times the values passed every other check where
+            honest peers lie far apart (their spread, and with it ``mean_check``'s floor, is large).
         weight_cap: a claimed weight counts at most ``weight_cap`` times the group's (low) median weight.
         mean_check: a member refuses an owner's mean whose distance from its own values, relative to
             their size, exceeds ``mean_check`` times the round's median over its shards (plus
@@ -203,18 +210,19 @@ class Defences:
     did not hold such a mean of is bounded only by the next rounds' honest means).  The trimmed rule
     instead bounds each value of the mean by the honest contributions' range there while at most
     ``trim`` contributions to a shard are hostile.  With ``catch``, in parameter rounds, a contribution
-    or a mean over ``catch`` times the values' size is refused, and its sender caught, whatever the
-    group's size or make-up, hostile majorities included.  Not
+    over ``catch`` times the values' size (a mean: over ``catch_mean`` times) is refused, and its sender caught,
+    whatever the group's size or make-up, hostile majorities included.  Not
     covered: groups of two below that size, where the one other contribution sets its own radius
     (they occur in swarms of two, with a target group size of two, and where peers' views differ:
     ``groups.MIN_GROUP``), a majority of hostile members, a push below the bounds repeated round after
-    round (it adds up), and a mean shifted by less than ``catch`` on a shard the member's last round
-    did not leave whole.
+    round (it adds up), and a shifted mean on a shard the member's last round did not leave whole that stays
+    within ``catch_mean`` times the member's values' size (parameters) or ``catch`` times the cell's (other values).
     """
 
     clip: float | None = 2.0
     drop: float | None = 20.0
     catch: float | None = 4.0
+    catch_mean: float | None = 2.0
     weight_cap: float | None = 10.0
     mean_check: float | None = 10.0
     rule: str = "clip"
@@ -231,7 +239,9 @@ class Defences:
 
     @classmethod
     def off(cls) -> Defences:
-        return cls(clip=None, drop=None, catch=None, weight_cap=None, mean_check=None, cell_spread=None)
+        return cls(
+            clip=None, drop=None, catch=None, catch_mean=None, weight_cap=None, mean_check=None, cell_spread=None
+        )
 
 
 DEFAULT_DEFENCES = Defences()

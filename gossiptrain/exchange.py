@@ -371,7 +371,9 @@ class RoundExchange:
                 bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
             }
         norms = {}
-        if (self.parameters or self.cell_size > 0) and self.defences.catch is not None:
+        if (self.parameters and self.defences.catch_mean is not None) or (
+            self.cell_size > 0 and self.defences.catch is not None
+        ):
             norms = {bounds: l2_norm(mean) for bounds, mean in means.items()}
         return {"sizes": sizes, "distances": distances, "rounding": rounding, "norms": norms}
 
@@ -384,7 +386,7 @@ class RoundExchange:
         refused shards: our values there agree with the group's as before, so they stay checked next
         round (a hostile owner cannot slip every second shifted mean through).
 
-        Everywhere, where the values are parameters, a mean larger than ``Defences.catch`` times our
+        Everywhere, where the values are parameters, a mean larger than ``Defences.catch_mean`` times our
         values there is refused and its owner caught: a mean of honest parameters is no larger than the
         largest of them, whatever our previous round did (``shifted_mean``'s +1 is 17x the digits
         model's size)."""
@@ -396,10 +398,10 @@ class RoundExchange:
         outlying = outlying_means(distances, self.defences, self.agreed, rounding, spread)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized, larger = set(), set()  # caught by our own values' size; over the cell's values' size
-        if self.parameters and self.defences.catch is not None:
-            catch = self.defences.catch  # a mean over ``catch`` times our values' norm (never where ours are 0)
+        if self.parameters and self.defences.catch_mean is not None:
+            catch = self.defences.catch_mean  # a mean over this many times our values' norm (never where ours are 0)
             oversized = {bounds for bounds in means if 0 < sizes[bounds] * catch < measured["norms"][bounds]}
-        elif self.cell_size > 0 and self.defences.catch is not None:  # other values: the cell's size, not ours
+        elif not self.parameters and self.cell_size > 0 and self.defences.catch is not None:  # the cell's size
             limit = self.defences.catch * self.cell_size
             larger = {b for b in means if measured["norms"][b] > limit * math.sqrt(b[1] - b[0])}
         outlying |= oversized | larger
@@ -408,7 +410,7 @@ class RoundExchange:
             if owners[bounds] in self.caught:
                 detail = f"caught before; {detail}"
             elif bounds in oversized:
-                detail = f"{detail} and over {self.defences.catch:g}x their size"
+                detail = f"{detail} and over {self.defences.catch_mean:g}x their size"
                 self.caught.add(owners[bounds])
             elif bounds in larger:
                 detail = f"{detail} and over {self.defences.catch:g}x the size of our cell's values"

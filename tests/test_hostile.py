@@ -135,14 +135,16 @@ async def test_a_hostile_owner_is_refused_again_in_the_next_round_with_the_same_
 
 
 @pytest.mark.timeout(120)
-async def test_a_mean_larger_than_any_honest_parameters_is_refused_and_its_owner_caught_by_size_alone():
+@pytest.mark.parametrize("scale", [0.05, 0.4])
+async def test_a_mean_larger_than_any_honest_parameters_is_refused_and_its_owner_caught_by_size_alone(scale):
     """Parameters of the digits model's size (0.05 per value): the hostile owner's +1 makes its mean 20x
-    their size.  With the mean check off, as on shards that a member's last round did not leave whole,
-    the size check refuses it and catches the owner.  Next round the three honest members name it caught in
-    their records, so the leader gives it no shard (``matchmaking.accused``): its slices are refused, and the
-    honest peers average every value among themselves."""
+    their size; at 0.4 per value 2.7x, under ``catch``'s 4x and over ``catch_mean``'s 2x.  With the mean check
+    off, as on shards that a member's last round did not leave whole (or where honest peers lie so far apart
+    that its floor is large), the size check refuses it and catches the owner.  Next round the three honest
+    members name it caught in their records, so the leader gives it no shard (``matchmaking.accused``): its
+    slices are refused, and the honest peers average every value among themselves."""
     results, inputs = await one_round(
-        "shifted_mean", hostile_reduces=True, defences=Defences(mean_check=None), rounds=2, scale=0.05
+        "shifted_mean", hostile_reduces=True, defences=Defences(mean_check=None), rounds=2, scale=scale
     )
     for result, rejections in results:
         assert rejections["hostile_mean"] == 1 and rejections["caught"] >= 1, rejections
