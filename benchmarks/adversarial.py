@@ -136,6 +136,7 @@ TASK_SETTINGS = {
     },
 }
 NOISE_FLOOR = "off-jitter"  # --simulate: plain means with weights a few parts in a million off
+REGROUPED = "off-regrouped"  # --simulate: plain means, the groups drawn under another run id (the same swarm)
 SIMULATED_FINISH_ROUNDS = 6  # --simulate: finish() is at most this many rounds, until the honest peers agree
 START_TIMEOUT = 180.0  # seconds a peer waits for all the others to be live (8 peers start on 2 cores)
 
@@ -236,7 +237,8 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     only by what the rules did.  Repeat ``r`` starts every peer from model seed ``r`` (as ``--no-load-state``),
     peer ``i`` draws from seed ``1000 r + i``, and every contribution weighs one round's samples.
     ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a million: what a final
-    loss moves by from a perturbation alone (the noise floor of a comparison).
+    loss moves by from a perturbation alone (the noise floor of a comparison); ``off-regrouped`` is ``off`` with
+    the run's groups drawn anew (another run id): what it moves by from which peers happened to average together.
     With ``--miss P`` each honest peer sits out each training round with probability P (drawn from the
     repeat, the round and the peer, so the same in every rule), as live peers miss rounds (54-93% of
     their rounds averaged in the live runs): a peer that missed one comes back apart from its group,
@@ -263,8 +265,9 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         outer = lambda params: torch.optim.SGD(params, lr=OUTER_LR)  # noqa: E731
         strategies = [OuterStrategy(list(model.parameters()), outer, get_codec("none")) for model in models]
     jitter = 1e-6 if run["defences"] == NOISE_FLOOR else 0.0
-    defences = DEFENCES["off" if run["defences"] == NOISE_FLOOR else run["defences"]]
-    swarm = SimulatedSwarm(defences=defences)
+    defences = DEFENCES["off" if run["defences"] in (NOISE_FLOOR, REGROUPED) else run["defences"]]
+    regrouped = {"run_id": "regrouped"} if run["defences"] == REGROUPED else {}  # groups drawn under another run id
+    swarm = SimulatedSwarm(defences=defences, **regrouped)
     records: dict[int, list[dict]] = {i: [] for i in honest}  # as the live peers' metrics files have them
     honest_ids: set[str] = set()
     honest_refused: dict[str, int] = {}  # refusals (Rejections.record) that honest peers charged to honest ones
@@ -637,7 +640,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--simulate",
         action="store_true",
-        help=f"run every swarm in this process over in-memory streams: exact, repeatable (rules may add {NOISE_FLOOR})",
+        help="run every swarm in this process over in-memory streams: exact, repeatable "
+        f"(rules may add {NOISE_FLOOR}, {REGROUPED})",
     )
     parser.add_argument(
         "--miss", type=float, default=0.25, help="--simulate: chance that an honest peer sits out a training round"
@@ -708,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     rules = tuple(r for r in args.rules.split(",") if r)
-    known = [*DEFENCES, NOISE_FLOOR] if args.simulate else list(DEFENCES)
+    known = [*DEFENCES, NOISE_FLOOR, REGROUPED] if args.simulate else list(DEFENCES)
     if unknown := [r for r in rules if r not in known]:
         parser.error(f"unknown defence setting(s) {unknown}: choose from {sorted(known)}")
     runs = matrix(tasks, attacks, counts, rules, args.repeats, modes, args.non_iid)
