@@ -828,10 +828,16 @@ class Peer:
             if not future.done():
                 future.set_result(None)
 
+    def _running(self, round_id: int) -> bool:
+        """Whether our own exchange of ``round_id`` is running (its slot holds it)."""
+        slot = self._exchanges.get(round_id)
+        return slot is not None and slot.done() and slot.result() is not None
+
     def _forget_unjoined_rounds(self) -> None:
         """Drop the slots that inbound HELLOs made for rounds that we never joined and for which no
         stream waits any more; our own running rounds stay.  A HELLO for round ``r`` is accepted until
-        round ``r + 2`` is current and waits ``join`` at most: after that, its slot serves no one."""
+        round ``r + 2`` is current (later only while our own exchange of ``r`` runs) and waits ``join`` at
+        most: after that, its slot serves no one."""
         before = self.next_round_id(lead=-self.timeouts.join) - 2
         for stale in [r for r, slot in self._exchanges.items() if r < before and not slot.done()]:
             self._exchanges.pop(stale).set_result(None)
@@ -857,7 +863,9 @@ class Peer:
             round_id = hello.get("round_id")
             current = self.next_round_id(lead=0.0)
             self._forget_unjoined_rounds()
-            if not isinstance(round_id, int) or not current - 2 <= round_id <= current + 1:
+            # a round of ours that is still running is current however many slots it spans (high RTT: strides of 4)
+            running = isinstance(round_id, int) and self._running(round_id)
+            if not isinstance(round_id, int) or not (running or current - 2 <= round_id <= current + 1):
                 self.rejections.record("stale_round", sender, round_id, f"the current round is {current}")
                 await write_message(writer, FrameKind.REJECT, {"reason": f"round {round_id!r} is not current"}, counter)
                 return

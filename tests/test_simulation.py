@@ -406,3 +406,26 @@ def test_the_round_strategies_drive_simulated_rounds_as_attach_does(strategy):
     tolerance = 1e-5 if strategy == "outer" else 0.05  # int8 rounds twice (slices, mean): peers differ by 0.3 before
     for values in after.values():
         assert (values - mean).abs().max() < tolerance
+
+
+def test_an_owner_takes_the_slices_of_its_running_round_however_many_slots_later_they_arrive():
+    """Slots of 0.2 s over 300 ms RTT links: registering, reading the cell and joining the leader take several
+    slots, so the members' slices reach their owners when a slot three or more after the round's is current (as
+    live at 300 ms RTT, where a first round that still dials spans 3-4 slots of 2 s).  Owners running that round
+    take them, and every member ends with the exact mean of all four."""
+
+    async def main():
+        swarm = SimulatedSwarm(link=LinkSpec(mbit=100, rtt_ms=300), defences=Defences.off(), round_interval=0.2)
+        for i in range(4):
+            await swarm.add(f"peer{i}")
+        values = _values(swarm.peers, numel=4096)
+        results = await swarm.round(values)
+        await swarm.close()
+        return values, results
+
+    values, results = run(main())
+    mean = torch.stack(list(values.values())).mean(0)
+    for name, result in results.items():
+        assert result.status == "averaged" and len(result.group) == 4, (name, result.errors)
+        assert result.seconds > 3 * 0.2, "the round spans more than the three slots a HELLO was accepted in"
+        assert torch.allclose(result.averaged, mean, atol=1e-6), (name, result.errors)
