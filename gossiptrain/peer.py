@@ -863,7 +863,7 @@ class Peer:
             round_id = hello.get("round_id")
             current = self.next_round_id(lead=0.0)
             self._forget_unjoined_rounds()
-            # a round of ours that is still running is current however many slots it spans (high RTT: strides of 4)
+            # a round of ours that still runs is current however many slots it spans (a first round dialing at 300 ms)
             running = isinstance(round_id, int) and self._running(round_id)
             if not isinstance(round_id, int) or not (running or current - 2 <= round_id <= current + 1):
                 self.rejections.record("stale_round", sender, round_id, f"the current round is {current}")
