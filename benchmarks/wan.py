@@ -234,7 +234,8 @@ def plot(report: dict, path: Path) -> None:
             time_ax.plot([s["rtt_ms"] for s in rows], [s["round_p50_s"] or math.nan for s in rows], "o-", label=label)
     share_ax.set(xlabel="RTT (ms)", ylabel="share of rounds averaged", ylim=(0, 1.05))
     time_ax.set(xlabel="RTT (ms)", ylabel="round time p50 (s)")
-    share_ax.legend()
+    if report["summary"]:  # none with --peers '' (the slow-peer case alone)
+        share_ax.legend()
     save_figure(fig, path, dpi=100)
 
 

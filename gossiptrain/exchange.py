@@ -371,11 +371,16 @@ class RoundExchange:
                 bounds: rounding_distance(self.codec, self.values[bounds[0] : bounds[1]]) for bounds in distances
             }
         norms = {}
-        if (self.parameters and self.defences.catch_mean is not None) or (
-            self.cell_size > 0 and self.defences.catch is not None
-        ):
+        if self._mean_size_limit() is not None:
             norms = {bounds: l2_norm(mean) for bounds, mean in means.items()}
         return {"sizes": sizes, "distances": distances, "rounding": rounding, "norms": norms}
+
+    def _mean_size_limit(self) -> float | None:
+        """How many times the values' size an owner's mean may be: ``Defences.catch_mean`` of our own values where
+        they are parameters, ``Defences.catch`` of the cell's otherwise (where its size is known); None: unchecked."""
+        if self.parameters:
+            return self.defences.catch_mean
+        return self.defences.catch if self.cell_size > 0 else None
 
     def _refuse_outlying_means(
         self, means: dict[tuple[int, int], torch.Tensor], measured: dict[str, dict]
@@ -398,11 +403,11 @@ class RoundExchange:
         outlying = outlying_means(distances, self.defences, self.agreed, rounding, spread)
         outlying |= {bounds for bounds in distances if owners[bounds] in self.caught}
         oversized, larger = set(), set()  # caught by our own values' size; over the cell's values' size
-        if self.parameters and self.defences.catch_mean is not None:
-            catch = self.defences.catch_mean  # a mean over this many times our values' norm (never where ours are 0)
-            oversized = {bounds for bounds in means if 0 < sizes[bounds] * catch < measured["norms"][bounds]}
-        elif not self.parameters and self.cell_size > 0 and self.defences.catch is not None:  # the cell's size
-            limit = self.defences.catch * self.cell_size
+        factor = self._mean_size_limit()
+        if factor is not None and self.parameters:  # over ``factor`` times our values' norm (never where ours are 0)
+            oversized = {bounds for bounds in means if 0 < sizes[bounds] * factor < measured["norms"][bounds]}
+        elif factor is not None:  # other values: the cell's size, not ours
+            limit = factor * self.cell_size
             larger = {b for b in means if measured["norms"][b] > limit * math.sqrt(b[1] - b[0])}
         outlying |= oversized | larger
         for bounds in outlying - {self._own_shard}:
