@@ -235,7 +235,8 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     (``gossiptrain.simulation``: live peers on ideal links, in virtual time), and ``finish()`` as rounds until
     the honest peers agree.  A run is the same bit for bit when repeated, and two rules of one repeat differ
     only by what the rules did.  Repeat ``r`` starts every peer from model seed ``r`` (as ``--no-load-state``),
-    peer ``i`` draws from seed ``1000 r + i``, and every contribution weighs one round's samples.
+    peer ``i`` draws from seed ``1000 r + i``, and every contribution weighs one round's samples
+    (in outer mode: of every round since its sender's last one applied, as ``Attachment`` weighs it).
     ``off-jitter`` is ``off`` with each peer's weight changed by a few parts in a million: what a final
     loss moves by from a perturbation alone (the noise floor of a comparison); ``off-regrouped`` is ``off`` with
     the run's groups drawn anew (another run id): what it moves by from which peers happened to average together.
@@ -259,6 +260,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     present = honest if run["attack"] == ABSENT else range(args.peers)
     models = [copy.deepcopy(task.model) for _ in range(args.peers)]
     optimizers = [torch.optim.Adam(model.parameters(), lr=settings["lr"]) for model in models]
+    decays = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers] if args.lr_decay else []
     batches = [peer_batches(task, run, 1000 * repeat + i, i, args.peers) for i in range(args.peers)]
     strategies = None
     if run.get("mode", "params") == "outer":
@@ -273,6 +275,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     honest_refused: dict[str, int] = {}  # refusals (Rejections.record) that honest peers charged to honest ones
     honest_caught: set[str] = set()
     mean_sizes = [0.0]  # the largest honest owner's mean over a member's parameters (``measuring_exchange``)
+    unapplied = [0] * args.peers  # rounds of steps since each peer's last round applied (outer mode's weight)
 
     def charging(record):
         """``Rejections.record`` that also counts the refusals of honest senders in ``honest_refused``."""
@@ -289,8 +292,11 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         taking_part = [i for i in present if i not in honest or random.Random(seed + i).random() >= miss]
         slot = max(swarm.peers[f"peer{i}"].next_round_id() for i in taking_part)
         snapshots = {i: parameters_to_vector(models[i].parameters()).detach() for i in taking_part}
+        for i in present:
+            unapplied[i] += 0 if final else 1
         weight = settings["every_steps"] * settings["batch_size"]
-        weights = {f"peer{i}": weight * (1 + jitter * i) for i in taking_part}
+        spans = {i: max(unapplied[i], 1) if strategies is not None else 1 for i in taking_part}
+        weights = {f"peer{i}": weight * spans[i] * (1 + jitter * i) for i in taking_part}
         if strategies is None:
             values = {f"peer{i}": snapshots[i] for i in taking_part}
             results = await swarm.round(values, weights, round_id=slot, mode="params")
@@ -311,6 +317,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
             if strategies is not None:
                 applied = result.status in AVERAGED or (result.status == "alone" and strategies[i].steps_alone)
                 after = strategies[i].combine(result, snapshots[i], made[i].mode) if applied else snapshots[i]
+                unapplied[i] = 0 if applied else unapplied[i]
             load_vector(models[i], after)
             if i in honest:
                 status, rejected = result.status, dict(swarm.peers[f"peer{i}"].rejections)
@@ -333,6 +340,8 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+            for decay in decays:
+                decay.step()
             if step % settings["every_steps"] == 0:
                 await average(round_id, args.miss)
                 round_id += 1
@@ -644,6 +653,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"(rules may add {NOISE_FLOOR}, {REGROUPED})",
     )
     parser.add_argument(
+        "--lr-decay",
+        action="store_true",
+        help="--simulate: the inner lr decays to 0 over the run (cosine), so that the final model is where the "
+        "swarm converged rather than where its last groups happened to leave it",
+    )
+    parser.add_argument(
         "--miss", type=float, default=0.25, help="--simulate: chance that an honest peer sits out a training round"
     )
     parser.add_argument(
@@ -681,8 +696,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error(f"unknown attack(s) or task(s) {unknown}: choose from {known} and {sorted(TASK_SETTINGS)}")
     if unknown := [m for m in modes if m not in MODES]:
         parser.error(f"unknown mode(s) {unknown}: choose from {MODES}")
-    if not args.simulate and (args.non_iid or modes != ("params",)):
-        parser.error("--non-iid and --modes outer need --simulate")
+    if not args.simulate and (args.non_iid or args.lr_decay or modes != ("params",)):
+        parser.error("--non-iid, --lr-decay and --modes outer need --simulate")
     if args.hostile:
         counts = {task: tuple(int(h) for h in args.hostile.split(",")) for task in tasks}
     elif args.non_iid:

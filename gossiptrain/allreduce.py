@@ -156,7 +156,8 @@ class Defences:
             round after round (``benchmarks/adversarial.py``, ``huge``).  Where the values are
             parameters (``ShardReduction(same_scale=True)``), farther than ``drop`` times the size of
             the owner's own values is dropped too: then also in a pair, or where hostile contributions
-            are the median.
+            are the median.  Where they are not, ``drop``'s and ``catch``'s thresholds grow with the typical
+            rounds a contribution's weight spans (a pseudo-gradient of missed rounds: ``ShardReduction._spans``).
         catch: where the values are parameters, a contribution whose norm exceeds ``catch`` times
             the owner's own values' norm (the low median of all where the owner's are 0) is dropped and
             its sender caught (``RoundExchange.caught``; a peer remembers the ``peer.MAX_CAUGHT`` it
@@ -414,12 +415,13 @@ class ShardReduction:
                 size = sizes[0] if sizes[0] > 0 else statistics.median_low(sizes)
                 # caught: larger than any honest parameters, or farther from ours than ``drop`` times their size
                 caught = [big > catch * size or norm > drop * size for big, norm in zip(sizes[1:], norms)]
+                spans = [1.0] * len(norms) if self._same_scale else self._spans(weights)
                 larger = [False] * len(norms)
                 if not self._same_scale and self.cell_size > 0:
-                    larger = [l2_norm(values) > catch * self.cell_size for values in contributions]
+                    larger = [l2_norm(v) > catch * self.cell_size * n for v, n in zip(contributions, spans)]
                 scales = [
-                    0.0 if c or big or norm > drop * typical else scale
-                    for scale, c, big, norm in zip(scales, caught, larger, norms)
+                    0.0 if c or big or norm > drop * typical * n else scale
+                    for scale, c, big, norm, n in zip(scales, caught, larger, norms, spans)
                 ]
                 self.oversized = [s for s, c in zip(self._senders, caught) if c and s is not None]
                 weights = [weights[0]] + [w for w, scale in zip(weights[1:], scales) if scale > 0]
@@ -436,6 +438,16 @@ class ShardReduction:
             for values, weight, scale in zip(contributions, weights[1:], scales):
                 part.add_(values[a : a + PART].float() - own, alpha=weight * scale / total)
         return out
+
+    @staticmethod
+    def _spans(weights: list[float]) -> list[float]:
+        """How many of the group's typical rounds each contribution's (capped) weight covers, at least 1.  Values
+        that are not parameters may hold the steps of rounds their sender missed (pseudo-gradients,
+        ``holds_unapplied_steps``): they lie that many times farther and are that much larger, and are dropped only
+        beyond ``drop`` and ``catch`` times it.  The clip radius does not grow with it, so a hostile weight moves a
+        mean no more than before."""
+        median = statistics.median_low(weights)
+        return [max(1.0, weight / median) if median > 0 else 1.0 for weight in weights[1:]]
 
     def _median_distance(self, norms: list[float]) -> float:
         """The contributions' median distance from our values.  Where most contributions equal ours (their

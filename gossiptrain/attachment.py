@@ -116,7 +116,8 @@ class Attachment:
         initial_peers: multiaddrs of any live peers (empty for the first peer of a run).
         average_every: seconds between averaging rounds (the round slot length).
         average_every_steps: if set, also wait for this many local steps between rounds.
-        samples_per_step: samples in one local step; a peer's weight is its samples since the last round.
+        samples_per_step: samples in one local step; a peer's weight is its samples since the last round (in
+            outer mode since the last round applied: a failed round's steps are in the next pseudo-gradient).
         startup_timeout: seconds allowed to start the daemon and join the DHT.
         on_round: called with each ``RoundRecord`` (from the training thread).
         log_to: experiment trackers for each round's scalars, at the local step (``gossiptrain.trackers``):
@@ -226,6 +227,7 @@ class Attachment:
         self.last_round: RoundRecord | None = None
         self.resumed_from: str | None = None  # "checkpoint" or "swarm" after a restart from a checkpoint
         self._samples_since_round = 0
+        self._samples_unapplied = 0  # up to the last snapshot, not yet in a round applied (outer mode's weight)
         self._steps_since_round = 0
         self._inflight: concurrent.futures.Future | None = None
         self._snapshot: torch.Tensor | None = None
@@ -477,7 +479,8 @@ class Attachment:
             return self.strategy.contribution(self._snapshot, round_id, mode)
 
     def _take_snapshot(self) -> tuple[torch.Tensor, float]:
-        """The flat parameters and the samples seen since the last snapshot (the round's weight).
+        """The flat parameters and the round's weight: the samples seen since the last snapshot, or where the
+        strategy's values hold them (``holds_unapplied_steps``) since the last round applied.
 
         Waits for the state lock one slot at most (at least 5 s): by then the round it is for has begun
         without us.  Raises TimeoutError (the round fails) if the training thread holds it longer: a step,
@@ -492,10 +495,13 @@ class Attachment:
         try:
             with torch.no_grad():
                 snapshot, self._snapshot_step = host_copy(self.params), self.local_step
-                weight, self._samples_since_round = float(max(self._samples_since_round, 1)), 0
+                samples, self._samples_since_round = self._samples_since_round, 0
+                if self.strategy.holds_unapplied_steps:
+                    self._samples_unapplied += samples
+                    samples = self._samples_unapplied
         finally:
             self._state_lock.release()
-        return snapshot, weight
+        return snapshot, float(max(samples, 1))
 
     def _finish_round(self, future: concurrent.futures.Future) -> RoundRecord:
         """Apply a finished round and make its record.  A network failure (``EXPECTED_ROUND_FAILURES``) is a
@@ -517,6 +523,7 @@ class Attachment:
                 self._crashes = 0
             if result.status in AVERAGED or (result.status == "alone" and self.strategy.steps_alone):
                 self._apply_round(result)
+                self._samples_unapplied = 0
                 self.rounds_done += result.status in AVERAGED
             elif result.status == "failed":
                 self.rounds_failed += 1

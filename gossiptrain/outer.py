@@ -62,6 +62,7 @@ class OuterStrategy:
     """
 
     steps_alone = True  # a round alone is an outer step on the own pseudo-gradient (see the module)
+    holds_unapplied_steps = True  # a failed round leaves the anchor: the next pseudo-gradient spans both
 
     def __init__(
         self,

@@ -35,6 +35,9 @@ class RoundStrategy(Protocol):
     """What ``Attachment`` needs of a way of averaging a model (see the module docstring)."""
 
     steps_alone: bool  # whether a round that found no partner still changes the model (an outer step)
+    # whether a round's values hold all local progress since the last round applied (pseudo-gradients from
+    # the anchor): a round that failed leaves its steps in the next one's values, and its weight then counts them
+    holds_unapplied_steps: bool
 
     def contribution(self, snapshot: torch.Tensor, round_id: int, mode: str | None = None) -> Contribution:
         """What this peer sends in round ``round_id``, from the flat ``snapshot`` of its parameters;

@@ -66,6 +66,7 @@ class WireState:
     """
 
     steps_alone = False  # a round alone changes nothing
+    holds_unapplied_steps = False  # a round's weight is the samples since its snapshot only
 
     def __init__(self, codec: Codec, sync_every: int | None = None):
         if sync_every is None:

@@ -127,6 +127,32 @@ def test_a_contribution_far_beyond_the_clip_radius_is_dropped_and_moves_nothing(
     assert near.dropped == 0 and near.clipped == 1, "without drop it is clipped, and still counts"
 
 
+def test_a_pseudo_gradient_of_missed_rounds_is_kept_at_the_weight_of_its_steps_and_a_claimed_weight_gains_nothing():
+    """A peer back from four missed outer rounds sends a pseudo-gradient of all five rounds' steps, 5x the others':
+    weighed as one round it was dropped as oversized (honest outer runs on non-IID char-LM lost 1.9% of their
+    contributions so); weighed as the five rounds of samples it holds it is kept.  A hostile peer gains nothing
+    by claiming a weight: the same values at the capped weight move the mean by at most the clip radius."""
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(10_000, generator=generator)  # the direction every peer's steps share
+    one_round = [common + 0.3 * torch.randn(10_000, generator=generator) for _ in range(2)]
+    returning = 5 * common + 0.3 * torch.randn(10_000, generator=generator)
+
+    def reduce(values: torch.Tensor, weight: float) -> tuple[ShardReduction, torch.Tensor]:
+        reduction = ShardReduction(one_round[0], 1.0, cell_size=l2_norm(one_round[0]))
+        reduction.add(one_round[1], 1.0, "b")
+        reduction.add(values, weight, "c")
+        return reduction, reduction.mean()
+
+    assert reduce(returning, 1.0)[0].dropped == 1, "5x the cell's size, at one round's weight: oversized"
+    kept, mean = reduce(returning, 5.0)
+    assert kept.dropped == 0 and kept.clipped == 1
+    assert l2_norm(mean, one_round[0]) > l2_norm(one_round[1], one_round[0]) / 7, "its steps are in the mean"
+    assert reduce(1e4 * returning, 1e9)[0].dropped == 1, "a huge contribution is dropped at any claimed weight"
+    hostile, mean = reduce(30 * common, 1e9)  # within the capped weight's 10x: kept, clipped
+    honest = l2_norm(one_round[1], one_round[0])  # the median distance; the radius is clip times it
+    assert hostile.dropped == 0 and l2_norm(mean, one_round[0]) <= (honest + 10 * DEFAULT_DEFENCES.clip * honest) / 12
+
+
 def test_parameters_far_beyond_their_typical_size_are_dropped_in_a_pair_and_as_the_median():
     honest, spread = _honest_and_hostile()
     pair = ShardReduction(honest[0], 1.0, same_scale=True)

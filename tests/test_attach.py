@@ -309,6 +309,7 @@ def test_a_round_snapshot_gives_up_with_a_clear_error_while_the_training_thread_
     swarm = Attachment.__new__(Attachment)  # only what _take_snapshot reads
     swarm.params, swarm.local_step, swarm._samples_since_round = [torch.ones(3)], 5, 2
     swarm._state_lock, swarm.peer = threading.RLock(), SimpleNamespace(round_interval=0.0)
+    swarm.strategy = SimpleNamespace(holds_unapplied_steps=False)
     holding, done = threading.Event(), threading.Event()
 
     def training_thread() -> None:
@@ -326,3 +327,18 @@ def test_a_round_snapshot_gives_up_with_a_clear_error_while_the_training_thread_
     assert isinstance(error, TimeoutError) and "state lock" in str(error), error
     snapshot, weight = swarm._take_snapshot()  # once the step is over, the next round's snapshot is taken
     assert torch.equal(snapshot, torch.ones(3)) and weight == 2.0 and swarm._snapshot_step == 5
+
+
+def test_an_outer_round_weighs_the_samples_of_rounds_that_failed_before_it():
+    """A failed outer round leaves the anchor where it was: the next pseudo-gradient holds both rounds' steps, and
+    weighed as one round's samples it looked oversized to owners; parameter gossip weighs one round's samples."""
+    from gossiptrain.attachment import Attachment
+
+    for holds, weights in ((True, [2.0, 5.0]), (False, [2.0, 3.0])):
+        swarm = Attachment.__new__(Attachment)  # only what _take_snapshot reads
+        swarm.params, swarm.local_step, swarm._samples_since_round, swarm._samples_unapplied = [torch.ones(3)], 5, 2, 0
+        swarm._state_lock, swarm.peer = threading.RLock(), SimpleNamespace(round_interval=0.0)
+        swarm.strategy = SimpleNamespace(holds_unapplied_steps=holds)
+        assert swarm._take_snapshot()[1] == weights[0]
+        swarm._samples_since_round = 3  # the round failed: nothing applied, three more samples since
+        assert swarm._take_snapshot()[1] == weights[1]
