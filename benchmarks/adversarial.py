@@ -275,6 +275,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     honest_refused: dict[str, int] = {}  # refusals (Rejections.record) that honest peers charged to honest ones
     honest_caught: set[str] = set()
     mean_sizes = [0.0]  # the largest honest owner's mean over a member's parameters (``measuring_exchange``)
+    reduced = [0]  # the contributions honest owners reduced (``measuring_exchange``)
     unapplied = [0] * args.peers  # rounds of steps since each peer's last round applied (outer mode's weight)
 
     def charging(record):
@@ -327,7 +328,7 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
         for i in present:
             hostile = i not in honest
             peer = await swarm.add(f"peer{i}", client=hostile and run["attack"] != "shifted_mean")
-            measuring = measuring_exchange(mean_sizes, honest_ids)
+            measuring = measuring_exchange(mean_sizes, honest_ids, reduced)
             peer.exchange_class = faulty_exchange(run["attack"]) if hostile else measuring
         honest_ids.update(str(swarm.peers[f"peer{i}"].peer_id) for i in honest)
         for i in honest:
@@ -363,15 +364,22 @@ def simulate_swarm(run: dict, steps: int, args: argparse.Namespace) -> dict:
     swarm_numbers = {"records": records, "models": models, "wall": time.monotonic() - started}
     swarm_numbers.update(honest_refused=honest_refused, honest_caught=len(honest_caught))
     swarm_numbers["honest_mean_size"] = mean_sizes[0] or None
+    swarm_numbers["contributions"] = reduced[0]
     return {**summarize(run, swarm_numbers, args.peers), "honest_mean": mean}
 
 
-def measuring_exchange(largest: list[float], honest_ids: set[str]) -> type[RoundExchange]:
+def measuring_exchange(largest: list[float], honest_ids: set[str], reduced: list[int]) -> type[RoundExchange]:
     """An honest peer's ``RoundExchange`` that keeps in ``largest[0]`` the largest norm of an honest owner's mean
     over the member's own parameters there (rounds of parameters, where ``Defences.catch_mean`` is on): how close
-    honest means come to that check (``honest_mean_size``)."""
+    honest means come to that check (``honest_mean_size``); and counts in ``reduced[0]`` the contributions it
+    reduced as an owner (what a share of ``dropped`` is of)."""
 
     class MeasuringExchange(RoundExchange):
+        @staticmethod
+        def _mean_and_fraction(reduction, out):
+            reduced[0] += reduction.contributors
+            return RoundExchange._mean_and_fraction(reduction, out)
+
         def _refuse_outlying_means(self, means, measured):
             owners = {bounds: owner for owner, bounds in self._shards.items()}
             if self.parameters:
@@ -456,7 +464,8 @@ def summarize(run: dict, swarm: dict, peers: int) -> dict:
 def false_positives(hostile: int, rejected: dict[str, int], swarm: dict) -> dict[str, int | None]:
     """What the honest peers' defences did to honest peers: contributions ``clipped`` and ``dropped`` (known only
     with no hostile peer: the counts name no sender), ``hostile_mean`` and ``caught`` refusals of honest senders,
-    and the distinct honest peers some honest peer caught (``honest_caught_peers``); None where not known (live
+    the distinct honest peers some honest peer caught (``honest_caught_peers``), and the contributions honest owners
+    reduced (``--simulate``: what ``dropped`` is a share of); None where not known (live
     runs with hostile peers)."""
     charged = swarm.get("honest_refused")
     if charged is None and hostile == 0:
@@ -467,6 +476,7 @@ def false_positives(hostile: int, rejected: dict[str, int], swarm: dict) -> dict
         "hostile_mean": None if charged is None else charged.get("hostile_mean", 0),
         "caught": None if charged is None else charged.get("caught", 0),
         "honest_caught_peers": swarm.get("honest_caught"),
+        "contributions": swarm.get("contributions"),  # reduced by honest owners (--simulate)
     }
 
 
@@ -582,6 +592,46 @@ def no_attack_cost(summary: list[dict]) -> list[dict]:
         }
         for (task, mode, non_iid, rule), pcts in costs.items()
     ]
+
+
+def false_positive_targets(summary: list[dict]) -> list[dict]:
+    """Per task and mode of a ``--non-iid`` run, issue 29's targets from its runs (every repeat): with no attacker,
+    ``default`` against ``off`` (within 1%), the share of honest contributions dropped (at most 1%) and honest peers
+    caught (none); under attack, ``default``'s final loss against the worse of no attack and ``absent`` (the hostile
+    peers and their data not there) of the same repeat and hostile count (within 3%)."""
+    rows = []
+    for task, mode in dict.fromkeys((r["task"], r.get("mode", "params")) for r in summary if r.get("non_iid")):
+        mine = [r for r in summary if (r["task"], r.get("mode", "params")) == (task, mode) and "error" not in r]
+
+        default = {
+            (r["attack"], r["hostile"], r.get("repeat", 0)): r["final_loss"] for r in mine if r["defences"] == "default"
+        }
+        quiet = [r for r in mine if r["attack"] == "none" and r["defences"] == "default"]
+        vs_off = [r["vs_no_attack_off_pct"] for r in quiet if r.get("vs_no_attack_off_pct") is not None]
+        contributions = sum(r["false_positives"].get("contributions") or 0 for r in quiet)
+        dropped = sum(r["false_positives"]["dropped"] or 0 for r in quiet)
+        attacked = []
+        for r in mine:
+            if r["defences"] != "default" or r["attack"] in ("none", ABSENT):
+                continue
+            references = [
+                default.get(("none", 0, r.get("repeat", 0))),
+                default.get((ABSENT, r["hostile"], r.get("repeat", 0))),
+            ]
+            if None not in references:
+                attacked.append(100 * (r["final_loss"] / max(references) - 1))
+        rows.append(
+            {
+                "task": task,
+                "mode": mode,
+                "no_attack_vs_off_pct": [min(vs_off), max(vs_off)] if vs_off else None,
+                "no_attack_dropped_share": dropped / contributions if contributions else None,
+                "no_attack_honest_caught": sum(r["honest_caught"] for r in quiet),
+                "attacked_vs_reference_pct": attacked,
+                "attacked_within_3pct": sum(p <= 3.0 for p in attacked),
+            }
+        )
+    return rows
 
 
 def plot(report: dict, path: Path) -> None:
@@ -757,6 +807,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 )
             write_report(report, args.out.with_suffix(".json"))  # so far
     report["no_attack_cost"] = no_attack_cost(report["summary"])
+    if args.non_iid:
+        report["targets"] = false_positive_targets(report["summary"])
     report["total_seconds"] = time.monotonic() - started
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     write_report(report, args.out.with_suffix(".json"))
@@ -767,6 +819,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             f"no attack, {cost['task']} {cost['mode']}{' non-iid' * cost['non_iid']}, {cost['defences']} vs off: "
             f"median {cost['median_pct']:+.1f}% "
             f"(range {cost['min_pct']:+.1f}% to {cost['max_pct']:+.1f}%, {cost['repeats']} repeats)"
+        )
+    for t in report.get("targets", []):
+        print(
+            f"targets, {t['task']} {t['mode']}: no attack vs off {t['no_attack_vs_off_pct']}%, dropped "
+            f"{t['no_attack_dropped_share']}, caught {t['no_attack_honest_caught']}; attacked within 3% of the "
+            f"worse reference: {t['attacked_within_3pct']} of {len(t['attacked_vs_reference_pct'])}"
         )
     plot(report, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
