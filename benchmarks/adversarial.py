@@ -42,24 +42,24 @@ process only, by a subclass that passes ``defences`` and ``average_every_steps``
 sets the peer's ``exchange_class`` to the ``FaultyExchange`` of the attack (as ``FaultyPeer`` does);
 the peer gets ``--no-load-state`` (all peers start together from the same seeded model).
 
-False positives on non-IID data (issue 29, ``--simulate`` only): with ``--non-iid`` each peer trains on its own
-part of the data (digits: peer ``i`` draws only classes ``3i, 3i+1, 3i+2`` mod 10; charlm: the ``i``-th of
-``--peers`` contiguous parts of the training text), while every peer is evaluated on the whole validation set,
-so honest peers drift apart between rounds and the defences may take one for hostile.  ``--modes`` adds the
-outer mode (``outer``: each peer's rounds go through ``gossiptrain.outer.OuterStrategy`` as ``Attachment``
-drives it, pseudo-gradients averaged and an outer ``SGD(lr=1.0)`` step, the CLI's measured best ``--outer-lr``,
-every 5th round an anchor-sync round of the parameters) beside today's parameter averaging (``params``),
-with the same steps (digits: a round every 50, ``non_iid_every_steps``; ``--lr-decay`` lets the final loss
-tell attacks apart from which peers happened to average together).  ``--non-iid`` makes this matrix the default: both modes, rules
-``off`` and ``default``, attacks ``huge`` and ``shifted_mean`` with 1 and 2 hostile peers.  Reported per run
-besides the above, over the honest peers: their rounds that were ``partial`` (the defences refused a mean or
-clipped/dropped a contribution: counted as averaged too), the distinct honest peers that ended in an honest
-peer's ``caught`` set, the refusals charged to honest senders (``honest_refused``, by kind), and the loss and
-the honest peers' mean parameters against ``off`` of the same setting (``vs_off_pct``; ``drift_vs_off``: the
-distance between the two means relative to off's; ``drift_vs_none``: the same against the no-attack ``off``).
-With no hostile peer every rejection is a false positive; with hostile peers the ``clipped`` and ``dropped``
-counts hold both kinds (they name no sender), the honest ones do not: the JSON's ``false_positives`` has the
-counts known to be false positives (None where not known).  The data split is IID without ``--non-iid``.
+False positives on non-IID data (issue 29, ``--simulate`` only): with ``--non-iid`` each peer trains on its own part
+of the data (digits: peer ``i`` draws only classes ``3i, 3i+1, 3i+2`` mod 10; charlm: the ``i``-th of ``--peers``
+contiguous parts of the training text), while every peer is evaluated on the whole validation set, so honest peers
+drift apart between rounds and the defences may take one for hostile. ``--modes`` adds the outer mode (``outer``:
+each peer's rounds go through ``gossiptrain.outer.OuterStrategy`` as ``Attachment`` drives it, pseudo-gradients
+averaged and an outer ``SGD(lr=1.0)`` step, the CLI's measured best ``--outer-lr``, every 5th round an anchor-sync
+round of the parameters) beside today's parameter averaging (``params``), with the same steps (digits: a round every
+50, ``non_iid_every_steps``; ``--lr-decay`` lets the final loss tell attacks apart from which peers happened to
+average together). ``--non-iid`` makes this matrix the default: both modes, rules ``off`` and ``default``, attacks
+``huge`` and ``shifted_mean`` with 1 and 2 hostile peers. Reported per run besides the above, over the honest peers:
+their rounds that were ``partial`` (the defences refused a mean or clipped/dropped a contribution: counted as
+averaged too), the distinct honest peers that ended in an honest peer's ``caught`` set, the refusals charged to
+honest senders (``honest_refused``, by kind), and the loss and the honest peers' mean parameters against ``off`` of
+the same setting (``vs_off_pct``; ``drift_vs_off``: the distance between the two means relative to off's;
+``drift_vs_none``: the same against the no-attack ``off``). With no hostile peer every rejection is a false
+positive; with hostile peers the ``clipped`` and ``dropped`` counts hold both kinds (they name no sender), the
+honest ones do not: the JSON's ``false_positives`` has the counts known to be false positives (None where not
+known). The data split is IID without ``--non-iid``.
 
     python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
     python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
