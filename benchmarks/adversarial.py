@@ -64,8 +64,8 @@ known). The data split is IID without ``--non-iid``.
     python benchmarks/adversarial.py             # the whole matrix (~30-40 min on 2 loaded cores)
     python benchmarks/adversarial.py --quick     # a few-minute smoke run (fewer steps and rows)
     python benchmarks/adversarial.py --simulate  # the same matrix in one process: exact, repeatable (~15 min)
-    python benchmarks/adversarial.py --simulate --non-iid --tasks digits,charlm --modes params,outer \\
-        --hostile 0,1,2 --attacks huge,shifted_mean --rules off,default   # false positives (~25 min)
+    python benchmarks/adversarial.py --simulate --non-iid --lr-decay --rules off,default,off-regrouped \\
+        --attacks huge,shifted_mean,absent   # false positives and issue 29's targets, one run (~30 min)
     python benchmarks/adversarial.py --simulate --non-iid --quick --tasks digits   # its smoke run (~1 min)
 
 Writes ``<out>.json`` (machine, date, command, settings, a ``summary`` row per run, every per-peer
