@@ -110,7 +110,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from harness import figure, fmt, load_vector, report_header, save_figure, write_report
+from harness import figure, fmt, inner_steps, load_vector, report_header, save_figure, write_report
 from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.codecs import get_codec
@@ -147,15 +147,6 @@ VALIDATE = {"peers": 4, "mbit": 10.0, "rtt_ms": 50.0, "codec": "int8", "outer_lr
 
 def numel_of(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def inner_steps(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, count: int) -> None:
-    """``count`` steps of ``optimizer`` on ``model``'s loss of the next batches."""
-    for _ in range(count):
-        loss = task.loss(model, next(batches))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
 
 def outer_factory(args: argparse.Namespace):

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import figure, fmt, load_vector, report_header, save_figure, write_report
+from harness import figure, fmt, inner_steps, load_vector, report_header, save_figure, write_report
 from torch.nn.utils import parameters_to_vector
 
 from gossiptrain.allreduce import PARAMETERS, VECTOR, Defences
@@ -69,6 +69,14 @@ def far_apart(count: int, numel: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(numel, generator=generator) + i for i in range(count)]
 
 
+def rejections_of(swarm: SimulatedSwarm) -> collections.Counter:
+    """Every peer's refusals so far, by kind, summed."""
+    total: collections.Counter = collections.Counter()
+    for peer in swarm.peers.values():
+        total.update(peer.rejections)
+    return total
+
+
 def measure(peers: int, group: int, rounds: int, rule: str, numel: int, seed: int) -> dict:
     """One swarm under one rule (see the module docstring)."""
     defences, mode = RULES[rule]
@@ -88,9 +96,7 @@ def measure(peers: int, group: int, rounds: int, rule: str, numel: int, seed: in
             results = await swarm.round(values, round_id=round_id, mode=mode)
             statuses.update(r.status for r in results.values())
             values = {name: r.averaged for name, r in results.items()}
-        rejected: collections.Counter = collections.Counter()
-        for peer in swarm.peers.values():
-            rejected.update(peer.rejections)
+        rejected = rejections_of(swarm)
         caught = set().union(*(peer.caught for peer in swarm.peers.values()))
         await swarm.close()
         mean = torch.stack(list(values.values())).mean(0)
@@ -140,11 +146,7 @@ def measure_split(rule: str, apart_seconds: float, seed: int) -> dict:
 
     def train() -> None:
         for model, optimizer, batch in zip(models, optimizers, batches):
-            for _ in range(SPLIT_STEPS):
-                loss = task.loss(model, next(batch))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            inner_steps(task, model, optimizer, batch, SPLIT_STEPS)
 
     async def main() -> dict:
         swarm = SimulatedSwarm(seed=seed, defences=defences, round_interval=2.0, target_group_size=3)
@@ -158,9 +160,7 @@ def measure_split(rule: str, apart_seconds: float, seed: int) -> dict:
             round_id += 1
         apart = spread(flats())
         statuses: collections.Counter = collections.Counter()
-        before_heal = sum(
-            (collections.Counter(peer.rejections) for peer in swarm.peers.values()), start=collections.Counter()
-        )
+        before_heal = rejections_of(swarm)
         for _ in range(SPLIT_MERGED_ROUNDS):
             train()
             statuses += await average(swarm, range(SPLIT_PEERS), round_id)
@@ -169,9 +169,7 @@ def measure_split(rule: str, apart_seconds: float, seed: int) -> dict:
         while finish_rounds < SPLIT_FINISH_ROUNDS and spread(flats()) >= 1e-6:
             statuses += await average(swarm, range(SPLIT_PEERS), round_id)
             round_id, finish_rounds = round_id + 1, finish_rounds + 1
-        rejected = sum(
-            (collections.Counter(peer.rejections) for peer in swarm.peers.values()), start=collections.Counter()
-        )
+        rejected = rejections_of(swarm)
         rejected.subtract(before_heal)
         caught = set().union(*(peer.caught for peer in swarm.peers.values()))
         await swarm.close()

@@ -9,6 +9,7 @@ same way, and a new benchmark starts from its own logic.
 - ``write_report(report, path)``: the JSON file (indent 1, a newline at the end), its folder made where missing.
 - ``fmt(value, spec)`` and ``median(values)``: a table cell and a median where a number may be missing (None).
 - ``load_vector(model, vector)``: a flat vector copied into a model's parameters (never aliased to it).
+- ``inner_steps(task, model, optimizer, batches, count)``: a peer's local optimizer steps on its next batches.
 - ``figure(...)`` and ``save_figure(fig, path)``: a matplotlib figure on the Agg backend (benchmarks run without a
   display), then laid out, saved and closed.  matplotlib is imported only there: a script's ``--help`` and its
   runs without a plot do not need it.
@@ -113,6 +114,15 @@ def load_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
     for param in model.parameters():
         param.copy_(vector[offset : offset + param.numel()].view_as(param))
         offset += param.numel()
+
+
+def inner_steps(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, count: int) -> None:
+    """``count`` steps of ``optimizer`` on ``model``'s loss of the next batches."""
+    for _ in range(count):
+        loss = task.loss(model, next(batches))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def figure(*args, **kwargs):
